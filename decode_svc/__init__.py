@@ -1,0 +1,1 @@
+"""The Decode service: pulls KV, continuous batching, sampling, streaming tokens."""

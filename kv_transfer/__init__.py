@@ -1,0 +1,1 @@
+"""The KV layout and its codec to and from the wire."""

@@ -1,0 +1,1 @@
+"""kvmesh: what every service shares: the ONNX model engine, tokenizer and chat template, CLI."""

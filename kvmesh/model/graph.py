@@ -1,0 +1,182 @@
+"""Build the ONNX decoder graph of a Llama-family model from `LlamaWeights`.
+
+The graph uses ONNX Runtime's fused CPU/CUDA operators, as ONNX Runtime GenAI's model builder does:
+GroupQueryAttention (rotary embedding inside, KV cache I/O), SkipSimplifiedLayerNormalization
+(residual add + RMSNorm), MatMulNBits (4/8-bit weights), GatherBlockQuantized (8-bit embedding).
+Its I/O is the standard layout, so Optimum-style runners and ORT GenAI can drive it:
+
+  input_ids (B, S) int64, attention_mask (B, T) int64, past_key_values.N.key|value (B, kvh, P, hd)
+  -> logits (B, S, vocab), present.N.key|value (B, kvh, T, hd)        with T = P + S
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from kvmesh.model.quant import pack4
+from kvmesh.model.spec import BLOCK, BlockQuant, Dense, LayerWeights, Linear, LlamaWeights, concat_rows
+
+OPSET = 21
+MS = "com.microsoft"
+
+
+class _Graph:
+    """Accumulates nodes and initializers with unique names."""
+
+    def __init__(self, accuracy_level: int) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.accuracy_level = accuracy_level
+        self._n = 0
+        self._sums: dict[str, str] = {}  # x -> its block sums, shared by the matmuls reading x
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def op(self, op: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs: Any) -> list[str]:
+        self._n += 1
+        outs = [f"/{op}_{self._n}/out{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outs, f"/{op}_{self._n}", domain=domain, **attrs))
+        return outs
+
+    def linear(self, x: str, w: Linear, name: str, accuracy_level: int | None = None) -> str:
+        """x (B, S, K) @ w.T -> (B, S, N)."""
+        if isinstance(w, Dense):
+            return self.op("MatMul", [x, self.init(f"{name}.weight", w.w.T)])[0]
+        acc = self.accuracy_level if accuracy_level is None else accuracy_level
+        if w.bits == 4:
+            return self._linear4(x, w, name, acc)
+        # 8-bit: ORT's CPU kernel is fast only with int8 activations, which loses too much on the
+        # output projection. Code c = 16*hi + lo, so d*(c - z) = 16d*(hi - 8) + d*(lo - 8) +
+        # d*(136 - z): two exact 4-bit matmuls and a per-block correction.
+        codes, eights = w.codes(), np.full(w.scales.shape, 8.0, np.float32)
+        hi = BlockQuant(4, pack4(codes >> 4), 16 * w.scales, eights)
+        lo = BlockQuant(4, pack4(codes & 0x0F), w.scales, eights)
+        y = self.op("Add", [self._linear4(x, hi, f"{name}.hi", acc), self._linear4(x, lo, f"{name}.lo", acc)])[0]
+        return self._correct(x, y, w.scales * (136.0 - w.zeros.astype(np.float32)), name)
+
+    def _linear4(self, x: str, w: BlockQuant, name: str, acc: int) -> str:
+        """ORT's fast 4-bit kernels want integer zero points; a float zero point z (Q4_1: -m/d)
+        becomes the nearest integer zp plus an exact per-block correction d*(zp - z)."""
+        n, k = w.shape
+        zp = np.clip(np.rint(w.zeros), 0, 15).astype(np.uint8)
+        inputs = [x, self.init(f"{name}.qweight", w.packed), self.init(f"{name}.scales", w.scales)]
+        inputs.append(self.init(f"{name}.zero_points", pack4(zp)))
+        attrs = {"K": k, "N": n, "bits": 4, "block_size": BLOCK, "accuracy_level": acc}
+        y = self.op("MatMulNBits", inputs, domain=MS, **attrs)[0]
+        return self._correct(x, y, w.scales * (zp - w.zeros.astype(np.float32)), name)
+
+    def _correct(self, x: str, y: str, per_block: np.ndarray, name: str) -> str:
+        """y + blocksum(x) @ per_block.T: per_block (N, K/32); blocksum(x) (B, S, K/32)."""
+        if not per_block.any():
+            return y
+        fix = self.op("MatMul", [self._block_sums(x), self.init(f"{name}.block_offsets", per_block.T.astype(np.float32))])[0]
+        return self.op("Add", [y, fix])[0]
+
+    def _block_sums(self, x: str) -> str:
+        if x not in self._sums:
+            blocks = self.op("Reshape", [x, self.init(f"blocks_shape_{len(self._sums)}", np.array([0, 0, -1, BLOCK], np.int64))])[0]
+            self._sums[x] = self.op("ReduceSum", [blocks, self.init(f"last_axis_{len(self._sums)}", np.array([-1], np.int64))], keepdims=0)[0]
+        return self._sums[x]
+
+    def embedding(self, ids: str, w: Linear) -> str:
+        """ids (B, S) -> (B, S, hidden); 8-bit stays 8-bit through GatherBlockQuantized."""
+        if isinstance(w, BlockQuant) and w.bits == 8:
+            data = self.init("embed.qweight_rows", w.packed.reshape(w.shape))
+            attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": BLOCK, "bits": 8}
+            inputs = [data, ids, self.init("embed.scales_rows", w.scales), self.init("embed.zeros_rows", w.zeros)]
+            return self.op("GatherBlockQuantized", inputs, domain=MS, **attrs)[0]
+        table = self.init("embed.weight", w.dequantize().astype(np.float32))
+        return self.op("Gather", [table, ids])[0]
+
+
+def _rotary_caches(g: _Graph, theta: float, head_dim: int, max_pos: int) -> tuple[str, str]:
+    """cos/sin caches (max_pos, head_dim/2) for HF-order (rotate-half) rotary embedding."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    freqs = np.outer(np.arange(max_pos, dtype=np.float64), inv_freq)
+    return g.init("cos_cache", np.cos(freqs).astype(np.float32)), g.init("sin_cache", np.sin(freqs).astype(np.float32))
+
+
+def _attention_inputs(g: _Graph) -> tuple[str, str]:
+    """seqlens_k (B,) int32 = valid tokens - 1 per row; total_sequence_length () int32 = T."""
+    total = g.op("ReduceSum", ["attention_mask", g.init("axis_1", np.array([1], np.int64))], keepdims=0)[0]
+    seqlens = g.op("Sub", [total, g.init("one_i64", np.array(1, np.int64))])[0]
+    seqlens_k = g.op("Cast", [seqlens], to=TensorProto.INT32)[0]
+    shape = g.op("Shape", ["attention_mask"])[0]
+    t = g.op("Gather", [shape, g.init("idx_1", np.array(1, np.int64))], axis=0)[0]
+    return seqlens_k, g.op("Cast", [t], to=TensorProto.INT32)[0]
+
+
+def _layer(g: _Graph, w: LlamaWeights, i: int, x: str, rope: tuple[str, str], attn_in: tuple[str, str]) -> str:
+    """x: this layer's RMS-normed input (B, S, hidden). Returns the MLP output before the residual."""
+    cfg, lw = w.config, w.layers[i]
+    qkv = g.linear(x, concat_rows([lw.q, lw.k, lw.v]), f"layers.{i}.attn.qkv_proj")
+    gqa_inputs = [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", *attn_in, *rope]
+    attn = g.op(
+        "GroupQueryAttention", gqa_inputs, n_out=3, domain=MS,
+        num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads, do_rotary=1, rotary_interleaved=0,
+    )
+    g.nodes[-1].output[1:] = [f"present.{i}.key", f"present.{i}.value"]
+    return g.linear(attn[0], lw.o, f"layers.{i}.attn.o_proj")
+
+
+def _mlp(g: _Graph, lw: LayerWeights, i: int, x: str) -> str:
+    gate_up = g.linear(x, concat_rows([lw.gate, lw.up]), f"layers.{i}.mlp.gate_up_proj")
+    inter = lw.gate.shape[0]
+    gate, up = g.op("Split", [gate_up, g.init(f"layers.{i}.split", np.array([inter, inter], np.int64))], 2, axis=-1)
+    silu = g.op("Mul", [gate, g.op("Sigmoid", [gate])[0]])[0]
+    return g.linear(g.op("Mul", [silu, up])[0], lw.down, f"layers.{i}.mlp.down_proj")
+
+
+def _skip_norm(g: _Graph, x: str, residual: str, weight: np.ndarray, name: str, eps: float) -> tuple[str, str]:
+    """(normed, new residual) = RMSNorm(x + residual), x + residual."""
+    outs = g.op("SkipSimplifiedLayerNormalization", [x, residual, g.init(name, weight)], 4, MS, epsilon=eps)
+    g.nodes[-1].output[1:3] = ["", ""]
+    return outs[0], outs[3]
+
+
+def build_decoder(w: LlamaWeights, accuracy_level: int = 0, head_accuracy_level: int = 0, last_only: bool = False) -> onnx.ModelProto:
+    cfg = w.config
+    g = _Graph(accuracy_level)
+    rope = _rotary_caches(g, cfg.rope_theta, cfg.head_dim, cfg.context_length)
+    attn_in = _attention_inputs(g)
+    residual = g.embedding("input_ids", w.embed)
+    norm0 = g.init("layers.0.input_layernorm.weight", w.layers[0].attn_norm)
+    x = g.op("SimplifiedLayerNormalization", [residual, norm0], axis=-1, epsilon=cfg.rms_eps)[0]
+    for i, lw in enumerate(w.layers):
+        attn = _layer(g, w, i, x, rope, attn_in)
+        x, residual = _skip_norm(g, attn, residual, lw.ffn_norm, f"layers.{i}.post_attention_layernorm.weight", cfg.rms_eps)
+        out = _mlp(g, lw, i, x)
+        nxt = w.layers[i + 1].attn_norm if i + 1 < cfg.num_layers else w.final_norm
+        name = f"layers.{i + 1}.input_layernorm.weight" if i + 1 < cfg.num_layers else "norm.weight"
+        x, residual = _skip_norm(g, out, residual, nxt, name, cfg.rms_eps)
+    head = w.lm_head if w.lm_head is not None else w.embed
+    if last_only:  # (B, S, hidden) -> (B, 1, hidden): the output projection for the last position only
+        last = [g.init(n, np.array([v], np.int64)) for n, v in (("last_start", -1), ("last_end", 2**62), ("seq_axis", 1))]
+        x = g.op("Slice", [x, *last])[0]
+    logits = g.linear(x, head, "lm_head", head_accuracy_level)
+    g.nodes.append(helper.make_node("Identity", [logits], ["logits"], "/logits"))
+    return _model(g, w)
+
+
+def _model(g: _Graph, w: LlamaWeights) -> onnx.ModelProto:
+    cfg = w.config
+    kv = ["batch_size", cfg.num_kv_heads, "past_sequence_length", cfg.head_dim]
+    present = ["batch_size", cfg.num_kv_heads, "total_sequence_length", cfg.head_dim]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", cfg.vocab_size])]
+    for i in range(cfg.num_layers):
+        for part in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{part}", TensorProto.FLOAT, kv))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{part}", TensorProto.FLOAT, present))
+    graph = helper.make_graph(g.nodes, "kvmesh_llama_decoder", inputs, outputs, g.inits)
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)]
+    return helper.make_model(graph, opset_imports=opsets, producer_name="kvmesh", ir_version=10)

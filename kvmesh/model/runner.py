@@ -1,0 +1,142 @@
+"""The ONNX Runtime model runner that prefill and decode both use.
+
+It reads the KV layout from the graph (any decoder with the standard I/O: ours, Optimum's, ORT
+GenAI's), runs a prompt with or without past KV, and decode steps. KV is per layer, each array
+(batch, kv_heads, tokens, head_dim); logits come back for the last position only, (batch, vocab).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import onnxruntime as ort
+
+from kvmesh.errors import InvalidArgument, ModelError
+from kvmesh.model.folder import ModelFolder
+
+_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    threads: int = 2  # intra-op threads; 0 lets ONNX Runtime pick
+    provider: Literal["auto", "cpu", "cuda"] = "auto"
+    # Logits for every position (tests, scoring); serving needs the last one only, which a
+    # folder's model_last.onnx computes ~20% faster on long prompts.
+    all_logits: bool = False
+
+    def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise InvalidArgument("threads must be >= 0")
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: np.dtype
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.layers * 2 * self.kv_heads * self.head_dim * self.dtype.itemsize
+
+
+@dataclass
+class KVCache:
+    """keys[i], values[i]: (batch, kv_heads, tokens, head_dim) for layer i."""
+
+    keys: list[np.ndarray]
+    values: list[np.ndarray]
+
+    @property
+    def length(self) -> int:
+        return int(self.keys[0].shape[2])
+
+    def prefix(self, tokens: int) -> KVCache:
+        """The KV of the first `tokens` positions (views, no copy)."""
+        return KVCache([k[:, :, :tokens] for k in self.keys], [v[:, :, :tokens] for v in self.values])
+
+    @staticmethod
+    def empty(layout: KVLayout, batch: int = 1) -> KVCache:
+        shape = (batch, layout.kv_heads, 0, layout.head_dim)
+        return KVCache([np.zeros(shape, layout.dtype) for _ in range(layout.layers)],
+                       [np.zeros(shape, layout.dtype) for _ in range(layout.layers)])
+
+
+def providers(choice: str) -> list[str]:
+    available = ort.get_available_providers()
+    if choice == "cuda" and "CUDAExecutionProvider" not in available:
+        raise ModelError("CUDA requested but this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+    if choice in ("auto", "cuda") and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class ModelRunner:
+    def __init__(self, folder: ModelFolder, config: RunnerConfig | None = None) -> None:
+        self.folder = folder
+        self.config = config or RunnerConfig()
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.config.threads
+        opts.inter_op_num_threads = 1
+        try:
+            graph = folder.graph if self.config.all_logits or folder.last_graph is None else folder.last_graph
+            self.session = ort.InferenceSession(str(graph), opts, providers=providers(self.config.provider))
+        except Exception as e:  # ORT raises its own untyped errors for unreadable graphs
+            raise ModelError(f"{folder.graph}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from e
+        self.layout = self._read_layout()
+        names = {i.name for i in self.session.get_inputs()}
+        self._has_positions = "position_ids" in names
+        self._has_cache_branch = "use_cache_branch" in names
+        self.max_context = folder.context_length or 1 << 30
+
+    def _read_layout(self) -> KVLayout:
+        past = [(m, i) for i in self.session.get_inputs() if (m := _PAST.match(i.name))]
+        if not past or not {"input_ids", "logits"} <= {x.name for x in [*self.session.get_inputs(), *self.session.get_outputs()]}:
+            raise ModelError(f"{self.folder.graph}: not a decoder with KV-cache I/O (input_ids, past_key_values.N.key|value -> logits)")
+        shape, dtype = past[0][1].shape, past[0][1].type
+        if not (isinstance(shape[1], int) and isinstance(shape[3], int)) or dtype not in _ORT_DTYPES:
+            raise ModelError(f"{self.folder.graph}: KV inputs need static heads/head_dim and a float type")
+        layers = 1 + max(int(m.group(1)) for m, _ in past)
+        return KVLayout(layers, shape[1], shape[3], np.dtype(_ORT_DTYPES[dtype]))
+
+    def forward(self, ids: np.ndarray, past: KVCache) -> tuple[np.ndarray, KVCache]:
+        """ids (B, S) int64 after `past` -> logits (B, S', vocab), KV of all T = past + S tokens.
+        S' is S with all_logits, else S or 1 (the last position) as the graph gives it."""
+        b, s = ids.shape
+        total = past.length + s
+        if total > self.max_context:
+            raise InvalidArgument(f"{total} tokens exceed the model's context of {self.max_context}")
+        feeds: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": np.ones((b, total), np.int64)}
+        if self._has_positions:
+            feeds["position_ids"] = np.broadcast_to(np.arange(past.length, total, dtype=np.int64), (b, s)).copy()
+        if self._has_cache_branch:
+            feeds["use_cache_branch"] = np.array([past.length > 0])
+        for i in range(self.layout.layers):
+            feeds[f"past_key_values.{i}.key"] = past.keys[i]
+            feeds[f"past_key_values.{i}.value"] = past.values[i]
+        out = self.session.run(self._outputs, feeds)
+        n = self.layout.layers
+        return out[0], KVCache(out[1 : 1 + n], out[1 + n :])
+
+    @property
+    def _outputs(self) -> list[str]:
+        n = self.layout.layers
+        return ["logits", *[f"present.{i}.key" for i in range(n)], *[f"present.{i}.value" for i in range(n)]]
+
+    def prefill(self, tokens: Sequence[int], past: KVCache | None = None) -> tuple[np.ndarray, KVCache]:
+        """One sequence: tokens after `past` -> last logits (vocab,), KV of past + tokens."""
+        if not tokens:
+            raise InvalidArgument("empty prompt")
+        ids = np.asarray([tokens], dtype=np.int64)
+        logits, kv = self.forward(ids, past if past is not None else KVCache.empty(self.layout))
+        return logits[0, -1], kv
+
+    def decode_step(self, token: int, kv: KVCache) -> tuple[np.ndarray, KVCache]:
+        return self.prefill([token], kv)

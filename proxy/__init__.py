@@ -1,0 +1,1 @@
+"""The client-facing gRPC server: tokenization, routing, backend health, relaying streams."""
