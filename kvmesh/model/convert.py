@@ -38,8 +38,14 @@ def convert_gguf(gguf: Path, out: Path, precision: Precision, accuracy_level: in
     step("building graph")
     full = build_decoder(weights, accuracy_level)
     step("writing graph")
-    onnx.save_model(full, tmp / GRAPH, save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=GRAPH + ".data", size_threshold=1024)
+    onnx.save_model(
+        full,
+        tmp / GRAPH,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=GRAPH + ".data",
+        size_threshold=1024,
+    )
     # The serving graph computes logits for the last position only (prefill ~20% faster); it is
     # the same graph otherwise and reads the very same external weights file.
     last = build_decoder(weights, accuracy_level, last_only=True)
@@ -69,7 +75,9 @@ def _share_initializers(model: onnx.ModelProto, saved: onnx.ModelProto) -> None:
             t.CopyFrom(external[t.name])
 
 
-def _meta(cfg: LlamaConfig, src: GGUFSource, gguf: Path, precision: str, acc: int, template: str | None) -> dict[str, Any]:
+def _meta(
+    cfg: LlamaConfig, src: GGUFSource, gguf: Path, precision: str, acc: int, template: str | None
+) -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
         "architecture": "llama",
@@ -77,7 +85,12 @@ def _meta(cfg: LlamaConfig, src: GGUFSource, gguf: Path, precision: str, acc: in
         "source": {"file": gguf.name, "sha256": file_digest(gguf)},
         "precision": precision,
         "accuracy_level": acc,
-        "layout": {"layers": cfg.num_layers, "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "dtype": "float32"},
+        "layout": {
+            "layers": cfg.num_layers,
+            "kv_heads": cfg.num_kv_heads,
+            "head_dim": cfg.head_dim,
+            "dtype": "float32",
+        },
         "vocab_size": cfg.vocab_size,
         "context_length": cfg.context_length,
         "bos_token_id": cfg.bos_token_id,
@@ -115,19 +128,42 @@ def genai_config(cfg: LlamaConfig) -> dict[str, Any]:
         "filename": "model.onnx",
         "head_size": cfg.head_dim,
         "hidden_size": cfg.hidden_size,
-        "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                   "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
-        "outputs": {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"},
+        "inputs": {
+            "input_ids": "input_ids",
+            "attention_mask": "attention_mask",
+            "past_key_names": "past_key_values.%d.key",
+            "past_value_names": "past_key_values.%d.value",
+        },
+        "outputs": {
+            "logits": "logits",
+            "present_key_names": "present.%d.key",
+            "present_value_names": "present.%d.value",
+        },
         "num_attention_heads": cfg.num_heads,
         "num_hidden_layers": cfg.num_layers,
         "num_key_value_heads": cfg.num_kv_heads,
     }
-    model = {"bos_token_id": cfg.bos_token_id, "context_length": cfg.context_length, "decoder": decoder,
-             "eos_token_id": list(cfg.eos_token_ids), "pad_token_id": cfg.eos_token_ids[0], "type": "llama",
-             "vocab_size": cfg.vocab_size}
-    search = {"do_sample": False, "max_length": cfg.context_length, "min_length": 0, "num_beams": 1,
-              "num_return_sequences": 1, "past_present_share_buffer": True, "repetition_penalty": 1.0,
-              "temperature": 1.0, "top_k": 1, "top_p": 1.0}
+    model = {
+        "bos_token_id": cfg.bos_token_id,
+        "context_length": cfg.context_length,
+        "decoder": decoder,
+        "eos_token_id": list(cfg.eos_token_ids),
+        "pad_token_id": cfg.eos_token_ids[0],
+        "type": "llama",
+        "vocab_size": cfg.vocab_size,
+    }
+    search = {
+        "do_sample": False,
+        "max_length": cfg.context_length,
+        "min_length": 0,
+        "num_beams": 1,
+        "num_return_sequences": 1,
+        "past_present_share_buffer": True,
+        "repetition_penalty": 1.0,
+        "temperature": 1.0,
+        "top_k": 1,
+        "top_p": 1.0,
+    }
     return {"model": model, "search": search}
 
 

@@ -74,10 +74,13 @@ class ModelFolder:
         bos = meta.get("bos_token_id", genai.get("bos_token_id", hf.get("bos_token_id")))
         ctx = meta.get("context_length") or genai.get("context_length") or hf.get("max_position_embeddings")
         return cls(
-            path=path, graph=graph, tokenizer=tokenizer,
+            path=path,
+            graph=graph,
+            tokenizer=tokenizer,
             last_graph=path / LAST_GRAPH if (path / LAST_GRAPH).is_file() else None,
             chat_template=meta.get("chat_template") or tok_cfg.get("chat_template"),
-            eos_token_ids=eos, bos_token_id=None if bos is None else int(bos),
+            eos_token_ids=eos,
+            bos_token_id=None if bos is None else int(bos),
             context_length=None if ctx is None else int(ctx),
             fingerprint=meta.get("fingerprint") or _hash_files(path, graph, tokenizer),
             meta=meta,

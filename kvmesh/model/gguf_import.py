@@ -20,7 +20,9 @@ from kvmesh.model.spec import BlockQuant, Dense, LayerWeights, Linear, LlamaConf
 Precision = Literal["fp32", "int4"]
 _FLOAT = {QT.F32, QT.F16, QT.BF16}
 _BLOCK_QUANT: dict[QT, Callable[[np.ndarray, int], BlockQuant]] = {
-    QT.Q4_1: quant.q4_1, QT.Q4_0: quant.q4_0, QT.Q8_0: quant.q8_0,
+    QT.Q4_1: quant.q4_1,
+    QT.Q4_0: quant.q4_0,
+    QT.Q8_0: quant.q8_0,
 }
 _CONTROL_TOKEN = 3  # tokenizer.ggml.token_type: 1 normal, 3 control, 4 user-defined
 _USER_TOKEN = 4
@@ -40,6 +42,13 @@ class GGUFSource:
             raise ModelError(f"{path}: architecture {arch!r} is not supported (only 'llama' family)")
         self._tensors = {t.name: t for t in self.reader.tensors}
 
+    def check(self) -> LlamaConfig:
+        """Refuse, before any work, a file whose tensors or tokenizer kvmesh cannot map."""
+        for name in self._tensors:
+            self._tensor(name)
+        self.tokenizer()
+        return self.config()
+
     def field(self, key: str, default: Any = None) -> Any:
         f = self.reader.fields.get(key)
         return default if f is None else f.contents()
@@ -50,8 +59,11 @@ class GGUFSource:
         vocab = f("llama.vocab_size") or len(f("tokenizer.ggml.tokens"))
         eos = int(f("tokenizer.ggml.eos_token_id"))
         return LlamaConfig(
-            vocab_size=int(vocab), hidden_size=hidden, num_layers=int(f("llama.block_count")),
-            num_heads=heads, num_kv_heads=int(f("llama.attention.head_count_kv", heads)),
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            num_layers=int(f("llama.block_count")),
+            num_heads=heads,
+            num_kv_heads=int(f("llama.attention.head_count_kv", heads)),
             head_dim=int(f("llama.rope.dimension_count", hidden // heads)),
             intermediate_size=int(f("llama.feed_forward_length")),
             rope_theta=float(f("llama.rope.freq_base", 10000.0)),
@@ -99,9 +111,12 @@ class GGUFSource:
             attn_norm=self.vector(f"blk.{i}.attn_norm.weight"),
             q=unpermute_rope_rows(lin("attn_q"), cfg.num_heads, cfg.head_dim),
             k=unpermute_rope_rows(lin("attn_k"), cfg.num_kv_heads, cfg.head_dim),
-            v=lin("attn_v"), o=lin("attn_output"),
+            v=lin("attn_v"),
+            o=lin("attn_output"),
             ffn_norm=self.vector(f"blk.{i}.ffn_norm.weight"),
-            gate=lin("ffn_gate"), up=lin("ffn_up"), down=lin("ffn_down"),
+            gate=lin("ffn_gate"),
+            up=lin("ffn_up"),
+            down=lin("ffn_down"),
         )
 
     def tokenizer(self) -> Tokenizer:
@@ -109,8 +124,10 @@ class GGUFSource:
         if kind != "gpt2":
             raise ModelError(f"{self.path}: tokenizer {kind!r} is not supported (byte-level BPE 'gpt2' only)")
         return build_bpe_tokenizer(
-            self.field("tokenizer.ggml.tokens"), self.field("tokenizer.ggml.merges"),
-            self.field("tokenizer.ggml.token_type"), pre,
+            self.field("tokenizer.ggml.tokens"),
+            self.field("tokenizer.ggml.merges"),
+            self.field("tokenizer.ggml.token_type"),
+            pre,
         )
 
     def chat_template(self) -> str | None:
@@ -131,7 +148,7 @@ def unpermute_rope_rows(w: Linear, heads: int, head_dim: int) -> Linear:
 
 def build_bpe_tokenizer(tokens: list[str], merges: list[str], types: list[int], pre: str) -> Tokenizer:
     vocab = {t: i for i, t in enumerate(tokens)}
-    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    pairs = [(a, b) for a, b in (m.split(" ", 1) for m in merges)]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre == "smollm":  # digits split one by one, then GPT-2's regex (llama.cpp's SMOLLM pre-type)
@@ -141,7 +158,9 @@ def build_bpe_tokenizer(tokens: list[str], merges: list[str], types: list[int], 
     else:
         raise ModelError(f"tokenizer pre-type {pre!r} is not supported (smollm, gpt2)")
     tok.decoder = decoders.ByteLevel()
-    special = [AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t == _CONTROL_TOKEN]
+    special = [
+        AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t == _CONTROL_TOKEN
+    ]
     tok.add_special_tokens(special)
     tok.add_tokens([AddedToken(tokens[i], normalized=False) for i, t in enumerate(types) if t == _USER_TOKEN])
     return tok

@@ -75,13 +75,19 @@ class _Graph:
         """y + blocksum(x) @ per_block.T: per_block (N, K/32); blocksum(x) (B, S, K/32)."""
         if not per_block.any():
             return y
-        fix = self.op("MatMul", [self._block_sums(x), self.init(f"{name}.block_offsets", per_block.T.astype(np.float32))])[0]
+        fix = self.op(
+            "MatMul", [self._block_sums(x), self.init(f"{name}.block_offsets", per_block.T.astype(np.float32))]
+        )[0]
         return self.op("Add", [y, fix])[0]
 
     def _block_sums(self, x: str) -> str:
         if x not in self._sums:
-            blocks = self.op("Reshape", [x, self.init(f"blocks_shape_{len(self._sums)}", np.array([0, 0, -1, BLOCK], np.int64))])[0]
-            self._sums[x] = self.op("ReduceSum", [blocks, self.init(f"last_axis_{len(self._sums)}", np.array([-1], np.int64))], keepdims=0)[0]
+            blocks = self.op(
+                "Reshape", [x, self.init(f"blocks_shape_{len(self._sums)}", np.array([0, 0, -1, BLOCK], np.int64))]
+            )[0]
+            self._sums[x] = self.op(
+                "ReduceSum", [blocks, self.init(f"last_axis_{len(self._sums)}", np.array([-1], np.int64))], keepdims=0
+            )[0]
         return self._sums[x]
 
     def embedding(self, ids: str, w: Linear) -> str:
@@ -118,8 +124,14 @@ def _layer(g: _Graph, w: LlamaWeights, i: int, x: str, rope: tuple[str, str], at
     qkv = g.linear(x, concat_rows([lw.q, lw.k, lw.v]), f"layers.{i}.attn.qkv_proj")
     gqa_inputs = [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", *attn_in, *rope]
     attn = g.op(
-        "GroupQueryAttention", gqa_inputs, n_out=3, domain=MS,
-        num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads, do_rotary=1, rotary_interleaved=0,
+        "GroupQueryAttention",
+        gqa_inputs,
+        n_out=3,
+        domain=MS,
+        num_heads=cfg.num_heads,
+        kv_num_heads=cfg.num_kv_heads,
+        do_rotary=1,
+        rotary_interleaved=0,
     )
     g.nodes[-1].output[1:] = [f"present.{i}.key", f"present.{i}.value"]
     return g.linear(attn[0], lw.o, f"layers.{i}.attn.o_proj")
@@ -140,7 +152,9 @@ def _skip_norm(g: _Graph, x: str, residual: str, weight: np.ndarray, name: str, 
     return outs[0], outs[3]
 
 
-def build_decoder(w: LlamaWeights, accuracy_level: int = 0, head_accuracy_level: int = 0, last_only: bool = False) -> onnx.ModelProto:
+def build_decoder(
+    w: LlamaWeights, accuracy_level: int = 0, head_accuracy_level: int = 0, last_only: bool = False
+) -> onnx.ModelProto:
     cfg = w.config
     g = _Graph(accuracy_level)
     rope = _rotary_caches(g, cfg.rope_theta, cfg.head_dim, cfg.context_length)
@@ -150,14 +164,18 @@ def build_decoder(w: LlamaWeights, accuracy_level: int = 0, head_accuracy_level:
     x = g.op("SimplifiedLayerNormalization", [residual, norm0], axis=-1, epsilon=cfg.rms_eps)[0]
     for i, lw in enumerate(w.layers):
         attn = _layer(g, w, i, x, rope, attn_in)
-        x, residual = _skip_norm(g, attn, residual, lw.ffn_norm, f"layers.{i}.post_attention_layernorm.weight", cfg.rms_eps)
+        x, residual = _skip_norm(
+            g, attn, residual, lw.ffn_norm, f"layers.{i}.post_attention_layernorm.weight", cfg.rms_eps
+        )
         out = _mlp(g, lw, i, x)
         nxt = w.layers[i + 1].attn_norm if i + 1 < cfg.num_layers else w.final_norm
         name = f"layers.{i + 1}.input_layernorm.weight" if i + 1 < cfg.num_layers else "norm.weight"
         x, residual = _skip_norm(g, out, residual, nxt, name, cfg.rms_eps)
     head = w.lm_head if w.lm_head is not None else w.embed
     if last_only:  # (B, S, hidden) -> (B, 1, hidden): the output projection for the last position only
-        last = [g.init(n, np.array([v], np.int64)) for n, v in (("last_start", -1), ("last_end", 2**62), ("seq_axis", 1))]
+        last = [
+            g.init(n, np.array([v], np.int64)) for n, v in (("last_start", -1), ("last_end", 2**62), ("seq_axis", 1))
+        ]
         x = g.op("Slice", [x, *last])[0]
     logits = g.linear(x, head, "lm_head", head_accuracy_level)
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"], "/logits"))
@@ -166,13 +184,15 @@ def build_decoder(w: LlamaWeights, accuracy_level: int = 0, head_accuracy_level:
 
 def _model(g: _Graph, w: LlamaWeights) -> onnx.ModelProto:
     cfg = w.config
-    kv = ["batch_size", cfg.num_kv_heads, "past_sequence_length", cfg.head_dim]
-    present = ["batch_size", cfg.num_kv_heads, "total_sequence_length", cfg.head_dim]
+    kv: list[str | int] = ["batch_size", cfg.num_kv_heads, "past_sequence_length", cfg.head_dim]
+    present: list[str | int] = ["batch_size", cfg.num_kv_heads, "total_sequence_length", cfg.head_dim]
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
     ]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", cfg.vocab_size])]
+    outputs = [
+        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", cfg.vocab_size])
+    ]
     for i in range(cfg.num_layers):
         for part in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{part}", TensorProto.FLOAT, kv))

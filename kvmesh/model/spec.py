@@ -77,7 +77,7 @@ class BlockQuant:
 
     def dequantize(self) -> np.ndarray:
         zeros = self.zeros.astype(np.float32)[..., None]
-        w = (self.codes().astype(np.float32) - zeros) * self.scales[..., None]
+        w: np.ndarray = (self.codes().astype(np.float32) - zeros) * self.scales[..., None]
         return w.reshape(self.shape)
 
 

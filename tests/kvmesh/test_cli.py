@@ -1,0 +1,85 @@
+"""The CLI as a user runs it: a real subprocess; bad input ends in one clear line, no traceback."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvmesh.model.folder import ModelFolder
+from kvmesh.model.tiny import write_tiny_gguf
+
+
+def kvmesh(*args: str, home: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **({"KVMESH_HOME": str(home)} if home else {})}
+    return subprocess.run(
+        [sys.executable, "-m", "kvmesh.cli", *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def _clear_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("kvmesh: error:")
+    for w in words:
+        assert w in result.stderr
+
+
+def test_generate_streams_text_and_reports(tiny_fp32: ModelFolder) -> None:
+    r = kvmesh("generate", "hello", "--model", str(tiny_fp32.path), "--max-tokens", "8", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    assert "prompt tokens" in r.stderr and "finish:" in r.stderr
+
+
+def test_missing_model_folder(tmp_path: Path) -> None:
+    _clear_error(kvmesh("generate", "hi", "--model", str(tmp_path / "nope")), "does not exist")
+
+
+def test_incomplete_model_folder(tiny_fp32: ModelFolder, tmp_path: Path) -> None:
+    broken = shutil.copytree(tiny_fp32.path, tmp_path / "broken")
+    (broken / "tokenizer.json").unlink()
+    _clear_error(kvmesh("generate", "hi", "--model", str(broken)), "incomplete", "tokenizer.json")
+
+
+def test_truncated_weights(tiny_fp32: ModelFolder, tmp_path: Path) -> None:
+    broken = shutil.copytree(tiny_fp32.path, tmp_path / "truncated")
+    data = broken / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:1000])
+    _clear_error(kvmesh("generate", "hi", "--model", str(broken)), "cannot load")
+
+
+@pytest.mark.parametrize(("kind", "words"), [("arch", ("architecture", "gpt2")), ("quant", ("Q5_0",))])
+def test_unsupported_gguf(tmp_path: Path, kind: str, words: tuple[str, ...]) -> None:
+    if kind == "arch":
+        gguf = write_tiny_gguf(tmp_path / "x.gguf", arch="gpt2")
+    else:
+        gguf = write_tiny_gguf(tmp_path / "x.gguf", weights="q5_0")
+    r = kvmesh("model", "prepare", "--gguf", str(gguf), "--precision", "int4", "--out", str(tmp_path / "out"))
+    _clear_error(r, *words)
+
+
+def test_not_a_gguf(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf at all" * 10)
+    r = kvmesh("model", "prepare", "--gguf", str(bad), "--precision", "fp32", "--out", str(tmp_path / "o"))
+    _clear_error(r, "GGUF")
+
+
+def test_prompt_longer_than_context(tiny_fp32: ModelFolder) -> None:
+    _clear_error(kvmesh("generate", "a " * 400, "--model", str(tiny_fp32.path)), "context")
+
+
+def test_bad_sampling_value(tiny_fp32: ModelFolder) -> None:
+    _clear_error(kvmesh("generate", "hi", "--model", str(tiny_fp32.path), "--temperature", "nan"), "temperature")
+
+
+def test_prepare_is_idempotent(tiny_gguf_f32: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m"
+    args = ("model", "prepare", "--gguf", str(tiny_gguf_f32), "--precision", "fp32", "--out", str(out))
+    assert kvmesh(*args).returncode == 0
+    stamp = (out / "model.onnx.data").stat().st_mtime_ns
+    again = kvmesh(*args)
+    assert again.returncode == 0 and "up to date" in again.stdout
+    assert (out / "model.onnx.data").stat().st_mtime_ns == stamp

@@ -1,0 +1,68 @@
+import math
+
+import numpy as np
+import pytest
+
+from kvmesh.errors import InvalidArgument
+from kvmesh.sampling import Sampler, SamplingParams, StopMatcher
+
+LOGITS = np.array([1.0, 3.0, 2.5, -1.0, 0.5, 2.9], np.float32)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"temperature": math.nan},
+        {"temperature": -0.1},
+        {"temperature": math.inf},
+        {"top_k": -1},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+        {"top_p": math.nan},
+        {"max_tokens": 0},
+        {"max_tokens": -3},
+        {"max_tokens": 10**9},
+        {"seed": -1},
+        {"stop": ("",)},
+    ],
+)
+def test_bad_values_are_invalid_arguments(kwargs: dict[str, object]) -> None:
+    with pytest.raises(InvalidArgument):
+        SamplingParams(**kwargs)  # type: ignore[arg-type]
+
+
+def test_greedy_takes_the_argmax_with_its_logprob() -> None:
+    token, logprob = Sampler(SamplingParams()).sample(LOGITS)
+    z = LOGITS.astype(np.float64)
+    assert token == 1
+    assert logprob == pytest.approx(z[1] - np.log(np.exp(z).sum()))
+
+
+def test_same_seed_same_draws_and_top_k_bounds_them() -> None:
+    params = SamplingParams(temperature=1.5, top_k=3, seed=7)
+    a = [Sampler(params).sample(LOGITS)[0] for _ in range(3)]
+    s1, s2 = Sampler(params), Sampler(params)
+    draws = [s1.sample(LOGITS)[0] for _ in range(200)]
+    assert draws == [s2.sample(LOGITS)[0] for _ in range(200)]
+    assert set(draws) == {1, 2, 5} and len(set(a)) == 1
+
+
+def test_top_p_keeps_the_smallest_head_reaching_the_mass() -> None:
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    draws = {Sampler(SamplingParams(temperature=1.0, top_p=0.75, seed=s)).sample(logits)[0] for s in range(300)}
+    assert draws == {0, 1}
+
+
+def test_stop_matcher_holds_back_a_possible_stop_and_cuts_at_it() -> None:
+    m = StopMatcher(("STOP", "\n\n"))
+    assert m.push("abc S") == ("abc ", False)
+    assert m.push("TO") == ("", False)
+    assert m.push("x") == ("STOx", False)
+    assert m.push(" end ST") == (" end ", False)
+    assert m.push("OP tail") == ("", True)
+
+
+def test_stop_matcher_flushes_what_it_held() -> None:
+    m = StopMatcher(("STOP",))
+    assert m.push("ab ST") == ("ab ", False)
+    assert m.flush() == "ST"
