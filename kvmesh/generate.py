@@ -42,7 +42,8 @@ def generate(
     budget = min(params.max_tokens, runner.max_context - len(prompt))
     start = time.perf_counter()
     logits, kv = runner.prefill(prompt)
-    sampler, decoder, stops = Sampler(params), StreamDecoder(tok), StopMatcher(params.stop)
+    decoder = runner.decoder(kv, len(prompt) + budget)
+    sampler, detok, stops = Sampler(params), StreamDecoder(tok), StopMatcher(params.stop)
     ids: list[int] = []
     text: list[str] = []
     reason, first = "length", 0.0
@@ -53,16 +54,16 @@ def generate(
             reason = "eos"
             break
         ids.append(token)
-        delta, hit = stops.push(decoder.push(token))
+        delta, hit = stops.push(detok.push(token))
         text.append(delta)
         yield Delta(token, delta)
         if hit:
             reason = "stop"
             break
         if len(ids) < budget:
-            logits, kv = runner.decode_step(token, kv)
+            logits = decoder.step(token)
     if reason != "stop":
-        tail, _ = stops.push(decoder.flush())
+        tail, _ = stops.push(detok.flush())
         tail += stops.flush()
         text.append(tail)
         if tail:

@@ -6,9 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kvmesh.errors import ResourceExhausted
 from kvmesh.model.folder import ModelFolder
 from kvmesh.model.reference import KV, ReferenceLlama
-from kvmesh.model.runner import KVCache, ModelRunner, RunnerConfig
+from kvmesh.model.runner import ConcatDecoder, KVCache, ModelRunner, RunnerConfig, SharedBufferDecoder
 
 PROMPT = [258, 72, 101, 108, 108, 111, 260, 44, 32, 119, 111, 114, 108, 100, 33, 257, 10, 261, 262, 263]
 TOL = 1e-4
@@ -76,3 +77,21 @@ def test_layout_is_read_from_the_graph(tiny_fp32: ModelFolder) -> None:
     layout = _runner(tiny_fp32).layout
     assert (layout.layers, layout.kv_heads, layout.head_dim) == (2, 2, 16)
     assert layout.bytes_per_token == 2 * 2 * 2 * 16 * 4
+
+
+@pytest.mark.parametrize("variant", ["fp32", "int4"])
+def test_shared_buffer_decoder_equals_feeding_present_back(variant: str, request: pytest.FixtureRequest) -> None:
+    folder: ModelFolder = request.getfixturevalue(f"tiny_{variant}")
+    runner = _runner(folder, all_logits=False)
+    logits, kv = runner.prefill(PROMPT)
+    shared, concat = runner.decoder(kv, len(PROMPT) + 6), ConcatDecoder(runner, kv, len(PROMPT) + 6)
+    assert isinstance(shared, SharedBufferDecoder)
+    token = int(np.argmax(logits))
+    for _ in range(6):
+        a, b = shared.step(token), concat.step(token)
+        np.testing.assert_allclose(a, b, atol=1e-5)
+        token = int(np.argmax(a))
+    for x, y in zip(shared.kv().keys + shared.kv().values, concat.kv().keys + concat.kv().values, strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+    with pytest.raises(ResourceExhausted):
+        shared.step(token)
