@@ -6,6 +6,7 @@
   tokenizer_config.json         chat template, special tokens (as Hugging Face writes it)
   genai_config.json             so ONNX Runtime GenAI loads the folder as it is
   kvmesh.json                   ours: source, precision, fingerprint (optional for foreign folders)
+  chat_template.jinja           (foreign folders) the template, where recent exporters write it
 
 A folder exported by Optimum or ONNX Runtime GenAI's builder (no kvmesh.json) loads too: its
 special tokens come from genai_config.json / config.json and its layout from the graph itself.
@@ -24,6 +25,7 @@ from kvmesh.errors import ModelError
 KVMESH_JSON = "kvmesh.json"
 GRAPH = "model.onnx"
 LAST_GRAPH = "model_last.onnx"  # ours: the same decoder with logits for the last position only
+CHAT_JINJA = "chat_template.jinja"  # where recent Hugging Face tools put the template
 GRAPH_NAMES = (GRAPH, "decoder_model_merged.onnx", "decoder_with_past_model.onnx")
 
 
@@ -35,6 +37,10 @@ def _read_json(path: Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as e:
         raise ModelError(f"{path}: unreadable ({e})") from e
     return data if isinstance(data, dict) else {}
+
+
+def _read_text(path: Path) -> str | None:
+    return path.read_text() if path.is_file() else None
 
 
 def _ids(value: Any) -> tuple[int, ...]:
@@ -55,6 +61,9 @@ class ModelFolder:
     context_length: int | None
     fingerprint: str
     meta: dict[str, Any]
+    # (kv_heads, head_dim) from genai_config.json / config.json, for graphs whose KV inputs leave
+    # them symbolic (ORT GenAI's builder names head_dim "kv_cache_dim")
+    kv_hint: tuple[int, int] | None = None
 
     @classmethod
     def load(cls, path: Path) -> ModelFolder:
@@ -78,13 +87,22 @@ class ModelFolder:
             graph=graph,
             tokenizer=tokenizer,
             last_graph=path / LAST_GRAPH if (path / LAST_GRAPH).is_file() else None,
-            chat_template=meta.get("chat_template") or tok_cfg.get("chat_template"),
+            chat_template=meta.get("chat_template") or tok_cfg.get("chat_template") or _read_text(path / CHAT_JINJA),
             eos_token_ids=eos,
             bos_token_id=None if bos is None else int(bos),
             context_length=None if ctx is None else int(ctx),
             fingerprint=meta.get("fingerprint") or _hash_files(path, graph, tokenizer),
             meta=meta,
+            kv_hint=_kv_hint(genai.get("decoder", {}), hf),
         )
+
+
+def _kv_hint(decoder: dict[str, Any], hf: dict[str, Any]) -> tuple[int, int] | None:
+    heads = decoder.get("num_key_value_heads") or hf.get("num_key_value_heads") or hf.get("num_attention_heads")
+    head_dim = decoder.get("head_size") or hf.get("head_dim")
+    if head_dim is None and hf.get("hidden_size") and hf.get("num_attention_heads"):
+        head_dim = hf["hidden_size"] // hf["num_attention_heads"]
+    return (int(heads), int(head_dim)) if heads and head_dim else None
 
 
 def _hash_files(path: Path, graph: Path, tokenizer: Path) -> str:

@@ -117,10 +117,13 @@ class ModelRunner:
             io = "input_ids, past_key_values.N.key|value -> logits"
             raise ModelError(f"{self.folder.graph}: not a decoder with KV-cache I/O ({io})")
         shape, dtype = past[0][1].shape, past[0][1].type
-        if not (isinstance(shape[1], int) and isinstance(shape[3], int)) or dtype not in _ORT_DTYPES:
-            raise ModelError(f"{self.folder.graph}: KV inputs need static heads/head_dim and a float type")
+        hint = self.folder.kv_hint or (None, None)
+        heads = shape[1] if isinstance(shape[1], int) else hint[0]
+        head_dim = shape[3] if isinstance(shape[3], int) else hint[1]
+        if heads is None or head_dim is None or dtype not in _ORT_DTYPES:
+            raise ModelError(f"{self.folder.graph}: cannot tell the KV heads, head_dim and float type of its KV inputs")
         layers = 1 + max(int(m.group(1)) for m, _ in past)
-        return KVLayout(layers, shape[1], shape[3], np.dtype(_ORT_DTYPES[dtype]))
+        return KVLayout(layers, heads, head_dim, np.dtype(_ORT_DTYPES[dtype]))
 
     def forward(self, ids: np.ndarray, past: KVCache) -> tuple[np.ndarray, KVCache]:
         """ids (B, S) int64 after `past` -> logits (B, S', vocab), KV of all T = past + S tokens.
