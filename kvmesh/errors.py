@@ -24,3 +24,15 @@ class ResourceExhausted(KvmeshError):
     """A queue or memory budget is full: back-pressure, never an out-of-memory crash."""
 
     status = "RESOURCE_EXHAUSTED"
+
+
+class DataLoss(KvmeshError):
+    """A KV stream or stored value that fails its checksum, has the wrong size or is out of order."""
+
+    status = "DATA_LOSS"
+
+
+class Unavailable(KvmeshError):
+    """A node that cannot serve now: draining, or a peer it needs is gone."""
+
+    status = "UNAVAILABLE"

@@ -1,0 +1,123 @@
+"""The KV of one sequence to and from a stream of byte chunks.
+
+The stream carries one C-order array (layers, 2 [key, value], kv_heads, tokens, head_dim): layer
+0's keys, layer 0's values, layer 1's keys... Each chunk is the next byte range of it, with an
+xxh3_64 checksum. The receiver writes every chunk straight into one preallocated array (the copy
+out of the message is the only copy) and refuses, with DataLoss, a chunk out of order, a wrong
+size, a bad checksum or a stream that ends short: never a wrong KV.
+
+CHUNK_BYTES: 1 MiB. bench/prefix_cache.py measures the stream against a raw gRPC byte stream;
+DESIGN.md's loopback figures put 256 KiB - 1 MiB chunks at the top (~0.9-1.3 GB/s), 1 MiB has the
+fewest messages, and one message per KV is 5x slower.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import xxhash
+
+from kvmesh.errors import DataLoss, InvalidArgument
+from kvmesh.model.runner import KVCache
+
+CHUNK_BYTES = 1 << 20
+WIRE_DTYPES: dict[str, np.dtype] = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a receiver must know before the first chunk."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    tokens: int
+    dtype: np.dtype  # on the wire
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        return (self.layers, 2, self.kv_heads, self.tokens, self.head_dim)
+
+    @property
+    def total_bytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class Chunk:
+    index: int
+    offset: int
+    data: bytes
+    checksum: int
+
+
+def layout_of(kv: KVCache, wire_dtype: np.dtype) -> Layout:
+    k = kv.keys[0]
+    if k.shape[0] != 1:
+        raise InvalidArgument("a KV stream carries one sequence")
+    return Layout(len(kv.keys), int(k.shape[1]), int(k.shape[3]), int(k.shape[2]), wire_dtype)
+
+
+def encode(kv: KVCache, wire_dtype: np.dtype, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Chunk]:
+    """Chunks of the layout's array, at most chunk_bytes each and never across two layers' arrays,
+    so each chunk is one copy (`tobytes`) out of the runner's arrays (plus the cast for fp16)."""
+    index, offset = 0, 0
+    for k, v in zip(kv.keys, kv.values, strict=True):
+        for array in (k, v):
+            flat = np.ascontiguousarray(array, dtype=wire_dtype).reshape(-1).view(np.uint8)
+            for pos in range(0, flat.size, chunk_bytes):
+                data = flat[pos : pos + chunk_bytes].tobytes()
+                yield Chunk(index, offset, data, xxhash.xxh3_64_intdigest(data))
+                index, offset = index + 1, offset + len(data)
+
+
+def chunk_count(layout: Layout, chunk_bytes: int) -> int:
+    """How many chunks encode() makes: per array, ceil(array bytes / chunk_bytes)."""
+    per_array = layout.total_bytes // (2 * layout.layers)
+    return 2 * layout.layers * -(-per_array // chunk_bytes)
+
+
+class Assembler:
+    """Receives chunks in order into one preallocated array and hands out the KV as views."""
+
+    def __init__(self, layout: Layout, chunk_count: int, out_dtype: np.dtype = WIRE_DTYPES["float32"]) -> None:
+        if layout.dtype not in WIRE_DTYPES.values():
+            raise DataLoss(f"unsupported KV dtype on the wire: {layout.dtype}")
+        self.layout = layout
+        self.chunk_count = chunk_count
+        self._kv = np.empty(layout.shape, dtype=out_dtype)
+        self._flat = self._kv.reshape(-1)  # a view: writes land in _kv
+        self._next_index = 0
+        self._next_offset = 0
+        self.bytes_received = 0
+
+    def add(self, chunk: Chunk) -> None:
+        if chunk.index != self._next_index or chunk.offset != self._next_offset:
+            raise DataLoss(
+                f"KV chunk {chunk.index} at byte {chunk.offset} is out of order "
+                f"(expected {self._next_index} at {self._next_offset})"
+            )
+        size, item = len(chunk.data), self.layout.dtype.itemsize
+        if size == 0 or size % item or self._next_offset + size > self.layout.total_bytes:
+            raise DataLoss(f"KV chunk {chunk.index} has a wrong size ({size} bytes)")
+        if xxhash.xxh3_64_intdigest(chunk.data) != chunk.checksum:
+            raise DataLoss(f"KV chunk {chunk.index} fails its checksum")
+        start = self._next_offset // item
+        self._flat[start : start + size // item] = np.frombuffer(chunk.data, dtype=self.layout.dtype)
+        self._next_index += 1
+        self._next_offset += size
+        self.bytes_received += size
+
+    def finish(self) -> KVCache:
+        if self._next_offset != self.layout.total_bytes or self._next_index != self.chunk_count:
+            raise DataLoss(
+                f"KV stream ended short: {self._next_offset} of {self.layout.total_bytes} bytes, "
+                f"{self._next_index} of {self.chunk_count} chunks"
+            )
+        # (layers, 2, kvh, T, hd) -> per layer (1, kvh, T, hd) views
+        return KVCache(
+            [self._kv[i, 0][None] for i in range(self.layout.layers)],
+            [self._kv[i, 1][None] for i in range(self.layout.layers)],
+        )
