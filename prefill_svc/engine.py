@@ -1,0 +1,94 @@
+"""The prefill engine: longest cached prefix from the store, the model over the rest, the first
+token. Plain and synchronous; prefill_svc.node runs it off the event loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvmesh.blockhash import block_keys, root_key
+from kvmesh.errors import InvalidArgument
+from kvmesh.model.runner import KVCache, ModelRunner
+from kvmesh.sampling import Sampler, SamplingParams
+from prefill_svc.store import PrefixStore, StoreWriter
+
+
+@dataclass(frozen=True)
+class PrefillOutcome:
+    kv: KVCache  # the whole prompt's, per layer (1, kv_heads, tokens, head_dim)
+    cached_tokens: int  # taken from the store, not computed
+    first_token: int
+    first_logprob: float
+    bad_blocks: int  # stored blocks that failed their checksum (dropped; recomputed here)
+
+
+class PrefillEngine:
+    def __init__(self, runner: ModelRunner, store: PrefixStore, writer: StoreWriter, fingerprint: str) -> None:
+        self.runner, self.store, self.writer = runner, store, writer
+        self.fingerprint = fingerprint
+        self.block_size = store.config.block_size
+
+    def keys(self, tokens: Sequence[int], salt: bytes) -> list[bytes]:
+        return block_keys(root_key(self.fingerprint, self.block_size, salt), tokens, self.block_size)
+
+    def prefill(self, tokens: Sequence[int], params: SamplingParams, salt: bytes = b"") -> PrefillOutcome:
+        if not tokens:
+            raise InvalidArgument("empty prompt")
+        if len(tokens) >= self.runner.max_context:
+            raise InvalidArgument(
+                f"prompt of {len(tokens)} tokens does not fit the context of {self.runner.max_context}"
+            )
+        keys = self.keys(tokens, salt)
+        past, cached, bad = self._cached_past(keys, len(tokens))
+        logits, kv = self.runner.prefill(tokens[cached:], past)
+        token, logprob = Sampler(params).sample(logits)
+        self.writer.submit(lambda store, events: store.put(keys, _block_of(kv, self.block_size), events))
+        return PrefillOutcome(kv, cached, token, logprob, bad)
+
+    def _cached_past(self, keys: list[bytes], prompt_len: int) -> tuple[KVCache | None, int, int]:
+        """KV of the longest stored prefix, capped one token short of the prompt: the last prompt
+        token always runs through the model, for the logits of the first new token."""
+        n = self.store.cached_blocks(keys)
+        if n == 0:
+            return None, 0, 0
+        lay = self.runner.layout
+        out = np.empty((lay.layers, 2, lay.kv_heads, n * self.block_size, lay.head_dim), np.float32)
+        n_ok, bad = self.store.read(keys[:n], out)
+        if bad:  # a corrupt value: drop it and everything below it, recompute from here
+            corrupt = bad[0]
+            self.writer.submit(lambda store, events: store.drop(corrupt, events))
+        cached = min(n_ok * self.block_size, prompt_len - 1)
+        if cached == 0:
+            return None, 0, len(bad)
+        # (layers, 2, kvh, T, hd) -> per layer (1, kvh, cached, hd) views
+        return (
+            KVCache(
+                [out[i, 0, None, :, :cached] for i in range(lay.layers)],
+                [out[i, 1, None, :, :cached] for i in range(lay.layers)],
+            ),
+            cached,
+            len(bad),
+        )
+
+    def pin(self, tokens: Sequence[int], salt: bytes = b"") -> int:
+        """Prefill (what is not stored), store and pin the prompt's full blocks. -> pinned tokens."""
+        keys = self.keys(tokens, salt)
+        if not keys:
+            raise InvalidArgument(f"a pinned prompt needs at least one full block of {self.block_size} tokens")
+        self.prefill(tokens, SamplingParams())
+        done: list[int] = []
+        self.writer.submit(lambda store, events: done.append(store.pin(keys, events)))
+        self.writer.flush()
+        return done[0] * self.block_size
+
+
+def _block_of(kv: KVCache, block_size: int) -> Callable[[int], np.ndarray]:
+    """Block i's value, (layers, 2, kv_heads, block_size, head_dim), cut from per-layer arrays."""
+
+    def value(i: int) -> np.ndarray:
+        s = slice(i * block_size, (i + 1) * block_size)
+        return np.stack([np.stack([k[0, :, s], v[0, :, s]]) for k, v in zip(kv.keys, kv.values, strict=True)])
+
+    return value

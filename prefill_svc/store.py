@@ -1,0 +1,322 @@
+"""The persistent prefix store: the KV of full prompt blocks in LMDB, keyed by the block-key chain.
+
+Sub-databases of one LMDB environment:
+  info      fingerprint, layout, block size, total value bytes
+  blocks    key (16 B) -> the block's KV, fp32 C-order (layers, 2, kv_heads, block_size, head_dim)
+  meta      key -> parent key, value bytes, last access (ns), xxh3 checksum, pinned flag
+  lru       last access (8 B big-endian) + key -> b"": the eviction order
+  children  parent key -> child keys (dupsort): a block is evicted only when it has none
+
+Readers (the prefill path) use LMDB's lock-free MVCC read transactions from any thread or process.
+All writes go through one writer thread per process (StoreWriter), off the request's path; LMDB
+serializes writers of several processes sharing a store. Commits are not fsynced: a crashed
+process loses nothing committed, a lost machine may lose the last commits of a cache, and every
+value is verified against its checksum on read anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import xxhash
+
+from kvmesh.errors import InvalidArgument, ModelError
+from kvmesh.model.runner import KVLayout
+
+log = logging.getLogger(__name__)
+_META = struct.Struct("<16sQQQB")  # parent, size, last access ns, checksum, flags
+_PINNED = 1
+_NO_PARENT = bytes(16)  # the parent of a chain's first block: the root, which is not stored
+EventSink = Callable[[str, list[bytes]], None]  # ("stored" | "evicted" | "pinned", keys)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: Path
+    budget_bytes: int = 2 << 30  # values kept below this; LRU leaves evicted beyond it
+    block_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.budget_bytes < 1:
+            raise InvalidArgument("block_size and budget_bytes must be positive")
+
+    @property
+    def map_bytes(self) -> int:
+        """LMDB's map: the budget plus room for metadata and B-tree pages freed but not yet reused."""
+        return int(self.budget_bytes * 1.5) + (64 << 20)
+
+
+@dataclass(frozen=True)
+class Meta:
+    parent: bytes
+    size: int
+    last_access: int
+    checksum: int
+    pinned: bool
+
+    def pack(self) -> bytes:
+        return _META.pack(self.parent, self.size, self.last_access, self.checksum, _PINNED if self.pinned else 0)
+
+    @staticmethod
+    def unpack(raw: bytes | memoryview | None) -> Meta:
+        if raw is None:
+            raise KeyError("no metadata for a listed block")
+        parent, size, last, checksum, flags = _META.unpack(bytes(raw))
+        return Meta(parent, size, last, checksum, bool(flags & _PINNED))
+
+
+def _lru_key(last_access: int, key: bytes) -> bytes:
+    return struct.pack(">Q", last_access) + key
+
+
+class PrefixStore:
+    def __init__(self, config: StoreConfig, fingerprint: str, layout: KVLayout) -> None:
+        self.config = config
+        self.layout = layout
+        self.block_shape = (layout.layers, 2, layout.kv_heads, config.block_size, layout.head_dim)
+        self.block_bytes = int(np.prod(self.block_shape)) * 4
+        config.path.mkdir(parents=True, exist_ok=True)
+        self.env = lmdb.open(
+            str(config.path),
+            map_size=config.map_bytes,
+            max_dbs=5,
+            sync=False,
+            metasync=False,
+            readahead=False,
+            max_readers=256,
+        )
+        self.info, self.blocks, self.meta = (self.env.open_db(n) for n in (b"info", b"blocks", b"meta"))
+        self.lru, self.children = self.env.open_db(b"lru"), self.env.open_db(b"children", dupsort=True)
+        self._claim(fingerprint)
+
+    def _claim(self, fingerprint: str) -> None:
+        """Record what the store is for, or refuse a store made for another model or layout."""
+        mine = json.dumps(
+            {
+                "fingerprint": fingerprint,
+                "block_size": self.config.block_size,
+                "block_shape": self.block_shape,
+                "dtype": "float32",
+            },
+            sort_keys=True,
+        ).encode()
+        with self.env.begin(write=True) as txn:
+            theirs = txn.get(b"identity", db=self.info)
+            if theirs is None:
+                txn.put(b"identity", mine, db=self.info)
+                txn.put(b"total_bytes", struct.pack("<Q", 0), db=self.info)
+            elif bytes(theirs) != mine:
+                raise ModelError(
+                    f"prefix store {self.config.path} was made for another model or layout "
+                    f"({json.loads(theirs)['fingerprint']}); refusing its blocks"
+                )
+
+    def close(self) -> None:
+        self.env.close()
+
+    # ---- readers: any thread ----
+
+    def cached_blocks(self, keys: Sequence[bytes]) -> int:
+        """How many leading keys the store holds (no value is read)."""
+        with self.env.begin(buffers=True) as txn:
+            for i, key in enumerate(keys):
+                if txn.get(key, db=self.meta) is None:
+                    return i
+        return len(keys)
+
+    def read(self, keys: Sequence[bytes], out: np.ndarray) -> tuple[int, list[bytes]]:
+        """Copy the leading blocks into out (layers, 2, kv_heads, >= n*block, head_dim), verifying
+        each checksum. -> (blocks read, keys that failed their checksum: to drop and recompute)."""
+        b = self.config.block_size
+        with self.env.begin(buffers=True) as txn:
+            for i, key in enumerate(keys):
+                raw_meta, value = txn.get(key, db=self.meta), txn.get(key, db=self.blocks)
+                if raw_meta is None or value is None:
+                    return i, []
+                if len(value) != self.block_bytes or xxhash.xxh3_64_intdigest(value) != Meta.unpack(raw_meta).checksum:
+                    return i, [key]
+                out[:, :, :, i * b : (i + 1) * b] = np.frombuffer(value, np.float32).reshape(self.block_shape)
+        return len(keys), []
+
+    def keys(self) -> Iterator[bytes]:
+        with self.env.begin() as txn:
+            yield from txn.cursor(db=self.meta).iternext(keys=True, values=False)
+
+    def stats(self) -> tuple[int, int, int]:
+        """(value bytes, blocks, pinned blocks)."""
+        with self.env.begin() as txn:
+            total = self._total(txn)
+            pinned = sum(1 for v in txn.cursor(db=self.meta).iternext(keys=False) if Meta.unpack(v).pinned)
+            return total, txn.stat(self.meta)["entries"], pinned
+
+    # ---- writes: the writer thread only ----
+
+    def put(
+        self,
+        keys: Sequence[bytes],
+        value_of: Callable[[int], np.ndarray],
+        events: EventSink,
+        parent: bytes | None = None,
+    ) -> None:
+        """Store a chain of blocks below `parent` (None: the chain's root); value_of(i) gives block
+        i's KV, asked only for blocks not stored yet. Blocks already there are touched; a chain
+        whose parent is gone is not stored (never an orphan)."""
+        now = time.time_ns()
+        with self.env.begin(write=True) as txn:
+            if parent is not None and txn.get(parent, db=self.meta) is None:
+                return
+            new = {k for k in keys if txn.get(k, db=self.meta) is None}
+            need = self.block_bytes * len(new)
+            self._evict(txn, need, exclude={*keys, *([parent] if parent else [])}, events=events)
+            if self._total(txn) + need > self.config.budget_bytes:
+                return  # what is left is pinned or this chain's own ancestors
+            self._touch(txn, [k for k in keys if k not in new], now)
+            prev = parent
+            for i, key in enumerate(keys):
+                if key in new:
+                    self._insert(txn, prev, key, value_of(i), now)
+                prev = key
+        if new:
+            events("stored", [k for k in keys if k in new])
+
+    def _insert(self, txn: lmdb.Transaction, parent: bytes | None, key: bytes, value: np.ndarray, now: int) -> None:
+        data = np.ascontiguousarray(value, dtype=np.float32).reshape(-1).view(np.uint8)
+        if data.size != self.block_bytes:
+            raise InvalidArgument(f"a block value must be {self.block_bytes} bytes, not {data.size}")
+        meta = Meta(parent or _NO_PARENT, data.size, now, xxhash.xxh3_64_intdigest(data.data), False)
+        txn.put(key, data.data, db=self.blocks)
+        txn.put(key, meta.pack(), db=self.meta)
+        txn.put(_lru_key(now, key), b"", db=self.lru)
+        if parent is not None:
+            txn.put(parent, key, db=self.children, dupdata=True)
+        self._add_total(txn, meta.size)
+
+    def touch(self, keys: Sequence[bytes]) -> None:
+        with self.env.begin(write=True) as txn:
+            self._touch(txn, keys, time.time_ns())
+
+    def _touch(self, txn: lmdb.Transaction, keys: Sequence[bytes], now: int) -> None:
+        for key in keys:
+            raw = txn.get(key, db=self.meta)
+            if raw is None:
+                continue
+            meta = Meta.unpack(raw)
+            txn.delete(_lru_key(meta.last_access, key), db=self.lru)
+            txn.put(_lru_key(now, key), b"", db=self.lru)
+            txn.put(key, Meta(meta.parent, meta.size, now, meta.checksum, meta.pinned).pack(), db=self.meta)
+
+    def pin(self, keys: Sequence[bytes], events: EventSink) -> int:
+        """Mark stored blocks pinned (never evicted). -> how many leading keys are pinned."""
+        with self.env.begin(write=True) as txn:
+            for i, key in enumerate(keys):
+                raw = txn.get(key, db=self.meta)
+                if raw is None:
+                    events("pinned", list(keys[:i]))
+                    return i
+                m = Meta.unpack(raw)
+                txn.put(key, Meta(m.parent, m.size, m.last_access, m.checksum, True).pack(), db=self.meta)
+        events("pinned", list(keys))
+        return len(keys)
+
+    def drop(self, key: bytes, events: EventSink) -> None:
+        """Remove a block (a bad value) and every block below it."""
+        with self.env.begin(write=True) as txn:
+            gone = self._delete_subtree(txn, key)
+        if gone:
+            events("evicted", gone)
+
+    def _delete_subtree(self, txn: lmdb.Transaction, key: bytes) -> list[bytes]:
+        gone, stack = [], [key]
+        while stack:
+            k = stack.pop()
+            cursor = txn.cursor(db=self.children)
+            if cursor.set_key(k):
+                stack.extend(bytes(c) for c in cursor.iternext_dup())
+            if self._delete_one(txn, k):
+                gone.append(k)
+        return gone
+
+    def _delete_one(self, txn: lmdb.Transaction, key: bytes) -> bool:
+        raw = txn.get(key, db=self.meta)
+        if raw is None:
+            return False
+        meta = Meta.unpack(raw)
+        txn.delete(key, db=self.blocks)
+        txn.delete(key, db=self.meta)
+        txn.delete(_lru_key(meta.last_access, key), db=self.lru)
+        txn.delete(meta.parent, key, db=self.children)
+        txn.delete(key, db=self.children)
+        self._add_total(txn, -meta.size)
+        return True
+
+    def _evict(self, txn: lmdb.Transaction, need: int, exclude: set[bytes], events: EventSink) -> None:
+        """Delete least recently used unpinned leaves until `need` more bytes fit the budget. A
+        parent is touched whenever its child is, so leaves come first in LRU order; a parent whose
+        last child went becomes a leaf for the next pass."""
+        evicted: list[bytes] = []
+        while self._total(txn) + need > self.config.budget_bytes:
+            shortfall = self._total(txn) + need - self.config.budget_bytes
+            victims = []
+            for lru_key in txn.cursor(db=self.lru).iternext(keys=True, values=False):
+                key = bytes(lru_key)[8:]
+                if key in exclude or txn.get(key, db=self.children) is not None:
+                    continue
+                if Meta.unpack(txn.get(key, db=self.meta)).pinned:
+                    continue
+                victims.append(key)
+                if len(victims) * self.block_bytes >= shortfall:
+                    break
+            if not victims:
+                break
+            for key in victims:
+                self._delete_one(txn, key)
+            evicted += victims
+        if evicted:
+            events("evicted", evicted)
+
+    def _total(self, txn: lmdb.Transaction) -> int:
+        raw = txn.get(b"total_bytes", db=self.info)
+        return 0 if raw is None else int(struct.unpack("<Q", raw)[0])
+
+    def _add_total(self, txn: lmdb.Transaction, delta: int) -> None:
+        txn.put(b"total_bytes", struct.pack("<Q", self._total(txn) + delta), db=self.info)
+
+
+class StoreWriter:
+    """The one thread of this process that writes the store: jobs run in submission order."""
+
+    def __init__(self, store: PrefixStore, events: EventSink) -> None:
+        self.store, self.events = store, events
+        self._jobs: queue.Queue[Callable[[PrefixStore, EventSink], None] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="prefix-store-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Callable[[PrefixStore, EventSink], None]) -> None:
+        self._jobs.put(job)
+
+    def flush(self) -> None:
+        """Wait until every job submitted so far has run."""
+        done = threading.Event()
+        self._jobs.put(lambda _s, _e: done.set())
+        done.wait()
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                job(self.store, self.events)
+            except lmdb.Error:
+                log.exception("prefix store write failed; the blocks stay uncached")

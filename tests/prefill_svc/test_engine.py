@@ -1,0 +1,143 @@
+"""The prefix store under the prefill engine, on the tiny model and a real LMDB in a temp dir."""
+
+import numpy as np
+import pytest
+
+from kvmesh.errors import InvalidArgument, ModelError
+from kvmesh.sampling import SamplingParams
+from prefill_svc.engine import PrefillEngine, PrefillOutcome
+from prefill_svc.store import Meta
+from tests.prefill_svc.conftest import BLOCK, EngineFactory
+
+PROMPT = [int(t) for t in np.random.default_rng(5).integers(0, 256, 44)]  # 5 full blocks + 4
+GREEDY = SamplingParams()
+
+
+def _same(a: PrefillOutcome, b: PrefillOutcome) -> None:
+    assert a.first_token == b.first_token
+    assert a.first_logprob == pytest.approx(b.first_logprob, abs=1e-5)
+    assert a.kv.length == b.kv.length
+    for x, y in zip(a.kv.keys + a.kv.values, b.kv.keys + b.kv.values, strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+def _settle(engine: PrefillEngine) -> None:
+    engine.writer.flush()
+
+
+def test_miss_then_hit_gives_the_full_prefill(make_engine: EngineFactory) -> None:
+    engine, events = make_engine()
+    cold = engine.prefill(PROMPT, GREEDY)
+    assert cold.cached_tokens == 0
+    _settle(engine)
+    assert events.log == [("stored", engine.keys(PROMPT, b""))]
+    warm = engine.prefill(PROMPT, GREEDY)
+    assert warm.cached_tokens == 5 * BLOCK
+    _same(warm, cold)
+
+
+def test_partial_hit_reuses_the_shared_blocks(make_engine: EngineFactory) -> None:
+    engine, _ = make_engine()
+    engine.prefill(PROMPT, GREEDY)
+    _settle(engine)
+    other = [*PROMPT[: 2 * BLOCK + 3], 7, 7, 7, 7, 7, 7, 7, 7, 7]
+    hit = engine.prefill(other, GREEDY)
+    assert hit.cached_tokens == 2 * BLOCK
+    _settle(engine)
+    _same(hit, make_engine(path=engine.store.config.path.with_name("fresh"))[0].prefill(other, GREEDY))
+
+
+@pytest.mark.parametrize(("length", "cached"), [(BLOCK - 3, 0), (3 * BLOCK, 3 * BLOCK - 1), (3 * BLOCK + 1, 3 * BLOCK)])
+def test_short_exact_and_one_past_a_block(make_engine: EngineFactory, length: int, cached: int) -> None:
+    engine, _ = make_engine()
+    prompt = PROMPT[:length]
+    cold = engine.prefill(prompt, GREEDY)
+    _settle(engine)
+    assert engine.store.cached_blocks(engine.keys(prompt, b"")) == length // BLOCK
+    warm = engine.prefill(prompt, GREEDY)
+    assert warm.cached_tokens == cached  # an exact multiple recomputes its last token
+    _same(warm, cold)
+
+
+def test_no_hit_across_salts(make_engine: EngineFactory) -> None:
+    engine, _ = make_engine()
+    engine.prefill(PROMPT, GREEDY, salt=b"tenant-a")
+    _settle(engine)
+    assert engine.prefill(PROMPT, GREEDY, salt=b"tenant-b").cached_tokens == 0
+    assert engine.prefill(PROMPT, GREEDY, salt=b"tenant-a").cached_tokens == 5 * BLOCK
+
+
+def test_another_models_store_is_refused(make_engine: EngineFactory) -> None:
+    engine, _ = make_engine()
+    engine.prefill(PROMPT, GREEDY)
+    _settle(engine)
+    engine.writer.close()
+    engine.store.close()
+    with pytest.raises(ModelError, match="another model"):
+        make_engine(path=engine.store.config.path, fingerprint="some-other-model")
+
+
+def _assert_no_orphans(engine: PrefillEngine) -> None:
+    with engine.store.env.begin() as txn:
+        for key, raw in txn.cursor(db=engine.store.meta):
+            parent = Meta.unpack(raw).parent
+            assert parent == bytes(16) or txn.get(parent, db=engine.store.meta) is not None, key.hex()
+
+
+def test_eviction_keeps_the_budget_and_never_orphans(make_engine: EngineFactory) -> None:
+    block_bytes = 2 * 2 * 2 * BLOCK * 16 * 4  # layers, k/v, kv heads, tokens, head_dim, fp32
+    engine, events = make_engine(budget_bytes=7 * block_bytes)
+    rng = np.random.default_rng(1)
+    for i in range(12):
+        shared = PROMPT[: BLOCK * (i % 3)]  # some prompts share leading blocks
+        engine.prefill(shared + [int(t) for t in rng.integers(0, 256, 3 * BLOCK)], GREEDY)
+        _settle(engine)
+        total, blocks, _ = engine.store.stats()
+        assert total <= 7 * block_bytes and total == blocks * block_bytes
+        _assert_no_orphans(engine)
+    evicted = [k for kind, keys in events.log if kind == "evicted" for k in keys]
+    assert evicted and not set(evicted) & set(engine.store.keys())
+
+
+def test_corrupt_value_is_dropped_and_recomputed(make_engine: EngineFactory) -> None:
+    engine, events = make_engine()
+    cold = engine.prefill(PROMPT, GREEDY)
+    _settle(engine)
+    keys = engine.keys(PROMPT, b"")
+    with engine.store.env.begin(write=True) as txn:  # flip one byte of block 2's stored value
+        value = bytearray(txn.get(keys[2], db=engine.store.blocks))
+        value[100] ^= 0xFF
+        txn.put(keys[2], bytes(value), db=engine.store.blocks)
+    hit = engine.prefill(PROMPT, GREEDY)
+    assert (hit.cached_tokens, hit.bad_blocks) == (2 * BLOCK, 1)
+    _same(hit, cold)  # never served: recomputed from block 2 on
+    _settle(engine)
+    dropped = events.log.index(("evicted", keys[2:]))  # the bad block and everything below it
+    assert events.log[dropped + 1] == ("stored", keys[2:])  # then the recomputed ones
+    again = engine.prefill(PROMPT, GREEDY)
+    assert (again.cached_tokens, again.bad_blocks) == (5 * BLOCK, 0)
+
+
+def test_pinned_prefix_survives_eviction_pressure_and_restart(make_engine: EngineFactory) -> None:
+    block_bytes = 2 * 2 * 2 * BLOCK * 16 * 4
+    engine, events = make_engine(budget_bytes=8 * block_bytes)
+    assert engine.pin(PROMPT) == 5 * BLOCK
+    assert ("pinned", engine.keys(PROMPT, b"")) in events.log
+    rng = np.random.default_rng(2)
+    for _ in range(6):
+        engine.prefill([int(t) for t in rng.integers(0, 256, 3 * BLOCK)], GREEDY)
+        _settle(engine)
+    assert engine.store.cached_blocks(engine.keys(PROMPT, b"")) == 5
+    assert engine.store.stats()[2] == 5
+    path = engine.store.config.path
+    engine.writer.close()
+    engine.store.close()
+    restarted, _ = make_engine(path=path, budget_bytes=8 * block_bytes)
+    assert restarted.prefill(PROMPT, GREEDY).cached_tokens == 5 * BLOCK
+
+
+def test_a_store_cannot_hold_a_wrong_size_block(make_engine: EngineFactory) -> None:
+    engine, _ = make_engine()
+    with pytest.raises(InvalidArgument, match="block value"):
+        engine.store.put([b"k" * 16], lambda _: np.zeros(3, np.float32), lambda *_: None)
+    assert engine.store.stats() == (0, 0, 0)
