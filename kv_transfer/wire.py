@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
 import numpy as np
 
-from kv_transfer.codec import Chunk, Layout
+from kv_transfer.codec import Assembler, Chunk, Layout
 from kvmesh.errors import DataLoss
+from kvmesh.model.runner import KVCache
 from kvmesh.v1 import kv_pb2
+
+
+class HasHeaderOrChunk(Protocol):
+    """A message with a oneof `kind` of `header` (KVHeader) or `chunk` (KVChunk), e.g. PrefillResponse."""
+
+    header: kv_pb2.KVHeader
+    chunk: kv_pb2.KVChunk
+
+    def WhichOneof(self, name: str) -> str | None: ...
+
 
 _TO_WIRE: dict[np.dtype, kv_pb2.KVDtype.ValueType] = {
     np.dtype(np.float32): kv_pb2.KV_DTYPE_FLOAT32,
@@ -42,3 +57,24 @@ def chunk_to_pb(chunk: Chunk) -> kv_pb2.KVChunk:
 
 def chunk_from_pb(msg: kv_pb2.KVChunk) -> Chunk:
     return Chunk(msg.index, msg.offset, msg.data, msg.checksum)
+
+
+@dataclass(frozen=True)
+class Received:
+    header: kv_pb2.KVHeader
+    kv: KVCache
+
+
+def receive(responses: Iterable[HasHeaderOrChunk]) -> Received:
+    """A KV stream (a header, then chunks) reassembled; DataLoss when it is not whole and right."""
+    it = iter(responses)
+    first = next(it, None)
+    if first is None or first.WhichOneof("kind") != "header":
+        raise DataLoss("KV stream did not start with a header")
+    header = first.header
+    asm = Assembler(layout_from_pb(header.layout), header.chunk_count)
+    for msg in it:
+        if msg.WhichOneof("kind") != "chunk":
+            raise DataLoss("a second header inside a KV stream")
+        asm.add(chunk_from_pb(msg.chunk))
+    return Received(header, asm.finish())

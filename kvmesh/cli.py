@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from kvmesh.errors import KvmeshError
+from kvmesh.settings import add_flags
 
 
 def _env(name: str, default: str) -> str:
@@ -66,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens", type=int, default=256)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     _add_engine_flags(gen)
+    from prefill_svc.config import PrefillConfig
+
+    prefill = sub.add_parser("prefill", help="run a prefill node (gRPC)")
+    add_flags(prefill, PrefillConfig, "PREFILL")
     return root
 
 
@@ -76,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "model":
             return commands.model_prepare(args) if args.model_command == "prepare" else commands.model_info(args)
+        if args.command == "prefill":
+            return commands.prefill(args)
         return commands.generate(args)
     except KvmeshError as e:
         print(f"kvmesh: error: {e}", file=sys.stderr)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
+from kvmesh import aio
 from kvmesh.generate import Delta
 from kvmesh.generate import generate as run_generate
 from kvmesh.model.folder import ModelFolder
@@ -14,6 +16,7 @@ from kvmesh.model.prepare import default_model_dir, find_default_gguf, prepare
 from kvmesh.model.runner import ModelRunner, RunnerConfig
 from kvmesh.model.tokenizer import ChatTokenizer, chat_messages
 from kvmesh.sampling import SamplingParams
+from kvmesh.settings import build
 
 
 def model_prepare(args: argparse.Namespace) -> int:
@@ -64,4 +67,13 @@ def generate(args: argparse.Namespace) -> int:
             f"time to first token {event.ttft_s * 1000:.0f} ms, {rate:.1f} tokens/s]",
             file=sys.stderr,
         )
+    return 0
+
+
+def prefill(args: argparse.Namespace) -> int:
+    from prefill_svc.config import PrefillConfig
+    from prefill_svc.server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    aio.run(serve(build(PrefillConfig, args)))
     return 0

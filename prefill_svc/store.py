@@ -155,9 +155,7 @@ class PrefixStore:
     def stats(self) -> tuple[int, int, int]:
         """(value bytes, blocks, pinned blocks)."""
         with self.env.begin() as txn:
-            total = self._total(txn)
-            pinned = sum(1 for v in txn.cursor(db=self.meta).iternext(keys=False) if Meta.unpack(v).pinned)
-            return total, txn.stat(self.meta)["entries"], pinned
+            return self._total(txn), txn.stat(self.meta)["entries"], self._counter(txn, b"pinned_blocks")
 
     # ---- writes: the writer thread only ----
 
@@ -224,7 +222,9 @@ class PrefixStore:
                     events("pinned", list(keys[:i]))
                     return i
                 m = Meta.unpack(raw)
-                txn.put(key, Meta(m.parent, m.size, m.last_access, m.checksum, True).pack(), db=self.meta)
+                if not m.pinned:
+                    txn.put(key, Meta(m.parent, m.size, m.last_access, m.checksum, True).pack(), db=self.meta)
+                    self._add(txn, b"pinned_blocks", 1)
         events("pinned", list(keys))
         return len(keys)
 
@@ -257,6 +257,8 @@ class PrefixStore:
         txn.delete(meta.parent, key, db=self.children)
         txn.delete(key, db=self.children)
         self._add_total(txn, -meta.size)
+        if meta.pinned:
+            self._add(txn, b"pinned_blocks", -1)
         return True
 
     def _evict(self, txn: lmdb.Transaction, need: int, exclude: set[bytes], events: EventSink) -> None:
@@ -285,11 +287,17 @@ class PrefixStore:
             events("evicted", evicted)
 
     def _total(self, txn: lmdb.Transaction) -> int:
-        raw = txn.get(b"total_bytes", db=self.info)
-        return 0 if raw is None else int(struct.unpack("<Q", raw)[0])
+        return self._counter(txn, b"total_bytes")
 
     def _add_total(self, txn: lmdb.Transaction, delta: int) -> None:
-        txn.put(b"total_bytes", struct.pack("<Q", self._total(txn) + delta), db=self.info)
+        self._add(txn, b"total_bytes", delta)
+
+    def _counter(self, txn: lmdb.Transaction, name: bytes) -> int:
+        raw = txn.get(name, db=self.info)
+        return 0 if raw is None else int(struct.unpack("<Q", raw)[0])
+
+    def _add(self, txn: lmdb.Transaction, name: bytes, delta: int) -> None:
+        txn.put(name, struct.pack("<Q", self._counter(txn, name) + delta), db=self.info)
 
 
 class StoreWriter:

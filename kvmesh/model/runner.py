@@ -24,10 +24,13 @@ _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
+Provider = Literal["auto", "cpu", "cuda"]
+
+
 @dataclass(frozen=True)
 class RunnerConfig:
     threads: int = 2  # intra-op threads; 0 lets ONNX Runtime pick
-    provider: Literal["auto", "cpu", "cuda"] = "auto"
+    provider: Provider = "auto"
     # Logits for every position (tests, scoring); serving needs the last one only, which a
     # folder's model_last.onnx computes ~20% faster on long prompts.
     all_logits: bool = False

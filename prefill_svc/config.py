@@ -1,0 +1,38 @@
+"""The prefill node's settings: flags `kvmesh prefill --...`, env KVMESH_PREFILL_*."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvmesh.errors import InvalidArgument
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    model: Path | None = field(default=None, metadata=_help("model folder (default: the prepared SmolLM2 int4)"))
+    store: Path | None = field(default=None, metadata=_help("prefix store folder (default: $KVMESH_HOME/prefix-store)"))
+    store_budget_bytes: int = field(default=2 << 30, metadata=_help("stored KV kept under this many bytes (LRU)"))
+    block_size: int = field(default=16, metadata=_help("tokens per cached block"))
+    host: str = field(default="127.0.0.1", metadata=_help("address to listen on"))
+    port: int = field(default=50061, metadata=_help("gRPC port (0: any free port, printed at start)"))
+    node_id: str = field(default="", metadata=_help("name in cache events and load reports (default host:port)"))
+    threads: int = field(default=2, metadata=_help("ONNX Runtime intra-op threads"))
+    provider: str = field(default="auto", metadata=_help("execution provider: auto, cpu, cuda"))
+    metrics_port: int = field(default=-1, metadata=_help("Prometheus port (-1: none, 0: any free port)"))
+    chunk_bytes: int = field(default=1 << 20, metadata=_help("bytes per KV chunk on the wire"))
+    max_queued_tokens: int = field(
+        default=32768, metadata=_help("prompt tokens admitted at once; beyond: RESOURCE_EXHAUSTED")
+    )
+    pin_system: tuple[str, ...] = field(default=(), metadata=_help("system prompt to prefill at start and keep"))
+    drain_seconds: float = field(default=10.0, metadata=_help("on SIGTERM, how long running calls may finish"))
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.chunk_bytes < 1024 or self.max_queued_tokens < 1:
+            raise InvalidArgument("block_size, chunk_bytes (>= 1024) and max_queued_tokens must be positive")
+        if self.provider not in ("auto", "cpu", "cuda"):
+            raise InvalidArgument(f"provider must be auto, cpu or cuda, not {self.provider!r}")

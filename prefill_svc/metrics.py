@@ -1,0 +1,36 @@
+"""Prometheus metrics of a prefill node, in a registry of its own."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class PrefillMetrics:
+    def __init__(self, store_stats: Callable[[], tuple[int, int, int]]) -> None:
+        self.registry = r = CollectorRegistry()
+        self.lookup_tokens = Counter(
+            "kvmesh_prefill_lookup_tokens", "Prompt tokens looked up in the prefix store", registry=r
+        )
+        self.hit_tokens = Counter("kvmesh_prefill_hit_tokens", "Prompt tokens served from the prefix store", registry=r)
+        self.latency = Histogram(
+            "kvmesh_prefill_seconds",
+            "Prefill time, admission to KV ready",
+            registry=r,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32),
+        )
+        self.kv_bytes_sent = Counter("kvmesh_kv_bytes_sent", "KV bytes streamed to decode nodes", registry=r)
+        self.evictions = Counter("kvmesh_prefix_store_evictions", "Blocks evicted or dropped", registry=r)
+        self.checksum_failures = Counter(
+            "kvmesh_prefix_store_checksum_failures", "Stored blocks that failed their checksum", registry=r
+        )
+        self.queued_tokens = Gauge(
+            "kvmesh_prefill_queued_tokens", "Prompt tokens admitted, not yet streamed", registry=r
+        )
+        Gauge("kvmesh_prefix_store_bytes", "KV bytes in the prefix store", registry=r).set_function(
+            lambda: store_stats()[0]
+        )
+        Gauge("kvmesh_prefix_store_blocks", "Blocks in the prefix store", registry=r).set_function(
+            lambda: store_stats()[1]
+        )

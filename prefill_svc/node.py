@@ -1,0 +1,139 @@
+"""A prefill node: the engine behind admission control, a single model thread, cache events and
+metrics. Asyncio-facing; no protobuf here (the servicer converts)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import cast
+
+import numpy as np
+
+from kv_transfer.codec import Chunk, Layout, chunk_count, encode, layout_of
+from kvmesh.errors import ResourceExhausted
+from kvmesh.model.folder import ModelFolder
+from kvmesh.model.prepare import default_model_dir, kvmesh_home
+from kvmesh.model.runner import ModelRunner, Provider, RunnerConfig
+from kvmesh.model.tokenizer import ChatTokenizer
+from kvmesh.sampling import SamplingParams
+from prefill_svc.config import PrefillConfig
+from prefill_svc.engine import PrefillEngine, PrefillOutcome
+from prefill_svc.events import CacheEvent, CacheEvents
+from prefill_svc.metrics import PrefillMetrics
+from prefill_svc.store import PrefixStore, StoreConfig, StoreWriter
+
+log = logging.getLogger(__name__)
+SNAPSHOT_BATCH = 4096
+
+
+@dataclass(frozen=True)
+class Load:
+    queued_prefill_tokens: int
+    running_requests: int
+    store_bytes: int
+    store_blocks: int
+    pinned_blocks: int
+
+
+class PrefillNode:
+    def __init__(self, config: PrefillConfig) -> None:
+        self.config = config
+        self.folder = ModelFolder.load(config.model or default_model_dir("int4"))
+        provider = cast(Provider, config.provider)
+        self.runner = ModelRunner(self.folder, RunnerConfig(threads=config.threads, provider=provider))
+        store_config = StoreConfig(
+            config.store or kvmesh_home() / "prefix-store", config.store_budget_bytes, config.block_size
+        )
+        self.store = PrefixStore(store_config, self.folder.fingerprint, self.runner.layout)
+        self.metrics = PrefillMetrics(self.store.stats)
+        self.events: CacheEvents | None = None
+        self.writer: StoreWriter | None = None
+        self.engine: PrefillEngine | None = None
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="prefill-model")  # one model run at a time
+        self.node_id = config.node_id
+        self._queued = 0
+        self._running = 0
+
+    async def start(self, node_id: str) -> None:
+        """Start the writer (its events reach this loop) and prefill the pinned system prompts."""
+        self.node_id = self.node_id or node_id
+        self.events = CacheEvents(asyncio.get_running_loop())
+        self.writer = StoreWriter(self.store, self._on_store_event)
+        self.engine = PrefillEngine(self.runner, self.store, self.writer, self.folder.fingerprint)
+        tok = ChatTokenizer(self.folder)
+        for text in self.config.pin_system:
+            prompt = tok.encode(tok.render_chat([{"role": "system", "content": text}], add_generation_prompt=False))
+            if len(prompt) < self.config.block_size:
+                log.warning("system prompt %r is shorter than one block: nothing to pin", text[:40])
+                continue
+            log.info("pinned %d tokens of a system prompt", await self.pin(prompt, b""))
+
+    def _on_store_event(self, kind: str, keys: list[bytes]) -> None:
+        if kind == "evicted":
+            self.metrics.evictions.inc(len(keys))
+        if self.events is not None:
+            self.events.publish_threadsafe(kind, keys)
+
+    async def prefill(self, tokens: Sequence[int], params: SamplingParams, salt: bytes) -> PrefillOutcome:
+        assert self.engine is not None, "start() first"
+        if self._queued + len(tokens) > self.config.max_queued_tokens:
+            raise ResourceExhausted(
+                f"prefill queue full ({self._queued} tokens queued, limit {self.config.max_queued_tokens})"
+            )
+        self._queued += len(tokens)
+        self._running += 1
+        self.metrics.queued_tokens.set(self._queued)
+        start = time.perf_counter()
+        try:
+            loop = asyncio.get_running_loop()
+            outcome = await loop.run_in_executor(self._model_thread, self.engine.prefill, tokens, params, salt)
+        finally:
+            self._queued -= len(tokens)
+            self._running -= 1
+            self.metrics.queued_tokens.set(self._queued)
+        self.metrics.latency.observe(time.perf_counter() - start)
+        self.metrics.lookup_tokens.inc(len(tokens))
+        self.metrics.hit_tokens.inc(outcome.cached_tokens)
+        self.metrics.checksum_failures.inc(outcome.bad_blocks)
+        return outcome
+
+    def stream(self, outcome: PrefillOutcome, wire_dtype: np.dtype) -> tuple[Layout, int, Iterator[Chunk]]:
+        """The KV as (layout, chunk count, chunks made one at a time as they are sent)."""
+        layout = layout_of(outcome.kv, wire_dtype)
+
+        def chunks() -> Iterator[Chunk]:
+            for chunk in encode(outcome.kv, wire_dtype, self.config.chunk_bytes):
+                self.metrics.kv_bytes_sent.inc(len(chunk.data))
+                yield chunk
+
+        return layout, chunk_count(layout, self.config.chunk_bytes), chunks()
+
+    async def pin(self, tokens: Sequence[int], salt: bytes) -> int:
+        assert self.engine is not None, "start() first"
+        return await asyncio.get_running_loop().run_in_executor(self._model_thread, self.engine.pin, tokens, salt)
+
+    def load(self) -> Load:
+        total, blocks, pinned = self.store.stats()
+        return Load(self._queued, self._running, total, blocks, pinned)
+
+    async def watch(self) -> AsyncIterator[CacheEvent]:
+        """Snapshot batches ("snapshot", last one "snapshot_done"), then live events until the
+        watcher lags (then the stream ends and the watcher resyncs)."""
+        assert self.events is not None, "start() first"
+        with self.events.subscribe() as live:
+            keys = list(self.store.keys())
+            for i in range(0, max(len(keys), 1), SNAPSHOT_BATCH):
+                done = i + SNAPSHOT_BATCH >= len(keys)
+                yield CacheEvent("snapshot_done" if done else "snapshot", keys[i : i + SNAPSHOT_BATCH])
+            while (event := await live.get()).kind != "lagged":
+                yield event
+
+    async def close(self) -> None:
+        self._model_thread.shutdown(wait=True)
+        if self.writer is not None:
+            self.writer.close()
+        self.store.close()

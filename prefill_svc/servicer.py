@@ -1,0 +1,91 @@
+"""The Prefill gRPC servicer: protobuf in and out, everything else in PrefillNode."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from kv_transfer.wire import chunk_to_pb, layout_to_pb, wire_dtype
+from kvmesh.errors import KvmeshError
+from kvmesh.rpc import abort
+from kvmesh.sampling import SamplingParams
+from kvmesh.v1 import kv_pb2, prefill_pb2, prefill_pb2_grpc
+from prefill_svc.node import PrefillNode
+
+Context = grpc.aio.ServicerContext[object, object]
+_EVENT_KINDS = {
+    "snapshot": prefill_pb2.CacheEvent.SNAPSHOT,
+    "snapshot_done": prefill_pb2.CacheEvent.SNAPSHOT,
+    "stored": prefill_pb2.CacheEvent.STORED,
+    "evicted": prefill_pb2.CacheEvent.EVICTED,
+    "pinned": prefill_pb2.CacheEvent.PINNED,
+}
+
+
+def sampling_from_pb(msg: prefill_pb2.Sampling) -> SamplingParams:
+    seed = msg.seed if msg.HasField("seed") else None
+    return SamplingParams(msg.temperature, msg.top_k, msg.top_p or 1.0, seed, max_tokens=1)
+
+
+class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
+    def __init__(self, node: PrefillNode) -> None:
+        self.node = node
+
+    async def Prefill(
+        self, request: prefill_pb2.PrefillRequest, context: Context
+    ) -> AsyncIterator[prefill_pb2.PrefillResponse]:
+        try:
+            params = sampling_from_pb(request.sampling)
+            outcome = await self.node.prefill(list(request.tokens), params, request.cache_salt)
+            dtype = wire_dtype(request.wire_dtype, self.node.runner.layout.dtype)
+            layout, count, chunks = self.node.stream(outcome, dtype)
+        except KvmeshError as e:
+            await abort(context, e)
+            return
+        header = kv_pb2.KVHeader(
+            model_fingerprint=self.node.folder.fingerprint,
+            layout=layout_to_pb(layout),
+            cached_tokens=outcome.cached_tokens,
+            first_token=outcome.first_token,
+            first_logprob=outcome.first_logprob,
+            chunk_count=count,
+            total_bytes=layout.total_bytes,
+        )
+        yield prefill_pb2.PrefillResponse(header=header)
+        for chunk in chunks:
+            yield prefill_pb2.PrefillResponse(chunk=chunk_to_pb(chunk))
+
+    async def WatchCache(
+        self, request: prefill_pb2.WatchCacheRequest, context: Context
+    ) -> AsyncIterator[prefill_pb2.CacheEvent]:
+        sequence = 0
+        async for event in self.node.watch():
+            sequence += 1
+            yield prefill_pb2.CacheEvent(
+                node_id=self.node.node_id,
+                kind=_EVENT_KINDS[event.kind],
+                block_keys=event.keys,
+                snapshot_done=event.kind == "snapshot_done",
+                sequence=sequence,
+                block_size=self.node.config.block_size,
+            )
+
+    async def GetLoad(self, request: prefill_pb2.GetLoadRequest, context: Context) -> prefill_pb2.LoadReport:
+        load = self.node.load()
+        return prefill_pb2.LoadReport(
+            node_id=self.node.node_id,
+            queued_prefill_tokens=load.queued_prefill_tokens,
+            running_requests=load.running_requests,
+            store_bytes=load.store_bytes,
+            store_blocks=load.store_blocks,
+            pinned_blocks=load.pinned_blocks,
+        )
+
+    async def Pin(self, request: prefill_pb2.PinRequest, context: Context) -> prefill_pb2.PinResponse:
+        try:
+            tokens = await self.node.pin(list(request.tokens), request.cache_salt)
+        except KvmeshError as e:
+            await abort(context, e)
+            raise AssertionError("unreachable: abort raises") from e
+        return prefill_pb2.PinResponse(pinned_tokens=tokens, blocks=tokens // self.node.config.block_size)
