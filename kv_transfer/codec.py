@@ -6,9 +6,10 @@ xxh3_64 checksum. The receiver writes every chunk straight into one preallocated
 out of the message is the only copy) and refuses, with DataLoss, a chunk out of order, a wrong
 size, a bad checksum or a stream that ends short: never a wrong KV.
 
-CHUNK_BYTES: 1 MiB. bench/prefix_cache.py measures the stream against a raw gRPC byte stream;
-DESIGN.md's loopback figures put 256 KiB - 1 MiB chunks at the top (~0.9-1.3 GB/s), 1 MiB has the
-fewest messages, and one message per KV is 5x slower.
+CHUNK_BYTES: 4 MiB less 1 KiB, so a chunk and its framing fit gRPC's default 4 MiB message limit
+(any client can read the stream with default settings). Measured with bench/prefix_cache.py
+(101 MB of SmolLM2 KV over loopback, warm store): 256 KiB chunks 81 ms, 1 MiB 65-75 ms, 4 MiB
+60-64 ms; per-message costs dominate below 1 MiB. One message per KV is ~5x slower (DESIGN.md).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import xxhash
 from kvmesh.errors import DataLoss, InvalidArgument
 from kvmesh.model.runner import KVCache
 
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = (4 << 20) - 1024
 WIRE_DTYPES: dict[str, np.dtype] = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
 
 
@@ -49,7 +50,7 @@ class Layout:
 class Chunk:
     index: int
     offset: int
-    data: bytes
+    data: bytes | memoryview  # a view into the array (sending) or into the received message
     checksum: int
 
 
@@ -61,16 +62,17 @@ def layout_of(kv: KVCache, wire_dtype: np.dtype) -> Layout:
 
 
 def encode(kv: KVCache, wire_dtype: np.dtype, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Chunk]:
-    """Chunks of the layout's array, at most chunk_bytes each and never across two layers' arrays,
-    so each chunk is one copy (`tobytes`) out of the runner's arrays (plus the cast for fp16)."""
+    """Chunks of the layout's array, at most chunk_bytes each and never across two layers'
+    arrays. Each chunk's data is a view into the runner's array (no copy unless the array is not
+    contiguous or fp16 is asked for): valid while the KV lives."""
     index, offset = 0, 0
     for k, v in zip(kv.keys, kv.values, strict=True):
         for array in (k, v):
             flat = np.ascontiguousarray(array, dtype=wire_dtype).reshape(-1).view(np.uint8)
             for pos in range(0, flat.size, chunk_bytes):
-                data = flat[pos : pos + chunk_bytes].tobytes()
+                data = flat[pos : pos + chunk_bytes].data
                 yield Chunk(index, offset, data, xxhash.xxh3_64_intdigest(data))
-                index, offset = index + 1, offset + len(data)
+                index, offset = index + 1, offset + data.nbytes
 
 
 def chunk_count(layout: Layout, chunk_bytes: int) -> int:
@@ -82,12 +84,16 @@ def chunk_count(layout: Layout, chunk_bytes: int) -> int:
 class Assembler:
     """Receives chunks in order into one preallocated array and hands out the KV as views."""
 
-    def __init__(self, layout: Layout, chunk_count: int, out_dtype: np.dtype = WIRE_DTYPES["float32"]) -> None:
+    def __init__(self, layout: Layout, chunk_count: int, out: np.ndarray | None = None) -> None:
+        """out: where to assemble, (layers, 2, kv_heads, tokens, head_dim) float32, e.g. from a
+        receiver's pool of KV buffers; a new array when None."""
         if layout.dtype not in WIRE_DTYPES.values():
             raise DataLoss(f"unsupported KV dtype on the wire: {layout.dtype}")
+        if out is not None and (out.shape != layout.shape or out.dtype != np.float32 or not out.flags.c_contiguous):
+            raise InvalidArgument(f"KV buffer must be contiguous float32 {layout.shape}, not {out.dtype} {out.shape}")
         self.layout = layout
         self.chunk_count = chunk_count
-        self._kv = np.empty(layout.shape, dtype=out_dtype)
+        self._kv = np.empty(layout.shape, dtype=np.float32) if out is None else out
         self._flat = self._kv.reshape(-1)  # a view: writes land in _kv
         self._next_index = 0
         self._next_offset = 0
@@ -99,7 +105,7 @@ class Assembler:
                 f"KV chunk {chunk.index} at byte {chunk.offset} is out of order "
                 f"(expected {self._next_index} at {self._next_offset})"
             )
-        size, item = len(chunk.data), self.layout.dtype.itemsize
+        size, item = memoryview(chunk.data).nbytes, self.layout.dtype.itemsize
         if size == 0 or size % item or self._next_offset + size > self.layout.total_bytes:
             raise DataLoss(f"KV chunk {chunk.index} has a wrong size ({size} bytes)")
         if xxhash.xxh3_64_intdigest(chunk.data) != chunk.checksum:

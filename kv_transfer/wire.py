@@ -4,24 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
 
+import grpc
 import numpy as np
 
 from kv_transfer.codec import Assembler, Chunk, Layout
+from kv_transfer.fastwire import decode_response
 from kvmesh.errors import DataLoss
 from kvmesh.model.runner import KVCache
-from kvmesh.v1 import kv_pb2
-
-
-class HasHeaderOrChunk(Protocol):
-    """A message with a oneof `kind` of `header` (KVHeader) or `chunk` (KVChunk), e.g. PrefillResponse."""
-
-    header: kv_pb2.KVHeader
-    chunk: kv_pb2.KVChunk
-
-    def WhichOneof(self, name: str) -> str | None: ...
-
+from kvmesh.v1 import kv_pb2, prefill_pb2
 
 _TO_WIRE: dict[np.dtype, kv_pb2.KVDtype.ValueType] = {
     np.dtype(np.float32): kv_pb2.KV_DTYPE_FLOAT32,
@@ -51,30 +42,49 @@ def layout_from_pb(msg: kv_pb2.KVLayout) -> Layout:
     return Layout(msg.layers, msg.kv_heads, msg.head_dim, msg.tokens, _FROM_WIRE[msg.dtype])
 
 
-def chunk_to_pb(chunk: Chunk) -> kv_pb2.KVChunk:
-    return kv_pb2.KVChunk(index=chunk.index, offset=chunk.offset, data=chunk.data, checksum=chunk.checksum)
-
-
-def chunk_from_pb(msg: kv_pb2.KVChunk) -> Chunk:
-    return Chunk(msg.index, msg.offset, msg.data, msg.checksum)
-
-
 @dataclass(frozen=True)
 class Received:
     header: kv_pb2.KVHeader
     kv: KVCache
 
 
-def receive(responses: Iterable[HasHeaderOrChunk]) -> Received:
-    """A KV stream (a header, then chunks) reassembled; DataLoss when it is not whole and right."""
-    it = iter(responses)
-    first = next(it, None)
-    if first is None or first.WhichOneof("kind") != "header":
+def receive(responses: Iterable[bytes | prefill_pb2.PrefillResponse], pool: KVPool | None = None) -> Received:
+    """A KV stream (a header, then chunks), as serialized or as parsed PrefillResponses,
+    reassembled (into a buffer from `pool` when given); DataLoss when it is not whole and right."""
+    it = (decode_response(m if isinstance(m, bytes) else m.SerializeToString()) for m in responses)
+    header = next(it, None)
+    if not isinstance(header, kv_pb2.KVHeader):
         raise DataLoss("KV stream did not start with a header")
-    header = first.header
-    asm = Assembler(layout_from_pb(header.layout), header.chunk_count)
-    for msg in it:
-        if msg.WhichOneof("kind") != "chunk":
+    layout = layout_from_pb(header.layout)
+    asm = Assembler(layout, header.chunk_count, None if pool is None else pool.take(layout.shape))
+    for chunk in it:
+        if not isinstance(chunk, Chunk):
             raise DataLoss("a second header inside a KV stream")
-        asm.add(chunk_from_pb(msg.chunk))
+        asm.add(chunk)
     return Received(header, asm.finish())
+
+
+class KVPool:
+    """Reusable receive buffers: one flat float32 array, grown to the largest KV seen. For a
+    receiver that is done with each KV before the next arrives (a benchmark, a test); a decode
+    node keeps one per running sequence."""
+
+    def __init__(self) -> None:
+        self._flat = np.empty(0, np.float32)
+
+    def take(self, shape: tuple[int, ...]) -> np.ndarray:
+        size = int(np.prod(shape))
+        if self._flat.size < size:
+            self._flat = np.empty(size, np.float32)
+        return self._flat[:size].reshape(shape)
+
+
+PREFILL_METHOD = "/kvmesh.v1.Prefill/Prefill"
+
+
+def prefill_method(channel: grpc.Channel) -> grpc.UnaryStreamMultiCallable[prefill_pb2.PrefillRequest, bytes]:
+    """Prefill on `channel` with responses left serialized, for `receive` to read in place (the
+    generated stub would parse every chunk into a new bytes object first)."""
+    return channel.unary_stream(
+        PREFILL_METHOD, request_serializer=prefill_pb2.PrefillRequest.SerializeToString, response_deserializer=None
+    )

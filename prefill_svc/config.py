@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kv_transfer.codec import CHUNK_BYTES
 from kvmesh.errors import InvalidArgument
 
 
@@ -24,7 +25,7 @@ class PrefillConfig:
     threads: int = field(default=2, metadata=_help("ONNX Runtime intra-op threads"))
     provider: str = field(default="auto", metadata=_help("execution provider: auto, cpu, cuda"))
     metrics_port: int = field(default=-1, metadata=_help("Prometheus port (-1: none, 0: any free port)"))
-    chunk_bytes: int = field(default=1 << 20, metadata=_help("bytes per KV chunk on the wire"))
+    chunk_bytes: int = field(default=CHUNK_BYTES, metadata=_help("bytes per KV chunk on the wire"))
     max_queued_tokens: int = field(
         default=32768, metadata=_help("prompt tokens admitted at once; beyond: RESOURCE_EXHAUSTED")
     )
@@ -32,7 +33,9 @@ class PrefillConfig:
     drain_seconds: float = field(default=10.0, metadata=_help("on SIGTERM, how long running calls may finish"))
 
     def __post_init__(self) -> None:
-        if self.block_size < 1 or self.chunk_bytes < 1024 or self.max_queued_tokens < 1:
-            raise InvalidArgument("block_size, chunk_bytes (>= 1024) and max_queued_tokens must be positive")
+        if self.block_size < 1 or self.chunk_bytes < 1024 or self.chunk_bytes % 4 or self.max_queued_tokens < 1:
+            raise InvalidArgument(
+                "block_size and max_queued_tokens must be positive; chunk_bytes a multiple of 4, >= 1024"
+            )
         if self.provider not in ("auto", "cpu", "cuda"):
             raise InvalidArgument(f"provider must be auto, cpu or cuda, not {self.provider!r}")

@@ -37,6 +37,7 @@ class Load:
     store_bytes: int
     store_blocks: int
     pinned_blocks: int
+    store_writes_pending: int
 
 
 class PrefillNode:
@@ -57,12 +58,15 @@ class PrefillNode:
         self.node_id = config.node_id
         self._queued = 0
         self._running = 0
+        self._streaming = 0
 
     async def start(self, node_id: str) -> None:
         """Start the writer (its events reach this loop) and prefill the pinned system prompts."""
         self.node_id = self.node_id or node_id
         self.events = CacheEvents(asyncio.get_running_loop())
-        self.writer = StoreWriter(self.store, self._on_store_event)
+        self.writer = StoreWriter(
+            self.store, self._on_store_event, quiet=lambda: not (self._running or self._streaming)
+        )
         self.engine = PrefillEngine(self.runner, self.store, self.writer, self.folder.fingerprint)
         tok = ChatTokenizer(self.folder)
         for text in self.config.pin_system:
@@ -106,9 +110,13 @@ class PrefillNode:
         layout = layout_of(outcome.kv, wire_dtype)
 
         def chunks() -> Iterator[Chunk]:
-            for chunk in encode(outcome.kv, wire_dtype, self.config.chunk_bytes):
-                self.metrics.kv_bytes_sent.inc(len(chunk.data))
-                yield chunk
+            self._streaming += 1
+            try:
+                for chunk in encode(outcome.kv, wire_dtype, self.config.chunk_bytes):
+                    self.metrics.kv_bytes_sent.inc(memoryview(chunk.data).nbytes)
+                    yield chunk
+            finally:
+                self._streaming -= 1
 
         return layout, chunk_count(layout, self.config.chunk_bytes), chunks()
 
@@ -118,7 +126,8 @@ class PrefillNode:
 
     def load(self) -> Load:
         total, blocks, pinned = self.store.stats()
-        return Load(self._queued, self._running, total, blocks, pinned)
+        pending = self.writer.pending if self.writer else 0
+        return Load(self._queued, self._running, total, blocks, pinned, pending)
 
     async def watch(self) -> AsyncIterator[CacheEvent]:
         """Snapshot batches ("snapshot", last one "snapshot_done"), then live events until the

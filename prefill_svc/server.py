@@ -13,10 +13,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from kvmesh.v1 import prefill_pb2, prefill_pb2_grpc
+from kvmesh.v1 import prefill_pb2
 from prefill_svc.config import PrefillConfig
 from prefill_svc.node import PrefillNode
-from prefill_svc.servicer import PrefillServicer
+from prefill_svc.servicer import PrefillServicer, handlers
 
 log = logging.getLogger(__name__)
 SERVICE = prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name
@@ -37,7 +37,7 @@ class PrefillServer:
     async def start(self) -> int:
         self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         await self.node.start(self.config.node_id or f"{socket.gethostname()}:{self.port}")
-        prefill_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(self.node), self.server)
+        self.server.add_generic_rpc_handlers((handlers(PrefillServicer(self.node)),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         if self.config.metrics_port >= 0:

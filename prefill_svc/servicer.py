@@ -1,4 +1,6 @@
-"""The Prefill gRPC servicer: protobuf in and out, everything else in PrefillNode."""
+"""The Prefill gRPC servicer: protobuf in and out, everything else in PrefillNode. Prefill yields
+serialized PrefillResponses (KV chunks are framed by kv_transfer.fastwire with one copy of the
+KV); `handlers` registers the service with that in mind."""
 
 from __future__ import annotations
 
@@ -6,11 +8,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from kv_transfer.wire import chunk_to_pb, layout_to_pb, wire_dtype
+from kv_transfer.fastwire import encode_chunk_response
+from kv_transfer.wire import layout_to_pb, wire_dtype
 from kvmesh.errors import KvmeshError
 from kvmesh.rpc import abort
 from kvmesh.sampling import SamplingParams
-from kvmesh.v1 import kv_pb2, prefill_pb2, prefill_pb2_grpc
+from kvmesh.v1 import kv_pb2, prefill_pb2
 from prefill_svc.node import PrefillNode
 
 Context = grpc.aio.ServicerContext[object, object]
@@ -28,13 +31,11 @@ def sampling_from_pb(msg: prefill_pb2.Sampling) -> SamplingParams:
     return SamplingParams(msg.temperature, msg.top_k, msg.top_p or 1.0, seed, max_tokens=1)
 
 
-class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
+class PrefillServicer:
     def __init__(self, node: PrefillNode) -> None:
         self.node = node
 
-    async def Prefill(
-        self, request: prefill_pb2.PrefillRequest, context: Context
-    ) -> AsyncIterator[prefill_pb2.PrefillResponse]:
+    async def Prefill(self, request: prefill_pb2.PrefillRequest, context: Context) -> AsyncIterator[bytes]:
         try:
             params = sampling_from_pb(request.sampling)
             outcome = await self.node.prefill(list(request.tokens), params, request.cache_salt)
@@ -52,9 +53,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             chunk_count=count,
             total_bytes=layout.total_bytes,
         )
-        yield prefill_pb2.PrefillResponse(header=header)
+        yield prefill_pb2.PrefillResponse(header=header).SerializeToString()
         for chunk in chunks:
-            yield prefill_pb2.PrefillResponse(chunk=chunk_to_pb(chunk))
+            yield encode_chunk_response(chunk)
 
     async def WatchCache(
         self, request: prefill_pb2.WatchCacheRequest, context: Context
@@ -80,6 +81,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             store_bytes=load.store_bytes,
             store_blocks=load.store_blocks,
             pinned_blocks=load.pinned_blocks,
+            store_writes_pending=load.store_writes_pending,
         )
 
     async def Pin(self, request: prefill_pb2.PinRequest, context: Context) -> prefill_pb2.PinResponse:
@@ -89,3 +91,23 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             await abort(context, e)
             raise AssertionError("unreachable: abort raises") from e
         return prefill_pb2.PinResponse(pinned_tokens=tokens, blocks=tokens // self.node.config.block_size)
+
+
+def handlers(servicer: PrefillServicer) -> grpc.GenericRpcHandler:
+    """kvmesh.v1.Prefill's methods; Prefill's responses are already serialized."""
+    p = prefill_pb2
+    return grpc.method_handlers_generic_handler(
+        "kvmesh.v1.Prefill",
+        {
+            "Prefill": grpc.unary_stream_rpc_method_handler(servicer.Prefill, p.PrefillRequest.FromString, bytes),
+            "WatchCache": grpc.unary_stream_rpc_method_handler(
+                servicer.WatchCache, p.WatchCacheRequest.FromString, p.CacheEvent.SerializeToString
+            ),
+            "GetLoad": grpc.unary_unary_rpc_method_handler(
+                servicer.GetLoad, p.GetLoadRequest.FromString, p.LoadReport.SerializeToString
+            ),
+            "Pin": grpc.unary_unary_rpc_method_handler(
+                servicer.Pin, p.PinRequest.FromString, p.PinResponse.SerializeToString
+            ),
+        },
+    )

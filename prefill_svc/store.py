@@ -301,16 +301,27 @@ class PrefixStore:
 
 
 class StoreWriter:
-    """The one thread of this process that writes the store: jobs run in submission order."""
+    """The one thread of this process that writes the store: jobs run in submission order.
 
-    def __init__(self, store: PrefixStore, events: EventSink) -> None:
+    `quiet` tells when the node is neither running the model nor streaming KV: a job waits for
+    it (up to max_wait_s), so a write does not take a core from a request in flight."""
+
+    def __init__(
+        self, store: PrefixStore, events: EventSink, quiet: Callable[[], bool] = lambda: True, max_wait_s: float = 2.0
+    ) -> None:
         self.store, self.events = store, events
+        self._quiet, self._max_wait_s = quiet, max_wait_s
         self._jobs: queue.Queue[Callable[[PrefixStore, EventSink], None] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="prefix-store-writer", daemon=True)
         self._thread.start()
 
     def submit(self, job: Callable[[PrefixStore, EventSink], None]) -> None:
         self._jobs.put(job)
+
+    @property
+    def pending(self) -> int:
+        """Jobs queued and not started (what a quiet moment looks like: 0)."""
+        return self._jobs.qsize()
 
     def flush(self) -> None:
         """Wait until every job submitted so far has run."""
@@ -324,6 +335,9 @@ class StoreWriter:
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
+            deadline = time.monotonic() + self._max_wait_s
+            while not self._quiet() and time.monotonic() < deadline:
+                time.sleep(0.005)
             try:
                 job(self.store, self.events)
             except lmdb.Error:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from kvmesh.v1 import kv_pb2 as kvmesh_dot_v1_dot_kv__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvmesh/v1/prefill.proto\x12\tkvmesh.v1\x1a\x12kvmesh/v1/kv.proto\"Y\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\x97\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12%\n\x08sampling\x18\x03 \x01(\x0b\x32\x13.kvmesh.v1.Sampling\x12\x12\n\ncache_salt\x18\x04 \x01(\x0c\x12&\n\nwire_dtype\x18\x05 \x01(\x0e\x32\x12.kvmesh.v1.KVDtype\"e\n\x0fPrefillResponse\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.kvmesh.v1.KVHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.kvmesh.v1.KVChunkH\x00\x42\x06\n\x04kind\"\x13\n\x11WatchCacheRequest\"\xe9\x01\n\nCacheEvent\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12(\n\x04kind\x18\x02 \x01(\x0e\x32\x1a.kvmesh.v1.CacheEvent.Kind\x12\x12\n\nblock_keys\x18\x03 \x03(\x0c\x12\x15\n\rsnapshot_done\x18\x04 \x01(\x08\x12\x10\n\x08sequence\x18\x05 \x01(\x04\x12\x12\n\nblock_size\x18\x06 \x01(\r\"O\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08SNAPSHOT\x10\x01\x12\n\n\x06STORED\x10\x02\x12\x0b\n\x07\x45VICTED\x10\x03\x12\n\n\x06PINNED\x10\x04\"\x10\n\x0eGetLoadRequest\"\x98\x01\n\nLoadReport\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1d\n\x15queued_prefill_tokens\x18\x02 \x01(\x04\x12\x18\n\x10running_requests\x18\x03 \x01(\r\x12\x13\n\x0bstore_bytes\x18\x04 \x01(\x04\x12\x14\n\x0cstore_blocks\x18\x05 \x01(\x04\x12\x15\n\rpinned_blocks\x18\x06 \x01(\x04\"0\n\nPinRequest\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x12\n\ncache_salt\x18\x02 \x01(\x0c\"4\n\x0bPinResponse\x12\x15\n\rpinned_tokens\x18\x01 \x01(\r\x12\x0e\n\x06\x62locks\x18\x02 \x01(\r2\x85\x02\n\x07Prefill\x12\x42\n\x07Prefill\x12\x19.kvmesh.v1.PrefillRequest\x1a\x1a.kvmesh.v1.PrefillResponse0\x01\x12\x43\n\nWatchCache\x12\x1c.kvmesh.v1.WatchCacheRequest\x1a\x15.kvmesh.v1.CacheEvent0\x01\x12;\n\x07GetLoad\x12\x19.kvmesh.v1.GetLoadRequest\x1a\x15.kvmesh.v1.LoadReport\x12\x34\n\x03Pin\x12\x15.kvmesh.v1.PinRequest\x1a\x16.kvmesh.v1.PinResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvmesh/v1/prefill.proto\x12\tkvmesh.v1\x1a\x12kvmesh/v1/kv.proto\"Y\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\x97\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12%\n\x08sampling\x18\x03 \x01(\x0b\x32\x13.kvmesh.v1.Sampling\x12\x12\n\ncache_salt\x18\x04 \x01(\x0c\x12&\n\nwire_dtype\x18\x05 \x01(\x0e\x32\x12.kvmesh.v1.KVDtype\"e\n\x0fPrefillResponse\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.kvmesh.v1.KVHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.kvmesh.v1.KVChunkH\x00\x42\x06\n\x04kind\"\x13\n\x11WatchCacheRequest\"\xe9\x01\n\nCacheEvent\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12(\n\x04kind\x18\x02 \x01(\x0e\x32\x1a.kvmesh.v1.CacheEvent.Kind\x12\x12\n\nblock_keys\x18\x03 \x03(\x0c\x12\x15\n\rsnapshot_done\x18\x04 \x01(\x08\x12\x10\n\x08sequence\x18\x05 \x01(\x04\x12\x12\n\nblock_size\x18\x06 \x01(\r\"O\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08SNAPSHOT\x10\x01\x12\n\n\x06STORED\x10\x02\x12\x0b\n\x07\x45VICTED\x10\x03\x12\n\n\x06PINNED\x10\x04\"\x10\n\x0eGetLoadRequest\"\xb6\x01\n\nLoadReport\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1d\n\x15queued_prefill_tokens\x18\x02 \x01(\x04\x12\x18\n\x10running_requests\x18\x03 \x01(\r\x12\x13\n\x0bstore_bytes\x18\x04 \x01(\x04\x12\x14\n\x0cstore_blocks\x18\x05 \x01(\x04\x12\x15\n\rpinned_blocks\x18\x06 \x01(\x04\x12\x1c\n\x14store_writes_pending\x18\x07 \x01(\r\"0\n\nPinRequest\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x12\n\ncache_salt\x18\x02 \x01(\x0c\"4\n\x0bPinResponse\x12\x15\n\rpinned_tokens\x18\x01 \x01(\r\x12\x0e\n\x06\x62locks\x18\x02 \x01(\r2\x85\x02\n\x07Prefill\x12\x42\n\x07Prefill\x12\x19.kvmesh.v1.PrefillRequest\x1a\x1a.kvmesh.v1.PrefillResponse0\x01\x12\x43\n\nWatchCache\x12\x1c.kvmesh.v1.WatchCacheRequest\x1a\x15.kvmesh.v1.CacheEvent0\x01\x12;\n\x07GetLoad\x12\x19.kvmesh.v1.GetLoadRequest\x1a\x15.kvmesh.v1.LoadReport\x12\x34\n\x03Pin\x12\x15.kvmesh.v1.PinRequest\x1a\x16.kvmesh.v1.PinResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,11 +47,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETLOADREQUEST']._serialized_start=663
   _globals['_GETLOADREQUEST']._serialized_end=679
   _globals['_LOADREPORT']._serialized_start=682
-  _globals['_LOADREPORT']._serialized_end=834
-  _globals['_PINREQUEST']._serialized_start=836
-  _globals['_PINREQUEST']._serialized_end=884
-  _globals['_PINRESPONSE']._serialized_start=886
-  _globals['_PINRESPONSE']._serialized_end=938
-  _globals['_PREFILL']._serialized_start=941
-  _globals['_PREFILL']._serialized_end=1202
+  _globals['_LOADREPORT']._serialized_end=864
+  _globals['_PINREQUEST']._serialized_start=866
+  _globals['_PINREQUEST']._serialized_end=914
+  _globals['_PINRESPONSE']._serialized_start=916
+  _globals['_PINRESPONSE']._serialized_end=968
+  _globals['_PREFILL']._serialized_start=971
+  _globals['_PREFILL']._serialized_end=1232
 # @@protoc_insertion_point(module_scope)

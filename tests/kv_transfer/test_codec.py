@@ -64,7 +64,7 @@ def test_kv_views_are_sent_as_their_own_tokens() -> None:
 def test_bad_checksum_is_data_loss() -> None:
     kv = _kv()
     chunks = list(encode(kv, F32, 1000))
-    flipped = bytearray(chunks[3].data)
+    flipped = bytearray(bytes(chunks[3].data))
     flipped[10] ^= 1
     chunks[3] = dataclasses.replace(chunks[3], data=bytes(flipped))
     with pytest.raises(DataLoss, match="checksum"):
@@ -96,6 +96,6 @@ def test_oversized_chunk_is_data_loss() -> None:
     kv = _kv()
     chunks = list(encode(kv, F32, 1000))
     last = chunks[-1]
-    chunks[-1] = dataclasses.replace(last, data=last.data + b"\0\0\0\0", checksum=0)
+    chunks[-1] = dataclasses.replace(last, data=bytes(last.data) + b"\0\0\0\0", checksum=0)
     with pytest.raises(DataLoss, match="size"):
         _receive(kv, chunks)

@@ -1,0 +1,230 @@
+"""Prefix-cache benchmark: a prefill node over loopback gRPC, cold vs warm, and its KV stream
+against a raw gRPC byte stream of the same size.
+
+Workload: SmolLM2-135M-Instruct int4, 2 threads, block 16. A 2,000-token system prompt (English
+prose) + a 200-token user message (a different one per request).
+  cold   the store has nothing for this prompt (each cold request uses a fresh cache salt)
+  warm   the system prompt's blocks are stored (stored once, then new user messages)
+  TTFT   request sent -> header (with the first token) received, at the client
+  stream request sent -> whole KV received, checksummed and reassembled into one array
+  raw    the same bytes as 1 MiB chunks from a bare gRPC server (no model, no checksum, no copy)
+Servers and this client run with DESIGN.md's malloc settings (glibc otherwise returns each freed
+MiB to the OS and faults it in again). The client reads responses serialized, as a decode node
+does (kv_transfer.wire.prefill_method). After each request the client waits until the node's
+store writer is idle. Medians over --rounds.
+
+  python bench/prefix_cache.py [--rounds 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kv_transfer.codec import CHUNK_BYTES  # noqa: E402
+from kv_transfer.wire import KVPool, prefill_method, receive  # noqa: E402
+from kvmesh import aio  # noqa: E402
+from kvmesh.model.folder import ModelFolder  # noqa: E402
+from kvmesh.model.prepare import default_model_dir  # noqa: E402
+from kvmesh.model.tokenizer import ChatTokenizer  # noqa: E402
+from kvmesh.v1 import kv_pb2, prefill_pb2, prefill_pb2_grpc  # noqa: E402
+
+SYSTEM_TOKENS, USER_TOKENS = 2000, 200
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296", "MALLOC_TOP_PAD_": "268435456"}
+RAW_METHOD = "/bench.Raw/Stream"
+POOL = KVPool()  # the client reassembles into a reused buffer, as a decode node's KV pool would
+
+
+async def raw_server(port_file: Path) -> None:
+    """A bare gRPC server on the same stack as the services (grpc.aio on uvloop): request
+    'N,SIZE' -> N messages of SIZE bytes (one payload object, sent again and again)."""
+
+    async def stream(request: bytes, context: object) -> Any:
+        n, size = (int(x) for x in request.decode().split(","))
+        payload = os.urandom(size)
+        for _ in range(n):
+            yield payload
+
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Raw", {"Stream": grpc.unary_stream_rpc_method_handler(stream)}
+    )
+    server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 << 20)])
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    port_file.write_text(str(port))
+    await server.wait_for_termination()
+
+
+def _spawn(args: list[str], pattern: str) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **MALLOC}
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if m := re.search(pattern, line):
+            return proc, int(m.group(1))
+    raise RuntimeError(f"{args[0]} exited before listening")
+
+
+def _prompts(folder: Path, rounds: int) -> tuple[list[int], list[list[int]]]:
+    tok = ChatTokenizer(ModelFolder.load(folder))
+    text = tok.encode((ROOT / "tests" / "data" / "english.txt").read_text())
+    system = (text * 5)[:SYSTEM_TOKENS]
+    users = [(text * 2)[i * 37 : i * 37 + USER_TOKENS] for i in range(2 * rounds + 2)]
+    return system, users
+
+
+def _prefill(channel: grpc.Channel, tokens: list[int], salt: bytes, dtype: int = 0) -> dict[str, float]:
+    """One request; then waits until the node's store writer is idle, so requests do not overlap
+    with the previous one's background writes."""
+    start = time.perf_counter()
+    responses = prefill_method(channel)(prefill_pb2.PrefillRequest(tokens=tokens, cache_salt=salt, wire_dtype=dtype))
+    first = next(responses)
+    ttft = time.perf_counter() - start
+    got = receive(iter([first, *responses]), POOL)
+    total = time.perf_counter() - start
+    load = prefill_pb2_grpc.PrefillStub(channel).GetLoad
+    while load(prefill_pb2.GetLoadRequest()).store_writes_pending:
+        time.sleep(0.05)
+    time.sleep(0.2)  # the job being written is not counted as pending
+    return {
+        "ttft_s": ttft,
+        "stream_s": total - ttft,
+        "bytes": got.header.total_bytes,
+        "cached": got.header.cached_tokens,
+    }
+
+
+def _raw(channel: grpc.Channel, n: int, size: int) -> float:
+    call = channel.unary_stream(RAW_METHOD, request_serializer=None, response_deserializer=None)
+    start = time.perf_counter()
+    for _ in call(f"{n},{size}".encode()):
+        pass
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--chunk-bytes", type=int, default=CHUNK_BYTES, help="the prefill node's KV chunk size")
+    ap.add_argument("--raw-server", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.raw_server:
+        aio.run(raw_server(args.raw_server))
+        return
+    if any(os.environ.get(k) != v for k, v in MALLOC.items()):  # the client side gets them too
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC})
+    folder = default_model_dir("int4")
+    system, users = _prompts(folder, args.rounds)
+    with tempfile.TemporaryDirectory() as tmp:
+        node, port = _spawn(
+            [
+                sys.executable,
+                "-m",
+                "kvmesh.cli",
+                "prefill",
+                "--port",
+                "0",
+                "--store",
+                f"{tmp}/store",
+                "--model",
+                str(folder),
+                "--threads",
+                "2",
+                "--chunk-bytes",
+                str(args.chunk_bytes),
+            ],
+            r"listening on [\d.]+:(\d+)",
+        )
+        raw_port_file = Path(tmp) / "raw.port"
+        raw = subprocess.Popen(
+            [sys.executable, __file__, "--raw-server", str(raw_port_file)], env={**os.environ, **MALLOC}
+        )
+        try:
+            report = _measure(
+                grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)]),
+                raw_port_file,
+                system,
+                users,
+                args.rounds,
+            )
+        finally:
+            node.terminate()
+            raw.terminate()
+            node.wait(30)
+            raw.wait(30)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _measure(
+    channel: grpc.Channel, raw_port_file: Path, system: list[int], users: list[list[int]], rounds: int
+) -> dict[str, Any]:
+    _prefill(channel, users[-1], b"warm-up")  # loads the session's kernels
+    _prefill(channel, [*system, *users[-2]], b"warm")  # stores the system prompt's blocks
+    runs: dict[str, list[dict[str, float]]] = {"cold": [], "warm": [], "warm_fp16": []}
+    for r in range(rounds):
+        runs["cold"].append(_prefill(channel, [*system, *users[r]], f"cold-{r}".encode()))
+        runs["warm"].append(_prefill(channel, [*system, *users[r]], b"warm"))
+        runs["warm_fp16"].append(_prefill(channel, [*system, *users[rounds + r]], b"warm", kv_pb2.KV_DTYPE_FLOAT16))
+    while not raw_port_file.exists():
+        time.sleep(0.1)
+    raw_channel = grpc.insecure_channel(
+        f"127.0.0.1:{raw_port_file.read_text()}", options=[("grpc.max_receive_message_length", 64 << 20)]
+    )
+    total = int(runs["warm"][0]["bytes"])
+    raw_s = statistics.median(_raw(raw_channel, -(-total // (1 << 20)), 1 << 20) for _ in range(rounds + 1))
+
+    def med(kind: str, key: str) -> float:
+        return statistics.median(run[key] for run in runs[kind])
+
+    print({k: [round(r["ttft_s"] * 1000) for r in v] for k, v in runs.items()}, file=sys.stderr)
+    ttft_cold, ttft_warm = med("cold", "ttft_s"), med("warm", "ttft_s")
+    kv_s, kv16_s = med("warm", "stream_s"), med("warm_fp16", "stream_s")
+    report = {
+        "workload": {"system_tokens": SYSTEM_TOKENS, "user_tokens": USER_TOKENS, "rounds": rounds, "kv_bytes": total},
+        "ttft_cold_ms": ttft_cold * 1000,
+        "ttft_warm_ms": ttft_warm * 1000,
+        "warm_over_cold": ttft_warm / ttft_cold,
+        "cached_tokens_warm": med("warm", "cached"),
+        "kv_stream_mb_s": total / kv_s / 1e6,
+        "raw_stream_mb_s": total / raw_s / 1e6,
+        "kv_over_raw": raw_s / kv_s,
+        "kv_stream_fp16_ms": kv16_s * 1000,
+        "kv_stream_fp32_ms": kv_s * 1000,
+    }
+    rows = [
+        ("TTFT cold (ms)", report["ttft_cold_ms"], ""),
+        ("TTFT warm (ms)", report["ttft_warm_ms"], ""),
+        ("warm / cold", report["warm_over_cold"], "target <= 0.12"),
+        ("cached tokens (warm)", report["cached_tokens_warm"], f"of {SYSTEM_TOKENS + USER_TOKENS}"),
+        ("KV stream (MB/s)", report["kv_stream_mb_s"], f"{total / 1e6:.1f} MB fp32"),
+        ("raw gRPC stream (MB/s)", report["raw_stream_mb_s"], "same bytes, 1 MiB messages"),
+        ("KV / raw", report["kv_over_raw"], "target >= 0.8"),
+        ("KV stream fp32 (ms)", report["kv_stream_fp32_ms"], ""),
+        ("KV stream fp16 (ms)", report["kv_stream_fp16_ms"], "half the bytes"),
+    ]
+    print(f"{'metric':26} {'value':>10}  note")
+    for name, value, note in rows:
+        print(f"{name:26} {value:10.3f}  {note}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
