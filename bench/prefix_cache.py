@@ -9,9 +9,10 @@ prose) + a 200-token user message (a different one per request).
   stream request sent -> whole KV received, checksummed and reassembled into one array
   raw    the same bytes as 1 MiB chunks from a bare gRPC server (no model, no checksum, no copy)
 Servers and this client run with DESIGN.md's malloc settings (glibc otherwise returns each freed
-MiB to the OS and faults it in again). The client reads responses serialized, as a decode node
-does (kv_transfer.wire.prefill_method). After each request the client waits until the node's
-store writer is idle. Medians over --rounds.
+MiB to the OS and faults it in again). The client receives as a decode node does (grpc.aio,
+kv_transfer.wire.pull: chunks read in place, checked and copied into a reused buffer). After each
+request the client waits until the node's store writer is idle. Medians over --rounds; the
+per-run TTFT, store read and compute times (from the KV header) go to stderr.
 
   python bench/prefix_cache.py [--rounds 3] [--json out.json]
 """
@@ -19,6 +20,7 @@ store writer is idle. Medians over --rounds.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import re
@@ -27,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kv_transfer.codec import CHUNK_BYTES  # noqa: E402
-from kv_transfer.wire import KVPool, prefill_method, receive  # noqa: E402
+from kv_transfer.wire import KVPool, prefill_method, pull  # noqa: E402
 from kvmesh import aio  # noqa: E402
 from kvmesh.model.folder import ModelFolder  # noqa: E402
 from kvmesh.model.prepare import default_model_dir  # noqa: E402
@@ -47,6 +50,7 @@ SYSTEM_TOKENS, USER_TOKENS = 2000, 200
 MALLOC = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296", "MALLOC_TOP_PAD_": "268435456"}
 RAW_METHOD = "/bench.Raw/Stream"
 POOL = KVPool()  # the client reassembles into a reused buffer, as a decode node's KV pool would
+LOOP = asyncio.new_event_loop()
 
 
 async def raw_server(port_file: Path) -> None:
@@ -89,25 +93,46 @@ def _prompts(folder: Path, rounds: int) -> tuple[list[int], list[list[int]]]:
     return system, users
 
 
-def _prefill(channel: grpc.Channel, tokens: list[int], salt: bytes, dtype: int = 0) -> dict[str, float]:
-    """One request; then waits until the node's store writer is idle, so requests do not overlap
-    with the previous one's background writes."""
-    start = time.perf_counter()
-    responses = prefill_method(channel)(prefill_pb2.PrefillRequest(tokens=tokens, cache_salt=salt, wire_dtype=dtype))
-    first = next(responses)
-    ttft = time.perf_counter() - start
-    got = receive(iter([first, *responses]), POOL)
-    total = time.perf_counter() - start
-    load = prefill_pb2_grpc.PrefillStub(channel).GetLoad
-    while load(prefill_pb2.GetLoadRequest()).store_writes_pending:
-        time.sleep(0.05)
-    time.sleep(0.2)  # the job being written is not counted as pending
-    return {
-        "ttft_s": ttft,
-        "stream_s": total - ttft,
-        "bytes": got.header.total_bytes,
-        "cached": got.header.cached_tokens,
-    }
+def _prefill(channel: grpc.aio.Channel, tokens: list[int], salt: bytes, dtype: int = 0) -> dict[str, float]:
+    """One request, received as a decode node does (kv_transfer.wire.pull); then waits until the
+    node's store writer is idle, so requests do not overlap the previous one's background writes."""
+
+    async def run() -> dict[str, float]:
+        start = time.perf_counter()
+        call = prefill_method(channel)(prefill_pb2.PrefillRequest(tokens=tokens, cache_salt=salt, wire_dtype=dtype))
+        it = aiter(call)
+        first = await anext(it)
+        ttft = time.perf_counter() - start
+
+        async def stream() -> AsyncIterator[bytes]:
+            yield first
+            async for raw in it:
+                yield raw
+
+        got = await pull(stream(), POOL)
+        total = time.perf_counter() - start
+        load = prefill_pb2_grpc.PrefillStub(channel).GetLoad
+        while (await load(prefill_pb2.GetLoadRequest())).store_writes_pending:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # the job being written is not counted as pending
+        h = got.header
+        return {
+            "ttft_s": ttft,
+            "stream_s": total - ttft,
+            "bytes": h.total_bytes,
+            "cached": h.cached_tokens,
+            "read_ms": h.store_read_ms,
+            "compute_ms": h.compute_ms,
+        }
+
+    return LOOP.run_until_complete(run())
+
+
+def _in_loop(make: Any, *args: Any) -> Any:
+    async def build() -> Any:
+        return make(*args)
+
+    return LOOP.run_until_complete(build())
 
 
 def _raw(channel: grpc.Channel, n: int, size: int) -> float:
@@ -158,7 +183,7 @@ def main() -> None:
         )
         try:
             report = _measure(
-                grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)]),
+                _in_loop(grpc.aio.insecure_channel, f"127.0.0.1:{port}"),
                 raw_port_file,
                 system,
                 users,
@@ -174,7 +199,7 @@ def main() -> None:
 
 
 def _measure(
-    channel: grpc.Channel, raw_port_file: Path, system: list[int], users: list[list[int]], rounds: int
+    channel: grpc.aio.Channel, raw_port_file: Path, system: list[int], users: list[list[int]], rounds: int
 ) -> dict[str, Any]:
     _prefill(channel, users[-1], b"warm-up")  # loads the session's kernels
     _prefill(channel, [*system, *users[-2]], b"warm")  # stores the system prompt's blocks
@@ -194,7 +219,9 @@ def _measure(
     def med(kind: str, key: str) -> float:
         return statistics.median(run[key] for run in runs[kind])
 
-    print({k: [round(r["ttft_s"] * 1000) for r in v] for k, v in runs.items()}, file=sys.stderr)
+    for kind, rs in runs.items():
+        phases = [(round(r["ttft_s"] * 1000), round(r["read_ms"]), round(r["compute_ms"])) for r in rs]
+        print(f"{kind}: (TTFT, store read, compute) ms {phases}", file=sys.stderr)
     ttft_cold, ttft_warm = med("cold", "ttft_s"), med("warm", "ttft_s")
     kv_s, kv16_s = med("warm", "stream_s"), med("warm_fp16", "stream_s")
     report = {

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -88,3 +90,30 @@ def prefill_method(channel: grpc.Channel) -> grpc.UnaryStreamMultiCallable[prefi
     return channel.unary_stream(
         PREFILL_METHOD, request_serializer=prefill_pb2.PrefillRequest.SerializeToString, response_deserializer=None
     )
+
+
+async def pull(responses: AsyncIterator[bytes], pool: KVPool | None = None) -> Received:
+    """`receive` for grpc.aio: each chunk is checked and copied in a worker thread (both release
+    the GIL) while the event loop reads the next one, at most one chunk behind."""
+    loop = asyncio.get_running_loop()
+    it = aiter(responses)
+    first = await anext(it, None)
+    header = None if first is None else decode_response(first)
+    if not isinstance(header, kv_pb2.KVHeader):
+        raise DataLoss("KV stream did not start with a header")
+    layout = layout_from_pb(header.layout)
+    asm = Assembler(layout, header.chunk_count, None if pool is None else pool.take(layout.shape))
+    behind: asyncio.Future[None] | None = None
+    async for raw in it:
+        chunk = decode_response(raw)
+        if not isinstance(chunk, Chunk):
+            raise DataLoss("a second header inside a KV stream")
+        if behind is not None:
+            await behind
+        behind = loop.run_in_executor(_ASSEMBLY, asm.add, chunk)
+    if behind is not None:
+        await behind
+    return Received(header, asm.finish())
+
+
+_ASSEMBLY = ThreadPoolExecutor(1, thread_name_prefix="kv-assembly")

@@ -3,6 +3,7 @@ token. Plain and synchronous; prefill_svc.node runs it off the event loop."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -22,6 +23,8 @@ class PrefillOutcome:
     first_token: int
     first_logprob: float
     bad_blocks: int  # stored blocks that failed their checksum (dropped; recomputed here)
+    store_read_s: float
+    compute_s: float
 
 
 class PrefillEngine:
@@ -45,11 +48,13 @@ class PrefillEngine:
                 f"prompt of {len(tokens)} tokens does not fit the context of {self.runner.max_context}"
             )
         keys = self.keys(tokens, salt)
+        start = time.perf_counter()
         past, cached, bad = self._cached_past(keys, len(tokens))
+        read = time.perf_counter()
         logits, kv = self.runner.prefill(tokens[cached:], past)
         token, logprob = Sampler(params).sample(logits)
         self.writer.submit(lambda store, events: store.put(keys, _block_of(kv, self.block_size), events))
-        return PrefillOutcome(kv, cached, token, logprob, bad)
+        return PrefillOutcome(kv, cached, token, logprob, bad, read - start, time.perf_counter() - read)
 
     def _cached_past(self, keys: list[bytes], prompt_len: int) -> tuple[KVCache | None, int, int]:
         """KV of the longest stored prefix, capped one token short of the prompt: the last prompt

@@ -20,6 +20,12 @@ class PrefillMetrics:
             registry=r,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32),
         )
+        self.store_read = Histogram(
+            "kvmesh_prefix_store_read_seconds",
+            "Reading and checking cached blocks",
+            registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+        )
         self.kv_bytes_sent = Counter("kvmesh_kv_bytes_sent", "KV bytes streamed to decode nodes", registry=r)
         self.evictions = Counter("kvmesh_prefix_store_evictions", "Blocks evicted or dropped", registry=r)
         self.checksum_failures = Counter(

@@ -102,6 +102,7 @@ class PrefillNode:
         self.metrics.latency.observe(time.perf_counter() - start)
         self.metrics.lookup_tokens.inc(len(tokens))
         self.metrics.hit_tokens.inc(outcome.cached_tokens)
+        self.metrics.store_read.observe(outcome.store_read_s)
         self.metrics.checksum_failures.inc(outcome.bad_blocks)
         return outcome
 

@@ -52,6 +52,8 @@ class PrefillServicer:
             first_logprob=outcome.first_logprob,
             chunk_count=count,
             total_bytes=layout.total_bytes,
+            store_read_ms=outcome.store_read_s * 1000,
+            compute_ms=outcome.compute_s * 1000,
         )
         yield prefill_pb2.PrefillResponse(header=header).SerializeToString()
         for chunk in chunks:

@@ -1,4 +1,5 @@
 import dataclasses
+from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
@@ -99,3 +100,30 @@ def test_oversized_chunk_is_data_loss() -> None:
     chunks[-1] = dataclasses.replace(last, data=bytes(last.data) + b"\0\0\0\0", checksum=0)
     with pytest.raises(DataLoss, match="size"):
         _receive(kv, chunks)
+
+
+def test_pull_reassembles_an_async_stream_into_a_pooled_buffer() -> None:
+    import asyncio
+
+    from kv_transfer.fastwire import encode_chunk_response
+    from kv_transfer.wire import KVPool, layout_to_pb, pull
+    from kvmesh.v1 import kv_pb2, prefill_pb2
+
+    kv = _kv()
+    layout = layout_of(kv, F32)
+    chunks = list(encode(kv, F32, 1000))
+    header = kv_pb2.KVHeader(layout=layout_to_pb(layout), chunk_count=len(chunks), total_bytes=layout.total_bytes)
+
+    async def stream(drop: int | None = None) -> AsyncIterator[bytes]:
+        yield prefill_pb2.PrefillResponse(header=header).SerializeToString()
+        for c in chunks:
+            if c.index != drop:
+                yield encode_chunk_response(c)
+
+    pool = KVPool()
+    got = asyncio.run(pull(stream(), pool))
+    np.testing.assert_array_equal(got.kv.values[2], kv.values[2])
+    again = asyncio.run(pull(stream(), pool))  # the same buffer, reused
+    assert np.shares_memory(again.kv.keys[0], got.kv.keys[0])
+    with pytest.raises(DataLoss, match="out of order"):
+        asyncio.run(pull(stream(drop=4), pool))
