@@ -43,7 +43,9 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class Sampler:
-    """One sequence's sampler; its own seeded generator, so batch mates never change its draws."""
+    """One sequence's sampler; its own seeded generator, so batch mates never change its draws.
+    Each non-greedy sample takes exactly one uniform draw, so a sampler can be moved to another
+    process mid-sequence: skip() replays the draws made elsewhere (the prefill node's first token)."""
 
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
@@ -66,8 +68,14 @@ class Sampler:
         if p.top_p < 1.0:  # the smallest head of the sorted list whose mass reaches top_p
             keep = int(np.searchsorted(np.cumsum(probs), p.top_p)) + 1
             candidates, probs = candidates[:keep], probs[:keep] / probs[:keep].sum()
-        token = int(candidates[self._rng.choice(candidates.size, p=probs)])
+        pick = int(np.searchsorted(np.cumsum(probs), self._rng.random() * probs.sum(), side="right"))
+        token = int(candidates[min(pick, candidates.size - 1)])
         return token, float(logp[token])
+
+    def skip(self) -> None:
+        """Consume the draw of one sample made elsewhere with the same seed."""
+        if self.params.temperature != 0 and self.params.top_k != 1:
+            self._rng.random()
 
 
 class StopMatcher:

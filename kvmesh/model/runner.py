@@ -110,7 +110,7 @@ class ModelRunner:
         self.vocab_size = vocab if isinstance(vocab, int) else 0
         on_cpu = self.session.get_providers()[0] == "CPUExecutionProvider"
         gqa = "GroupQueryAttention" in _op_types(self.graph)
-        self._shares_buffers = on_cpu and gqa and self.vocab_size > 0 and self.layout.dtype == np.float32
+        self.shares_buffers = on_cpu and gqa and self.vocab_size > 0 and self.layout.dtype == np.float32
         self.max_context = folder.context_length or 1 << 30
 
     def _read_layout(self) -> KVLayout:
@@ -164,7 +164,7 @@ class ModelRunner:
         """A decode loop over `kv` (one sequence) that may grow to `capacity` tokens in all."""
         if capacity > self.max_context:
             raise InvalidArgument(f"{capacity} tokens exceed the model's context of {self.max_context}")
-        if self._shares_buffers:
+        if self.shares_buffers:
             return SharedBufferDecoder(self, kv, capacity)
         return ConcatDecoder(self, kv, capacity)
 

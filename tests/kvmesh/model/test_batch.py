@@ -1,0 +1,63 @@
+"""Batched decode over KV slots gives each sequence what it gets alone, as sequences come and go."""
+
+import numpy as np
+import pytest
+
+from kvmesh.errors import ResourceExhausted
+from kvmesh.model.batch import SlotBatch
+from kvmesh.model.folder import ModelFolder
+from kvmesh.model.runner import ModelRunner, RunnerConfig
+
+PROMPTS = [
+    [int(t) for t in np.random.default_rng(s).integers(0, 256, n)] for s, n in ((1, 5), (2, 40), (3, 17), (4, 60))
+]
+
+
+@pytest.mark.parametrize("variant", ["fp32", "int4"])
+def test_mixed_lengths_joining_and_leaving_match_single_runs(variant: str, request: pytest.FixtureRequest) -> None:
+    folder: ModelFolder = request.getfixturevalue(f"tiny_{variant}")
+    runner = ModelRunner(folder, RunnerConfig(threads=1))
+    alone = []
+    for p in PROMPTS:  # each sequence alone: 12 greedy tokens
+        logits, kv = runner.prefill(p)
+        dec, toks = runner.decoder(kv, len(p) + 13), [int(np.argmax(logits))]
+        for _ in range(12):
+            toks.append(int(np.argmax(dec.step(toks[-1]))))
+        alone.append(toks)
+    batch = SlotBatch(runner, slots=3, capacity=100)
+    got: dict[int, list[int]] = {}
+    slot_of: dict[int, int] = {}  # sequence -> slot
+    waiting = list(range(len(PROMPTS)))
+
+    def join() -> None:
+        while waiting and batch.active < batch.slots:
+            s = waiting.pop(0)
+            logits, kv = runner.prefill(PROMPTS[s])
+            slot_of[s], got[s] = batch.add(kv), [int(np.argmax(logits))]
+
+    join()
+    while slot_of:
+        order = sorted(slot_of, key=slot_of.get)  # type: ignore[arg-type]
+        logits = batch.step(np.array([got[s][-1] for s in order]))
+        for s, row in zip(order, logits, strict=True):
+            got[s].append(int(np.argmax(row)))
+        for s in [s for s in order if len(got[s]) == 13]:  # done: leave, the last slot moves in
+            freed = slot_of.pop(s)
+            moved = batch.remove(freed)
+            if moved is not None:
+                mover = next(m for m, sl in slot_of.items() if sl == moved)
+                slot_of[mover] = freed
+        join()
+    assert [got[s] for s in range(len(PROMPTS))] == alone
+
+
+def test_slots_and_capacity_are_bounded(tiny_fp32: ModelFolder) -> None:
+    runner = ModelRunner(tiny_fp32, RunnerConfig(threads=1))
+    batch = SlotBatch(runner, slots=1, capacity=8)
+    _, kv = runner.prefill([1, 2, 3, 4, 5, 6, 7])
+    batch.add(kv)
+    with pytest.raises(ResourceExhausted):
+        batch.add(kv)
+    batch.step(np.array([1]))
+    with pytest.raises(ResourceExhausted):
+        batch.step(np.array([1]))
