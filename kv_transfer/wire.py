@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -84,7 +85,7 @@ class KVPool:
 PREFILL_METHOD = "/kvmesh.v1.Prefill/Prefill"
 
 
-def prefill_method(channel: grpc.Channel) -> grpc.UnaryStreamMultiCallable[prefill_pb2.PrefillRequest, bytes]:
+def prefill_method(channel: grpc.Channel | grpc.aio.Channel) -> Any:
     """Prefill on `channel` with responses left serialized, for `receive` to read in place (the
     generated stub would parse every chunk into a new bytes object first)."""
     return channel.unary_stream(

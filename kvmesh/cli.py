@@ -71,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
 
     prefill = sub.add_parser("prefill", help="run a prefill node (gRPC)")
     add_flags(prefill, PrefillConfig, "PREFILL")
+    from decode_svc.config import DecodeConfig
+
+    decode = sub.add_parser("decode", help="run a decode node (gRPC); --colocated: a worker that prefills too")
+    add_flags(decode, DecodeConfig, "DECODE")
     return root
 
 
@@ -83,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             return commands.model_prepare(args) if args.model_command == "prepare" else commands.model_info(args)
         if args.command == "prefill":
             return commands.prefill(args)
+        if args.command == "decode":
+            return commands.decode(args)
         return commands.generate(args)
     except KvmeshError as e:
         print(f"kvmesh: error: {e}", file=sys.stderr)

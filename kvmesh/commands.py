@@ -77,3 +77,12 @@ def prefill(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     aio.run(serve(build(PrefillConfig, args)))
     return 0
+
+
+def decode(args: argparse.Namespace) -> int:
+    from decode_svc.config import DecodeConfig
+    from decode_svc.server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    aio.run(serve(build(DecodeConfig, args)))
+    return 0

@@ -36,3 +36,11 @@ class Unavailable(KvmeshError):
     """A node that cannot serve now: draining, or a peer it needs is gone."""
 
     status = "UNAVAILABLE"
+
+
+class Upstream(KvmeshError):
+    """A call to another node failed; carries that call's status on (UNAVAILABLE, DEADLINE_EXCEEDED...)."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status

@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from kvmesh.errors import InvalidArgument, ResourceExhausted
-from kvmesh.model.runner import KVCache, ModelRunner
+from kvmesh.model.runner import Decoder, KVCache, ModelRunner
 
 
 class SlotBatch:
@@ -98,3 +98,43 @@ class SlotBatch:
         """One slot's KV (views)."""
         n = int(self.lengths[slot])
         return KVCache([k[slot : slot + 1, :, :n] for k in self.keys], [v[slot : slot + 1, :, :n] for v in self.values])
+
+
+class SequentialBatch:
+    """The same interface for graphs without GroupQueryAttention (an Optimum export): each slot
+    has its own decoder and a step runs them one after another. Correct, not batched."""
+
+    def __init__(self, runner: ModelRunner, slots: int, capacity: int) -> None:
+        self.runner, self.slots, self.capacity = runner, slots, capacity
+        self._decoders: list[Decoder] = []
+
+    @property
+    def active(self) -> int:
+        return len(self._decoders)
+
+    @property
+    def bytes(self) -> int:
+        return 0
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.array([d.length for d in self._decoders], np.int64)
+
+    def add(self, kv: KVCache) -> int:
+        if self.active == self.slots:
+            raise ResourceExhausted(f"all {self.slots} decode slots are busy")
+        self._decoders.append(self.runner.decoder(kv, self.capacity))
+        return self.active - 1
+
+    def remove(self, slot: int) -> int | None:
+        last = self.active - 1
+        self._decoders[slot] = self._decoders[last]
+        self._decoders.pop()
+        return last if slot != last else None
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        return np.stack([d.step(int(t)) for d, t in zip(self._decoders, tokens, strict=True)])
+
+
+def make_batch(runner: ModelRunner, slots: int, capacity: int) -> SlotBatch | SequentialBatch:
+    return (SlotBatch if runner.shares_buffers else SequentialBatch)(runner, slots, capacity)

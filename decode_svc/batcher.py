@@ -1,0 +1,129 @@
+"""The decode loop: one thread that admits sequences into the batch, runs a step for all of them,
+samples each, and lets finished or cancelled ones leave, every step (continuous batching)."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kvmesh.model.batch import make_batch
+from kvmesh.model.runner import KVCache, ModelRunner
+from kvmesh.sampling import Sampler
+
+log = logging.getLogger(__name__)
+
+# What a sequence hears from the loop: (token, logprob) or ("end", reason)
+Emit = Callable[[tuple[int, float] | tuple[str, str]], None]
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    last_token: int  # the next step's input
+    sampler: Sampler
+    remaining: int  # tokens it may still make
+    eos: tuple[int, ...]
+    emit: Emit
+    cancelled: bool = False
+    slot: int = field(default=-1)
+
+
+class Batcher:
+    def __init__(self, runner: ModelRunner, slots: int, capacity: int, on_step: Callable[[int, float], None]) -> None:
+        self.batch = make_batch(runner, slots, capacity)
+        self._on_step = on_step  # (batch size, step seconds), for metrics
+        self._joins: queue.SimpleQueue[tuple[Sequence, KVCache]] = queue.SimpleQueue()
+        self._running: list[Sequence] = []  # index == slot
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="decode-batcher", daemon=True)
+        self._thread.start()
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def tokens_held(self) -> int:
+        return int(self.batch.lengths[: self.batch.active].sum())
+
+    def submit(self, seq: Sequence, kv: KVCache) -> None:
+        """Join at the next step (or when a slot frees)."""
+        self._joins.put((seq, kv))
+        self._wake.set()
+
+    def cancel(self, seq: Sequence) -> None:
+        """Leave at the next step; its slot and KV are freed then."""
+        seq.cancelled = True
+        self._wake.set()
+
+    def close(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        waiting: list[tuple[Sequence, KVCache]] = []
+        while not self._stop:
+            while not self._joins.empty():
+                waiting.append(self._joins.get())
+            waiting = self._admit(waiting)
+            self._drop_cancelled()
+            if not self._running:
+                self._wake.wait(0.5 if not waiting else 0.005)
+                self._wake.clear()
+                continue
+            try:
+                self._step()
+            except Exception:  # a failed step ends every sequence in it, never the loop
+                log.exception("decode step failed")
+                for seq in list(self._running):
+                    seq.emit(("end", "error"))
+                    self._leave(seq)
+
+    def _admit(self, waiting: list[tuple[Sequence, KVCache]]) -> list[tuple[Sequence, KVCache]]:
+        while waiting and self.batch.active < self.batch.slots:
+            seq, kv = waiting.pop(0)
+            if seq.cancelled:
+                continue
+            seq.slot = self.batch.add(kv)
+            self._running.append(seq)
+        return waiting
+
+    def _drop_cancelled(self) -> None:
+        for seq in sorted((s for s in self._running if s.cancelled), key=lambda s: -s.slot):
+            self._leave(seq)
+
+    def _step(self) -> None:
+        start = time.perf_counter()
+        logits = self.batch.step(np.array([s.last_token for s in self._running]))
+        done = []
+        for seq, row in zip(self._running, logits, strict=True):
+            token, logprob = seq.sampler.sample(row)
+            seq.remaining -= 1
+            if token in seq.eos:
+                seq.emit(("end", "eos"))
+                done.append(seq)
+                continue
+            seq.emit((token, logprob))
+            seq.last_token = token
+            if seq.remaining <= 0:
+                seq.emit(("end", "length"))
+                done.append(seq)
+        self._on_step(len(self._running), time.perf_counter() - start)
+        for seq in sorted(done, key=lambda s: -s.slot):  # highest slot first: the last one moves
+            self._leave(seq)
+
+    def _leave(self, seq: Sequence) -> None:
+        moved = self.batch.remove(seq.slot)
+        if moved is not None:
+            mover = self._running[moved]
+            self._running[seq.slot], mover.slot = mover, seq.slot
+        self._running.pop()
+        seq.slot = -1

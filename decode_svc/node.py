@@ -1,0 +1,211 @@
+"""A decode node: admission, the KV pull, the first token at once, then the batch's tokens as
+text. Asyncio-facing; no protobuf here (the servicer converts)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from collections.abc import Sequence as Seq
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import cast
+
+from decode_svc.batcher import Batcher, Sequence
+from decode_svc.config import DecodeConfig
+from decode_svc.metrics import DecodeMetrics
+from decode_svc.sources import LocalPrefill, PrefillJob, RemotePrefill
+from kvmesh.errors import InvalidArgument, ResourceExhausted, Unavailable
+from kvmesh.model.folder import ModelFolder
+from kvmesh.model.prepare import default_model_dir, kvmesh_home
+from kvmesh.model.runner import ModelRunner, Provider, RunnerConfig
+from kvmesh.model.tokenizer import ChatTokenizer, StreamDecoder
+from kvmesh.sampling import Sampler, SamplingParams, StopMatcher
+from prefill_svc.engine import PrefillEngine
+from prefill_svc.store import PrefixStore, StoreConfig, StoreWriter
+
+
+@dataclass(frozen=True)
+class DecodeJob:
+    request_id: str
+    tokens: Seq[int]
+    params: SamplingParams
+    prefill_node: str
+    salt: bytes = b""
+    wire_dtype: int = 0
+
+
+@dataclass(frozen=True)
+class Token:
+    token_id: int
+    text: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class Done:
+    reason: str
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    ttft_ms: float
+    kv_transfer_ms: float
+    kv_bytes: int
+    decode_ms: float
+    prefill_compute_ms: float
+    store_read_ms: float
+
+
+@dataclass(frozen=True)
+class Load:
+    running: int
+    kv_tokens_held: int
+    tokens_reserved: int
+    waiting: int
+    free_slots: int
+
+
+class DecodeNode:
+    def __init__(self, config: DecodeConfig) -> None:
+        self.config = config
+        self.folder = ModelFolder.load(config.model or default_model_dir("int4"))
+        runner_config = RunnerConfig(threads=config.threads, provider=cast(Provider, config.provider))
+        self.runner = ModelRunner(self.folder, runner_config)
+        self.tokenizer = ChatTokenizer(self.folder)
+        self.capacity = min(config.slot_tokens, self.runner.max_context)
+        self.metrics = DecodeMetrics()
+        self.batcher = Batcher(self.runner, config.slots, self.capacity, self.metrics.on_step)
+        self.node_id = config.node_id
+        self._reserved = 0
+        self._admitted = 0
+        self._draining = False
+        self._store: PrefixStore | None = None
+        self._writer: StoreWriter | None = None
+        self._model_thread: ThreadPoolExecutor | None = None
+        self.source: RemotePrefill | LocalPrefill = RemotePrefill(self.folder.fingerprint)
+        if config.colocated:
+            self.source = self._local_prefill(config)
+
+    def _local_prefill(self, config: DecodeConfig) -> LocalPrefill:
+        store_config = StoreConfig(
+            config.store or kvmesh_home() / "prefix-store", config.store_budget_bytes, config.block_size
+        )
+        self._store = PrefixStore(store_config, self.folder.fingerprint, self.runner.layout)
+        self._writer = StoreWriter(self._store, lambda *_: None)
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="prefill-model")
+        engine = PrefillEngine(self.runner, self._store, self._writer, self.folder.fingerprint)
+        return LocalPrefill(engine, self._model_thread)
+
+    def load(self) -> Load:
+        return Load(self.batcher.running, self.batcher.tokens_held, self._reserved,
+                    self._admitted - self.batcher.running, self.config.slots - self.batcher.running)  # fmt: skip
+
+    def _admit(self, job: DecodeJob) -> int:
+        """Check the request and reserve its tokens. -> how many tokens it may make."""
+        if self._draining:
+            raise Unavailable("this decode node is draining")
+        if not job.tokens:
+            raise InvalidArgument("empty prompt")
+        if len(job.tokens) >= self.capacity:
+            raise InvalidArgument(
+                f"prompt of {len(job.tokens)} tokens does not fit a sequence of {self.capacity} tokens"
+            )
+        budget = min(job.params.max_tokens, self.capacity - len(job.tokens))
+        if self._admitted >= self.config.slots + self.config.max_waiting:
+            raise ResourceExhausted(f"{self._admitted} requests admitted: all slots busy and the wait list full")
+        self._admitted += 1
+        self._reserved += len(job.tokens) + budget
+        self.metrics.waiting.set(self._admitted - self.batcher.running)
+        return budget
+
+    async def decode(self, job: DecodeJob, timeout_s: float | None) -> AsyncIterator[Token | Done]:
+        budget = self._admit(job)
+        start = time.perf_counter()
+        seq: Sequence | None = None
+        try:
+            prefill_job = PrefillJob(job.tokens, job.params, job.salt, job.wire_dtype, job.prefill_node,
+                                     timeout_s or self.config.prefill_timeout_s)  # fmt: skip
+            info, kv_pending = await self.source.start(prefill_job)
+            ttft = time.perf_counter() - start
+            self.metrics.ttft.observe(ttft)
+            text = _Text(self.tokenizer, job.params.stop)
+            sampler = Sampler(job.params)
+            sampler.skip()  # the prefill node drew the first token with the same seed
+
+            def done(reason: str, transfer: float = 0.0, decode: float = 0.0) -> Done:
+                return Done(reason, len(job.tokens), info.cached_tokens, text.count, ttft * 1000, transfer * 1000,
+                            info.kv_bytes, decode * 1000, info.compute_ms, info.store_read_ms)  # fmt: skip
+
+            if info.first_token in self.tokenizer.eos_token_ids:
+                yield done("eos")
+                return
+            delta, stopped = text.push(info.first_token)
+            yield Token(info.first_token, delta, info.first_logprob)
+            if stopped or budget == 1:
+                kv_pending.cancel()
+                tail = "" if stopped else text.flush()
+                if tail:
+                    yield Token(-1, tail, 0.0)
+                yield done("stop" if stopped else "length")
+                return
+            kv = await kv_pending.result()
+            received = time.perf_counter()
+            self.metrics.kv_bytes.inc(info.kv_bytes)
+            self.metrics.transfer.observe(received - start - ttft)
+            events: asyncio.Queue[tuple[int, float] | tuple[str, str]] = asyncio.Queue()
+            loop = asyncio.get_running_loop()
+
+            def emit(item: tuple[int, float] | tuple[str, str]) -> None:  # from the batcher thread
+                loop.call_soon_threadsafe(events.put_nowait, item)
+
+            seq = Sequence(job.request_id, info.first_token, sampler, budget - 1, self.tokenizer.eos_token_ids, emit)
+            self.batcher.submit(seq, kv)
+            del kv
+            while True:
+                item = await events.get()
+                if item[0] == "end":
+                    tail = text.flush()
+                    if tail:
+                        yield Token(-1, tail, 0.0)
+                    yield done(str(item[1]), received - start - ttft, time.perf_counter() - received)
+                    return
+                token, logprob = cast(tuple[int, float], item)
+                delta, stopped = text.push(token)
+                yield Token(token, delta, logprob)
+                if stopped:
+                    yield done("stop", received - start - ttft, time.perf_counter() - received)
+                    return
+        finally:
+            if seq is not None:
+                self.batcher.cancel(seq)  # a no-op for a finished sequence; frees a cancelled one's slot
+            self._admitted -= 1
+            self._reserved -= len(job.tokens) + budget
+
+    def drain(self) -> None:
+        self._draining = True
+
+    async def close(self) -> None:
+        self.batcher.close()
+        await self.source.close()
+        if self._model_thread is not None:
+            self._model_thread.shutdown(wait=True)
+        if self._writer is not None:
+            self._writer.close()
+        if self._store is not None:
+            self._store.close()
+
+
+class _Text:
+    """Token ids -> text deltas: incremental detokenization, then stop strings."""
+
+    def __init__(self, tokenizer: ChatTokenizer, stop: tuple[str, ...]) -> None:
+        self._detok, self._stops = StreamDecoder(tokenizer), StopMatcher(stop)
+        self.count = 0
+
+    def push(self, token: int) -> tuple[str, bool]:
+        self.count += 1
+        return self._stops.push(self._detok.push(token))
+
+    def flush(self) -> str:
+        tail, _ = self._stops.push(self._detok.flush())
+        return tail + self._stops.flush()

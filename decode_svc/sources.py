@@ -1,0 +1,150 @@
+"""Where a decode node gets a prompt's KV and first token: a remote prefill node over gRPC, or
+(colocated worker) a prefill engine in this very process."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from kv_transfer.fastwire import decode_response
+from kv_transfer.wire import prefill_method, pull
+from kvmesh.errors import DataLoss, ModelError, Upstream
+from kvmesh.model.runner import KVCache
+from kvmesh.sampling import SamplingParams
+from kvmesh.v1 import kv_pb2, prefill_pb2
+from prefill_svc.engine import PrefillEngine
+
+GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+
+
+@dataclass(frozen=True)
+class Prefilled:
+    """What arrives with the first token, before the KV."""
+
+    first_token: int
+    first_logprob: float
+    cached_tokens: int
+    compute_ms: float
+    store_read_ms: float
+    kv_bytes: int
+
+
+class PendingKV:
+    """The KV behind a first token: result() receives it, cancel() gives it up."""
+
+    def __init__(self, receive: Callable[[], Awaitable[KVCache]], cancel: Callable[[], object]) -> None:
+        self._receive, self._cancel = receive, cancel
+
+    async def result(self) -> KVCache:
+        return await self._receive()
+
+    def cancel(self) -> None:
+        self._cancel()
+
+
+@dataclass(frozen=True)
+class PrefillJob:
+    tokens: Sequence[int]
+    params: SamplingParams
+    salt: bytes
+    wire_dtype: int
+    prefill_node: str
+    timeout_s: float
+
+
+class RemotePrefill:
+    """Calls Prefill on the node a request names; one channel per node, kept."""
+
+    def __init__(self, fingerprint: str) -> None:
+        self.fingerprint = fingerprint
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    async def start(self, job: PrefillJob) -> tuple[Prefilled, PendingKV]:
+        if not job.prefill_node:
+            raise Upstream("INVALID_ARGUMENT", "the request names no prefill node")
+        channel = self._channels.get(job.prefill_node)
+        if channel is None:
+            channel = self._channels[job.prefill_node] = grpc.aio.insecure_channel(
+                job.prefill_node, options=GRPC_OPTIONS
+            )
+        p = job.params
+        sampling = prefill_pb2.Sampling(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed)
+        request = prefill_pb2.PrefillRequest(tokens=job.tokens, sampling=sampling, cache_salt=job.salt,
+                                             wire_dtype=kv_pb2.KVDtype.ValueType(job.wire_dtype))  # fmt: skip
+        call = prefill_method(channel)(request, timeout=job.timeout_s)
+        it: AsyncIterator[bytes] = aiter(call)
+        try:
+            header = decode_response(await anext(it))
+        except grpc.aio.AioRpcError as e:
+            raise _upstream(e, job.prefill_node) from e
+        except StopAsyncIteration as e:
+            raise DataLoss(f"prefill node {job.prefill_node} sent an empty stream") from e
+        if not isinstance(header, kv_pb2.KVHeader):
+            raise DataLoss("KV stream did not start with a header")
+        if header.model_fingerprint != self.fingerprint:
+            call.cancel()
+            raise ModelError(f"prefill node {job.prefill_node} serves another model ({header.model_fingerprint})")
+        info = Prefilled(header.first_token, header.first_logprob, header.cached_tokens, header.compute_ms,
+                         header.store_read_ms, header.total_bytes)  # fmt: skip
+        return info, PendingKV(lambda: self._receive(header, it, call, job.prefill_node), call.cancel)
+
+    async def _receive(self, header: kv_pb2.KVHeader, it: AsyncIterator[bytes], call: Any, node: str) -> KVCache:
+        async def rest() -> AsyncIterator[bytes]:
+            yield prefill_pb2.PrefillResponse(header=header).SerializeToString()
+            async for raw in it:
+                yield raw
+
+        try:
+            return (await pull(rest())).kv
+        except grpc.aio.AioRpcError as e:
+            raise _upstream(e, node) from e
+        finally:
+            call.cancel()  # a no-op once the stream ended; stops the node's work when we gave up
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+
+
+def _upstream(e: grpc.aio.AioRpcError, node: str) -> Upstream:
+    code = e.code()
+    status = (
+        code.name
+        if code
+        in (
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            grpc.StatusCode.CANCELLED,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            grpc.StatusCode.DATA_LOSS,
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )
+        else "UNAVAILABLE"
+    )
+    return Upstream(status, f"prefill node {node}: {e.details() or code.name}")
+
+
+class LocalPrefill:
+    """The colocated worker's: the prefill engine in this process; the KV is handed over as is."""
+
+    def __init__(self, engine: PrefillEngine, model_thread: ThreadPoolExecutor) -> None:
+        self.engine, self._model_thread = engine, model_thread
+
+    async def start(self, job: PrefillJob) -> tuple[Prefilled, PendingKV]:
+        loop = asyncio.get_running_loop()
+        outcome = await loop.run_in_executor(self._model_thread, self.engine.prefill, job.tokens, job.params, job.salt)
+        info = Prefilled(outcome.first_token, outcome.first_logprob, outcome.cached_tokens, outcome.compute_s * 1000,
+                         outcome.store_read_s * 1000, 0)  # fmt: skip
+
+        async def handed_over() -> KVCache:
+            return outcome.kv
+
+        return info, PendingKV(handed_over, lambda: None)
+
+    async def close(self) -> None:
+        pass

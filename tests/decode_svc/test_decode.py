@@ -1,0 +1,180 @@
+"""The Decode service over real gRPC on 127.0.0.1: a real prefill node, a real decode node, the
+tiny model; and the colocated worker."""
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from kvmesh.generate import Finished, generate
+from kvmesh.model.folder import ModelFolder
+from kvmesh.model.runner import ModelRunner, RunnerConfig
+from kvmesh.sampling import SamplingParams
+from kvmesh.v1 import decode_pb2, decode_pb2_grpc
+from tests.decode_svc.conftest import MakeServer
+from tests.helpers.relay import Relay
+from tests.helpers.servers import ServerThread
+
+ROOT = Path(__file__).parents[2]
+PROMPTS = [
+    [int(t) for t in np.random.default_rng(s).integers(0, 256, n)] for s, n in ((1, 9), (2, 40), (3, 23), (4, 61))
+]
+
+
+def _alone(folder: ModelFolder, prompt: list[int], params: SamplingParams) -> list[int]:
+    """`kvmesh generate` in one process: the reference."""
+    *_, done = generate(ModelRunner(folder, RunnerConfig(threads=1)), _tok(folder), prompt, params)
+    assert isinstance(done, Finished)
+    return done.token_ids
+
+
+def _tok(folder: ModelFolder):  # type: ignore[no-untyped-def]
+    from kvmesh.model.tokenizer import ChatTokenizer
+
+    return ChatTokenizer(folder)
+
+
+def _decode(address: str, prompt: list[int], prefill: str, **params: object) -> tuple[list[int], decode_pb2.Finished]:
+    stub = decode_pb2_grpc.DecodeStub(grpc.insecure_channel(address))
+    request = decode_pb2.DecodeRequest(
+        tokens=prompt, prefill_node=prefill, params=decode_pb2.GenerationParams(**params)
+    )
+    tokens, finished = [], None
+    for ev in stub.Decode(request, timeout=60):
+        if ev.HasField("token") and ev.token.token_id >= 0:
+            tokens.append(ev.token.token_id)
+        if ev.HasField("finished"):
+            finished = ev.finished
+    assert finished is not None
+    return tokens, finished
+
+
+def test_disaggregated_greedy_equals_one_process(tiny_fp32: ModelFolder, servers: MakeServer) -> None:
+    p, d = servers("prefill", tiny_fp32), servers("decode", tiny_fp32)
+    for prompt in PROMPTS:
+        tokens, finished = _decode(d.address, prompt, p.address, max_tokens=20)
+        assert tokens == _alone(tiny_fp32, prompt, SamplingParams(max_tokens=20))
+        assert finished.usage.prompt_tokens == len(prompt) and finished.usage.completion_tokens == len(tokens)
+        assert finished.timings.kv_bytes > 0
+    again, finished = _decode(d.address, PROMPTS[1], p.address, max_tokens=20)
+    assert finished.usage.cached_tokens == 39  # its 5 stored blocks, less the last token (recomputed for logits)
+    assert again == _alone(tiny_fp32, PROMPTS[1], SamplingParams(max_tokens=20))
+
+
+def test_batch_mates_do_not_change_anyones_tokens(tiny_fp32: ModelFolder, servers: MakeServer) -> None:
+    p, d = servers("prefill", tiny_fp32), servers("decode", tiny_fp32)
+    seeded = {"temperature": 0.9, "top_p": 0.95, "seed": 7, "max_tokens": 24}
+    alone = [_decode(d.address, q, p.address, max_tokens=24)[0] for q in PROMPTS] + [
+        _decode(d.address, PROMPTS[0], p.address, **seeded)[0]
+    ]
+    results: dict[int, list[int]] = {}
+
+    def run(i: int) -> None:
+        if i < len(PROMPTS):
+            results[i] = _decode(d.address, PROMPTS[i], p.address, max_tokens=24)[0]
+        else:
+            results[i] = _decode(d.address, PROMPTS[0], p.address, **seeded)[0]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(alone))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [results[i] for i in range(len(alone))] == alone
+    assert alone[-1] == _alone(tiny_fp32, PROMPTS[0], SamplingParams(0.9, 0, 0.95, 7, 24))
+
+
+def test_colocated_worker_gives_the_same_tokens(tiny_fp32: ModelFolder, servers: MakeServer) -> None:
+    w = servers("decode", tiny_fp32, colocated=True)
+    for prompt in PROMPTS[:2]:
+        assert _decode(w.address, prompt, "", max_tokens=16)[0] == _alone(
+            tiny_fp32, prompt, SamplingParams(max_tokens=16)
+        )
+    assert _decode(w.address, PROMPTS[1], "", max_tokens=4)[1].usage.cached_tokens == 39
+
+
+def test_cancelled_stream_frees_its_slot(tiny_fp32: ModelFolder, servers: MakeServer) -> None:
+    p, d = servers("prefill", tiny_fp32), servers("decode", tiny_fp32, slots=1, max_waiting=0)
+    stub = decode_pb2_grpc.DecodeStub(grpc.insecure_channel(d.address))
+    long = decode_pb2.DecodeRequest(tokens=PROMPTS[0], prefill_node=p.address,
+                                    params=decode_pb2.GenerationParams(max_tokens=150))  # fmt: skip
+    call = stub.Decode(long)
+    next(call), next(call), next(call)
+    with pytest.raises(grpc.RpcError) as busy:  # the one slot is taken, nothing may wait
+        _decode(d.address, PROMPTS[1], p.address, max_tokens=5)
+    assert busy.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+    call.cancel()
+    load = decode_pb2_grpc.DecodeStub(grpc.insecure_channel(d.address)).GetLoad
+    deadline = time.monotonic() + 10
+    while load(decode_pb2.GetDecodeLoadRequest()).running_sequences and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert load(decode_pb2.GetDecodeLoadRequest()).free_slots == 1
+    assert len(_decode(d.address, PROMPTS[1], p.address, max_tokens=5)[0]) == 5
+
+
+@pytest.mark.parametrize("fault", ["flip:1", "drop:1"])
+def test_damaged_kv_stream_is_data_loss_and_nothing_is_decoded(
+    fault: str, tiny_fp32: ModelFolder, servers: MakeServer
+) -> None:
+    p = servers("prefill", tiny_fp32, chunk_bytes=4096)
+    relay = ServerThread(lambda: Relay(p.address, fault))
+    d = servers("decode", tiny_fp32)
+    stub = decode_pb2_grpc.DecodeStub(grpc.insecure_channel(d.address))
+    request = decode_pb2.DecodeRequest(tokens=PROMPTS[3], prefill_node=relay.address,
+                                       params=decode_pb2.GenerationParams(max_tokens=20))  # fmt: skip
+    tokens = []
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            for ev in stub.Decode(request, timeout=30):
+                tokens.append(ev)
+        assert err.value.code() == grpc.StatusCode.DATA_LOSS  # type: ignore[attr-defined]
+        assert len(tokens) <= 1  # at most the first token, sent before the KV; nothing decoded from it
+        assert decode_pb2_grpc.DecodeStub(grpc.insecure_channel(d.address)).GetLoad(
+            decode_pb2.GetDecodeLoadRequest()).running_sequences == 0  # fmt: skip
+    finally:
+        relay.stop()
+
+
+def test_prefill_node_dying_mid_stream_is_unavailable_not_a_hang(tiny_fp32: ModelFolder, servers: MakeServer) -> None:
+    p = servers("prefill", tiny_fp32, chunk_bytes=4096)
+    relay = subprocess.Popen([sys.executable, "-m", "tests.helpers.relay", p.address, "die:1"], cwd=ROOT,
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert relay.stdout is not None
+    port = int(relay.stdout.readline())
+    d = servers("decode", tiny_fp32)
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        _decode(d.address, PROMPTS[3], f"127.0.0.1:{port}", max_tokens=20)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    assert time.monotonic() - start < 30
+    relay.wait(10)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "code"),
+    [
+        ([], {}, grpc.StatusCode.INVALID_ARGUMENT),
+        ([5] * 250, {}, grpc.StatusCode.INVALID_ARGUMENT),  # longer than a slot (200)
+        ([5, 6], {"temperature": float("nan")}, grpc.StatusCode.INVALID_ARGUMENT),
+        ([5, 6], {"top_p": 2.0}, grpc.StatusCode.INVALID_ARGUMENT),
+        ([5, 6], {"max_tokens": 10**8}, grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
+def test_bad_requests(tiny_fp32: ModelFolder, servers: MakeServer, prompt: list[int], params: dict[str, object],
+                      code: grpc.StatusCode) -> None:  # fmt: skip
+    p, d = servers("prefill", tiny_fp32), servers("decode", tiny_fp32)
+    with pytest.raises(grpc.RpcError) as err:
+        _decode(d.address, prompt, p.address, **params)
+    assert err.value.code() == code  # type: ignore[attr-defined]
+
+
+def test_unknown_prefill_node_is_unavailable(tiny_fp32: ModelFolder, servers: MakeServer) -> None:
+    d = servers("decode", tiny_fp32)
+    with pytest.raises(grpc.RpcError) as err:
+        _decode(d.address, PROMPTS[0], "127.0.0.1:1", max_tokens=4)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
