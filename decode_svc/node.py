@@ -97,8 +97,9 @@ class DecodeNode:
         return LocalPrefill(engine, self._model_thread)
 
     def load(self) -> Load:
-        return Load(self.batcher.running, self.batcher.tokens_held, self._reserved,
-                    self._admitted - self.batcher.running, self.config.slots - self.batcher.running)  # fmt: skip
+        running = self.batcher.running  # may still hold a cancelled sequence until the next step
+        waiting = max(self._admitted - running, 0)
+        return Load(running, self.batcher.tokens_held, self._reserved, waiting, self.config.slots - running)
 
     def _admit(self, job: DecodeJob) -> int:
         """Check the request and reserve its tokens. -> how many tokens it may make."""
@@ -115,7 +116,7 @@ class DecodeNode:
             raise ResourceExhausted(f"{self._admitted} requests admitted: all slots busy and the wait list full")
         self._admitted += 1
         self._reserved += len(job.tokens) + budget
-        self.metrics.waiting.set(self._admitted - self.batcher.running)
+        self.metrics.waiting.set(max(self._admitted - self.batcher.running, 0))
         return budget
 
     async def decode(self, job: DecodeJob, timeout_s: float | None) -> AsyncIterator[Token | Done]:
