@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ import grpc
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import MALLOC, spawn, stop, with_malloc_settings  # noqa: E402
 from kv_transfer.codec import CHUNK_BYTES  # noqa: E402
 from kv_transfer.wire import KVPool, prefill_method, pull  # noqa: E402
 from kvmesh import aio  # noqa: E402
@@ -47,7 +47,6 @@ from kvmesh.model.tokenizer import ChatTokenizer  # noqa: E402
 from kvmesh.v1 import kv_pb2, prefill_pb2, prefill_pb2_grpc  # noqa: E402
 
 SYSTEM_TOKENS, USER_TOKENS = 2000, 200
-MALLOC = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296", "MALLOC_TOP_PAD_": "268435456"}
 RAW_METHOD = "/bench.Raw/Stream"
 POOL = KVPool()  # the client reassembles into a reused buffer, as a decode node's KV pool would
 LOOP = asyncio.new_event_loop()
@@ -72,17 +71,6 @@ async def raw_server(port_file: Path) -> None:
     await server.start()
     port_file.write_text(str(port))
     await server.wait_for_termination()
-
-
-def _spawn(args: list[str], pattern: str) -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **MALLOC}
-    )
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if m := re.search(pattern, line):
-            return proc, int(m.group(1))
-    raise RuntimeError(f"{args[0]} exited before listening")
 
 
 def _prompts(folder: Path, rounds: int) -> tuple[list[int], list[list[int]]]:
@@ -153,30 +141,12 @@ def main() -> None:
     if args.raw_server:
         aio.run(raw_server(args.raw_server))
         return
-    if any(os.environ.get(k) != v for k, v in MALLOC.items()):  # the client side gets them too
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC})
+    with_malloc_settings()
     folder = default_model_dir("int4")
     system, users = _prompts(folder, args.rounds)
     with tempfile.TemporaryDirectory() as tmp:
-        node, port = _spawn(
-            [
-                sys.executable,
-                "-m",
-                "kvmesh.cli",
-                "prefill",
-                "--port",
-                "0",
-                "--store",
-                f"{tmp}/store",
-                "--model",
-                str(folder),
-                "--threads",
-                "2",
-                "--chunk-bytes",
-                str(args.chunk_bytes),
-            ],
-            r"listening on [\d.]+:(\d+)",
-        )
+        args_ = ["prefill", "--store", f"{tmp}/store", "--model", str(folder), "--threads", "2"]
+        node, port = spawn([*args_, "--chunk-bytes", str(args.chunk_bytes)])
         raw_port_file = Path(tmp) / "raw.port"
         raw = subprocess.Popen(
             [sys.executable, __file__, "--raw-server", str(raw_port_file)], env={**os.environ, **MALLOC}
@@ -190,10 +160,8 @@ def main() -> None:
                 args.rounds,
             )
         finally:
-            node.terminate()
             raw.terminate()
-            node.wait(30)
-            raw.wait(30)
+            stop(node, raw)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
 

@@ -124,8 +124,14 @@ class DecodeNode:
         start = time.perf_counter()
         seq: Sequence | None = None
         try:
-            prefill_job = PrefillJob(job.tokens, job.params, job.salt, job.wire_dtype, job.prefill_node,
-                                     timeout_s or self.config.prefill_timeout_s)  # fmt: skip
+            prefill_job = PrefillJob(
+                job.tokens,
+                job.params,
+                job.salt,
+                job.wire_dtype,
+                job.prefill_node,
+                timeout_s or self.config.prefill_timeout_s,
+            )
             info, kv_pending = await self.source.start(prefill_job)
             ttft = time.perf_counter() - start
             self.metrics.ttft.observe(ttft)
@@ -134,10 +140,21 @@ class DecodeNode:
             sampler.skip()  # the prefill node drew the first token with the same seed
 
             def done(reason: str, transfer: float = 0.0, decode: float = 0.0) -> Done:
-                return Done(reason, len(job.tokens), info.cached_tokens, text.count, ttft * 1000, transfer * 1000,
-                            info.kv_bytes, decode * 1000, info.compute_ms, info.store_read_ms)  # fmt: skip
+                return Done(
+                    reason,
+                    len(job.tokens),
+                    info.cached_tokens,
+                    text.count,
+                    ttft * 1000,
+                    transfer * 1000,
+                    info.kv_bytes,
+                    decode * 1000,
+                    info.compute_ms,
+                    info.store_read_ms,
+                )
 
-            if info.first_token in self.tokenizer.eos_token_ids:
+            eos = () if job.params.ignore_eos else self.tokenizer.eos_token_ids
+            if info.first_token in eos:
                 yield done("eos")
                 return
             delta, stopped = text.push(info.first_token)
@@ -159,7 +176,7 @@ class DecodeNode:
             def emit(item: tuple[int, float] | tuple[str, str]) -> None:  # from the batcher thread
                 loop.call_soon_threadsafe(events.put_nowait, item)
 
-            seq = Sequence(job.request_id, info.first_token, sampler, budget - 1, self.tokenizer.eos_token_ids, emit)
+            seq = Sequence(job.request_id, info.first_token, sampler, budget - 1, eos, emit)
             self.batcher.submit(seq, kv)
             del kv
             while True:

@@ -18,19 +18,33 @@ DEFAULT_MAX_TOKENS = 256
 
 def params_from_pb(msg: decode_pb2.GenerationParams) -> SamplingParams:
     seed = msg.seed if msg.HasField("seed") else None
-    return SamplingParams(msg.temperature, msg.top_k, msg.top_p or 1.0, seed, msg.max_tokens or DEFAULT_MAX_TOKENS,
-                          tuple(msg.stop))  # fmt: skip
+    return SamplingParams(
+        msg.temperature,
+        msg.top_k,
+        msg.top_p or 1.0,
+        seed,
+        msg.max_tokens or DEFAULT_MAX_TOKENS,
+        tuple(msg.stop),
+        msg.ignore_eos,
+    )
 
 
 def event_to_pb(event: Token | Done) -> decode_pb2.DecodeEvent:
     if isinstance(event, Token):
-        return decode_pb2.DecodeEvent(token=decode_pb2.TokenEvent(token_id=event.token_id, text=event.text,
-                                                                  logprob=event.logprob))  # fmt: skip
-    usage = decode_pb2.Usage(prompt_tokens=event.prompt_tokens, cached_tokens=event.cached_tokens,
-                             completion_tokens=event.completion_tokens)  # fmt: skip
-    timings = decode_pb2.Timings(ttft_ms=event.ttft_ms, kv_transfer_ms=event.kv_transfer_ms, kv_bytes=event.kv_bytes,
-                                 decode_ms=event.decode_ms, prefill_compute_ms=event.prefill_compute_ms,
-                                 store_read_ms=event.store_read_ms)  # fmt: skip
+        return decode_pb2.DecodeEvent(
+            token=decode_pb2.TokenEvent(token_id=event.token_id, text=event.text, logprob=event.logprob)
+        )
+    usage = decode_pb2.Usage(
+        prompt_tokens=event.prompt_tokens, cached_tokens=event.cached_tokens, completion_tokens=event.completion_tokens
+    )
+    timings = decode_pb2.Timings(
+        ttft_ms=event.ttft_ms,
+        kv_transfer_ms=event.kv_transfer_ms,
+        kv_bytes=event.kv_bytes,
+        decode_ms=event.decode_ms,
+        prefill_compute_ms=event.prefill_compute_ms,
+        store_read_ms=event.store_read_ms,
+    )
     return decode_pb2.DecodeEvent(
         finished=decode_pb2.Finished(finish_reason=event.reason, usage=usage, timings=timings)
     )
@@ -44,8 +58,14 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self, request: decode_pb2.DecodeRequest, context: Context
     ) -> AsyncIterator[decode_pb2.DecodeEvent]:
         try:
-            job = DecodeJob(request.request_id, list(request.tokens), params_from_pb(request.params),
-                            request.prefill_node, request.cache_salt, request.wire_dtype)  # fmt: skip
+            job = DecodeJob(
+                request.request_id,
+                list(request.tokens),
+                params_from_pb(request.params),
+                request.prefill_node,
+                request.cache_salt,
+                request.wire_dtype,
+            )
             async for event in self.node.decode(job, context.time_remaining()):
                 yield event_to_pb(event)
         except KvmeshError as e:
@@ -53,6 +73,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     async def GetLoad(self, request: decode_pb2.GetDecodeLoadRequest, context: Context) -> decode_pb2.DecodeLoad:
         load = self.node.load()
-        return decode_pb2.DecodeLoad(node_id=self.node.node_id, running_sequences=load.running,
-                                     kv_tokens_held=load.kv_tokens_held, tokens_reserved=load.tokens_reserved,
-                                     waiting=load.waiting, free_slots=load.free_slots)  # fmt: skip
+        return decode_pb2.DecodeLoad(
+            node_id=self.node.node_id,
+            running_sequences=load.running,
+            kv_tokens_held=load.kv_tokens_held,
+            tokens_reserved=load.tokens_reserved,
+            waiting=load.waiting,
+            free_slots=load.free_slots,
+        )

@@ -74,8 +74,12 @@ class RemotePrefill:
             )
         p = job.params
         sampling = prefill_pb2.Sampling(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed)
-        request = prefill_pb2.PrefillRequest(tokens=job.tokens, sampling=sampling, cache_salt=job.salt,
-                                             wire_dtype=kv_pb2.KVDtype.ValueType(job.wire_dtype))  # fmt: skip
+        request = prefill_pb2.PrefillRequest(
+            tokens=job.tokens,
+            sampling=sampling,
+            cache_salt=job.salt,
+            wire_dtype=kv_pb2.KVDtype.ValueType(job.wire_dtype),
+        )
         call = prefill_method(channel)(request, timeout=job.timeout_s)
         it: AsyncIterator[bytes] = aiter(call)
         try:
@@ -89,8 +93,14 @@ class RemotePrefill:
         if header.model_fingerprint != self.fingerprint:
             call.cancel()
             raise ModelError(f"prefill node {job.prefill_node} serves another model ({header.model_fingerprint})")
-        info = Prefilled(header.first_token, header.first_logprob, header.cached_tokens, header.compute_ms,
-                         header.store_read_ms, header.total_bytes)  # fmt: skip
+        info = Prefilled(
+            header.first_token,
+            header.first_logprob,
+            header.cached_tokens,
+            header.compute_ms,
+            header.store_read_ms,
+            header.total_bytes,
+        )
         return info, PendingKV(lambda: self._receive(header, it, call, job.prefill_node), call.cancel)
 
     async def _receive(self, header: kv_pb2.KVHeader, it: AsyncIterator[bytes], call: Any, node: str) -> KVCache:
@@ -138,8 +148,14 @@ class LocalPrefill:
     async def start(self, job: PrefillJob) -> tuple[Prefilled, PendingKV]:
         loop = asyncio.get_running_loop()
         outcome = await loop.run_in_executor(self._model_thread, self.engine.prefill, job.tokens, job.params, job.salt)
-        info = Prefilled(outcome.first_token, outcome.first_logprob, outcome.cached_tokens, outcome.compute_s * 1000,
-                         outcome.store_read_s * 1000, 0)  # fmt: skip
+        info = Prefilled(
+            outcome.first_token,
+            outcome.first_logprob,
+            outcome.cached_tokens,
+            outcome.compute_s * 1000,
+            outcome.store_read_s * 1000,
+            0,
+        )
 
         async def handed_over() -> KVCache:
             return outcome.kv

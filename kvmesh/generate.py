@@ -50,7 +50,7 @@ def generate(
     for _ in range(budget):
         token, _logprob = sampler.sample(logits)
         first = first or time.perf_counter()
-        if token in tok.eos_token_ids:
+        if token in tok.eos_token_ids and not params.ignore_eos:
             reason = "eos"
             break
         ids.append(token)

@@ -101,8 +101,9 @@ def test_colocated_worker_gives_the_same_tokens(tiny_fp32: ModelFolder, servers:
 def test_cancelled_stream_frees_its_slot(tiny_fp32: ModelFolder, servers: MakeServer) -> None:
     p, d = servers("prefill", tiny_fp32), servers("decode", tiny_fp32, slots=1, max_waiting=0)
     stub = decode_pb2_grpc.DecodeStub(grpc.insecure_channel(d.address))
-    long = decode_pb2.DecodeRequest(tokens=PROMPTS[0], prefill_node=p.address,
-                                    params=decode_pb2.GenerationParams(max_tokens=150))  # fmt: skip
+    long = decode_pb2.DecodeRequest(
+        tokens=PROMPTS[0], prefill_node=p.address, params=decode_pb2.GenerationParams(max_tokens=150)
+    )
     call = stub.Decode(long)
     next(call), next(call), next(call)
     with pytest.raises(grpc.RpcError) as busy:  # the one slot is taken, nothing may wait
@@ -125,8 +126,9 @@ def test_damaged_kv_stream_is_data_loss_and_nothing_is_decoded(
     relay = ServerThread(lambda: Relay(p.address, fault))
     d = servers("decode", tiny_fp32)
     stub = decode_pb2_grpc.DecodeStub(grpc.insecure_channel(d.address))
-    request = decode_pb2.DecodeRequest(tokens=PROMPTS[3], prefill_node=relay.address,
-                                       params=decode_pb2.GenerationParams(max_tokens=20))  # fmt: skip
+    request = decode_pb2.DecodeRequest(
+        tokens=PROMPTS[3], prefill_node=relay.address, params=decode_pb2.GenerationParams(max_tokens=20)
+    )
     tokens = []
     try:
         with pytest.raises(grpc.RpcError) as err:
@@ -134,16 +136,21 @@ def test_damaged_kv_stream_is_data_loss_and_nothing_is_decoded(
                 tokens.append(ev)
         assert err.value.code() == grpc.StatusCode.DATA_LOSS  # type: ignore[attr-defined]
         assert len(tokens) <= 1  # at most the first token, sent before the KV; nothing decoded from it
-        assert decode_pb2_grpc.DecodeStub(grpc.insecure_channel(d.address)).GetLoad(
-            decode_pb2.GetDecodeLoadRequest()).running_sequences == 0  # fmt: skip
+        assert (
+            decode_pb2_grpc.DecodeStub(grpc.insecure_channel(d.address))
+            .GetLoad(decode_pb2.GetDecodeLoadRequest())
+            .running_sequences
+            == 0
+        )
     finally:
         relay.stop()
 
 
 def test_prefill_node_dying_mid_stream_is_unavailable_not_a_hang(tiny_fp32: ModelFolder, servers: MakeServer) -> None:
     p = servers("prefill", tiny_fp32, chunk_bytes=4096)
-    relay = subprocess.Popen([sys.executable, "-m", "tests.helpers.relay", p.address, "die:1"], cwd=ROOT,
-                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    relay = subprocess.Popen(
+        [sys.executable, "-m", "tests.helpers.relay", p.address, "die:1"], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
     assert relay.stdout is not None
     port = int(relay.stdout.readline())
     d = servers("decode", tiny_fp32)
@@ -165,8 +172,9 @@ def test_prefill_node_dying_mid_stream_is_unavailable_not_a_hang(tiny_fp32: Mode
         ([5, 6], {"max_tokens": 10**8}, grpc.StatusCode.INVALID_ARGUMENT),
     ],
 )
-def test_bad_requests(tiny_fp32: ModelFolder, servers: MakeServer, prompt: list[int], params: dict[str, object],
-                      code: grpc.StatusCode) -> None:  # fmt: skip
+def test_bad_requests(
+    tiny_fp32: ModelFolder, servers: MakeServer, prompt: list[int], params: dict[str, object], code: grpc.StatusCode
+) -> None:
     p, d = servers("prefill", tiny_fp32), servers("decode", tiny_fp32)
     with pytest.raises(grpc.RpcError) as err:
         _decode(d.address, prompt, p.address, **params)

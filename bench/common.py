@@ -1,0 +1,98 @@
+"""What the benchmarks share: starting services as processes, a timed decode client, tables."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+# DESIGN.md: glibc otherwise returns each freed MiB to the OS and faults it in again.
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296", "MALLOC_TOP_PAD_": "268435456"}
+
+
+def with_malloc_settings() -> None:
+    """Re-run this script with MALLOC set, so its own client side gets them too."""
+    if any(os.environ.get(k) != v for k, v in MALLOC.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC})
+
+
+def spawn(args: Sequence[str], cores: set[int] | None = None) -> tuple[subprocess.Popen[str], int]:
+    """Start `kvmesh ARGS --port 0` (optionally pinned to cores); -> (process, its gRPC port)."""
+    cmd = [sys.executable, "-m", "kvmesh.cli", *args, "--port", "0"]
+    pin = None if cores is None else (lambda: os.sched_setaffinity(0, cores))
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **MALLOC},
+        preexec_fn=pin,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if m := re.search(r"listening on [\d.]+:(\d+)", line):
+            return proc, int(m.group(1))
+    raise RuntimeError(f"{' '.join(args)} exited before listening")
+
+
+def stop(*procs: subprocess.Popen[str]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.wait(60)
+
+
+@dataclass
+class Stream:
+    """One Decode call as the client saw it: send time, token arrival times, the final event."""
+
+    sent: float
+    arrivals: list[float] = field(default_factory=list)
+    cached_tokens: int = 0
+    error: str = ""
+
+    @property
+    def ttft(self) -> float:
+        return self.arrivals[0] - self.sent
+
+    @property
+    def gaps(self) -> list[float]:
+        return list(np.diff(self.arrivals))
+
+
+async def decode_stream(stub: object, request: object) -> Stream:
+    s = Stream(time.perf_counter())
+    try:
+        async for ev in stub.Decode(request):  # type: ignore[attr-defined]
+            if ev.HasField("token") and ev.token.token_id >= 0:
+                s.arrivals.append(time.perf_counter())
+            elif ev.HasField("finished"):
+                s.cached_tokens = ev.finished.usage.cached_tokens
+    except grpc.aio.AioRpcError as e:
+        s.error = e.code().name
+    return s
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if len(values) else float("nan")
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    widths = [max(len(str(h)), *(len(_fmt(r[i])) for r in rows)) for i, h in enumerate(header)]
+    print("  ".join(str(h).rjust(w) for h, w in zip(header, widths, strict=True)))
+    for r in rows:
+        print("  ".join(_fmt(v).rjust(w) for v, w in zip(r, widths, strict=True)))
+
+
+def _fmt(v: object) -> str:
+    return f"{v:.2f}" if isinstance(v, float) else str(v)

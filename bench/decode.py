@@ -1,0 +1,93 @@
+"""Decode benchmark: aggregate decode tokens/s of one decode node at 1, 4, 8 and 16 concurrent
+streams, as a ratio to 1 stream, with inter-token latency p50/p99.
+
+Workload: SmolLM2-135M-Instruct int4, 2 threads, a prefill node and a decode node as processes
+(malloc settings of DESIGN.md). Each stream: a 512-token prompt (a shared 496-token prefix, cached
+after the first request, + 16 tokens of its own), 128 new tokens (greedy, ignore_eos). Streams of a
+round start together; aggregate tokens/s = all tokens after each stream's first / the time from
+the first such token to the last. Inter-token latency = gaps between a stream's tokens at the
+client. One warm-up round first.
+
+  python bench/decode.py [--concurrency 1 4 8 16] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import decode_stream, pct, spawn, stop, table, with_malloc_settings
+from kvmesh.model.folder import ModelFolder
+from kvmesh.model.prepare import default_model_dir
+from kvmesh.model.tokenizer import ChatTokenizer
+from kvmesh.v1 import decode_pb2, decode_pb2_grpc
+
+PROMPT_TOKENS, SHARED, NEW_TOKENS = 512, 496, 128
+
+
+def prompts(n: int) -> list[list[int]]:
+    tok = ChatTokenizer(ModelFolder.load(default_model_dir("int4")))
+    text = tok.encode((Path(__file__).resolve().parents[1] / "tests" / "data" / "english.txt").read_text())
+    shared = (text * 2)[:SHARED]
+    return [[*shared, *text[7 * i : 7 * i + PROMPT_TOKENS - SHARED]] for i in range(n)]
+
+
+async def round_(decode: str, prefill: str, n: int) -> dict[str, float]:
+    async with grpc.aio.insecure_channel(decode) as channel:
+        stub = decode_pb2_grpc.DecodeStub(channel)
+        params = decode_pb2.GenerationParams(max_tokens=NEW_TOKENS, ignore_eos=True)
+        requests = [decode_pb2.DecodeRequest(tokens=p, prefill_node=prefill, params=params) for p in prompts(n)]
+        streams = await asyncio.gather(*(decode_stream(stub, r) for r in requests))
+    errors = [s.error for s in streams if s.error]
+    if errors:
+        raise RuntimeError(f"{len(errors)} streams failed: {errors[:3]}")
+    after_first = [t for s in streams for t in s.arrivals[1:]]
+    start = min(s.arrivals[1] for s in streams)
+    gaps = [g * 1000 for s in streams for g in s.gaps]
+    return {
+        "streams": n,
+        "tokens_per_s": len(after_first) / (max(after_first) - start),
+        "itl_p50_ms": pct(gaps, 50),
+        "itl_p99_ms": pct(gaps, 99),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    with_malloc_settings()
+    with tempfile.TemporaryDirectory() as tmp:
+        prefill, pport = spawn(["prefill", "--store", f"{tmp}/store", "--threads", "2"])
+        decode, dport = spawn(
+            ["decode", "--threads", "2", "--slots", str(max(args.concurrency)), "--slot-tokens", "1024"]
+        )
+        try:
+            target = (f"127.0.0.1:{dport}", f"127.0.0.1:{pport}")
+            asyncio.run(round_(*target, 2))  # warm-up: caches the shared prefix, loads kernels
+            rows = [asyncio.run(round_(*target, n)) for n in args.concurrency]
+        finally:
+            stop(prefill, decode)
+    base = rows[0]["tokens_per_s"]
+    for r in rows:
+        r["ratio_to_1"] = r["tokens_per_s"] / base
+    table(
+        ["streams", "tokens/s", "x 1 stream", "ITL p50 ms", "ITL p99 ms"],
+        [[r["streams"], r["tokens_per_s"], r["ratio_to_1"], r["itl_p50_ms"], r["itl_p99_ms"]] for r in rows],
+    )
+    report: dict[str, Any] = {"workload": {"prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS}, "rows": rows}
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
