@@ -4,11 +4,12 @@ streams, as a ratio to 1 stream, with inter-token latency p50/p99.
 Workload: SmolLM2-135M-Instruct int4, 2 threads, a prefill node and a decode node as processes
 (malloc settings of DESIGN.md). Each stream: a 512-token prompt (a shared 496-token prefix, cached
 after the first request, + 16 tokens of its own), 128 new tokens (greedy, ignore_eos). Streams of a
-round start together; aggregate tokens/s = all tokens after each stream's first / the time from
-the first such token to the last. Inter-token latency = gaps between a stream's tokens at the
-client. One warm-up round first.
+round start together; aggregate tokens/s = tokens received while all N streams decode (from the
+moment the last stream got its second token to the moment the first one finished) / that time.
+Inter-token latency = gaps between a stream's tokens at the client. One warm-up round first.
+--model takes another folder, e.g. one prepared with --decode-accuracy-level 4.
 
-  python bench/decode.py [--concurrency 1 4 8 16] [--json out.json]
+  python bench/decode.py [--concurrency 1 4 8 16] [--model DIR] [--json out.json]
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ from kvmesh.model.tokenizer import ChatTokenizer
 from kvmesh.v1 import decode_pb2, decode_pb2_grpc
 
 PROMPT_TOKENS, SHARED, NEW_TOKENS = 512, 496, 128
+MODEL = [default_model_dir("int4")]
 
 
 def prompts(n: int) -> list[list[int]]:
-    tok = ChatTokenizer(ModelFolder.load(default_model_dir("int4")))
+    tok = ChatTokenizer(ModelFolder.load(MODEL[0]))
     text = tok.encode((Path(__file__).resolve().parents[1] / "tests" / "data" / "english.txt").read_text())
     shared = (text * 2)[:SHARED]
     return [[*shared, *text[7 * i : 7 * i + PROMPT_TOKENS - SHARED]] for i in range(n)]
@@ -49,12 +51,13 @@ async def round_(decode: str, prefill: str, n: int) -> dict[str, float]:
     errors = [s.error for s in streams if s.error]
     if errors:
         raise RuntimeError(f"{len(errors)} streams failed: {errors[:3]}")
-    after_first = [t for s in streams for t in s.arrivals[1:]]
-    start = min(s.arrivals[1] for s in streams)
+    # Steady state: from the moment every stream is decoding to the moment the first one ends.
+    start, end = max(s.arrivals[1] for s in streams), min(s.arrivals[-1] for s in streams)
+    in_window = sum(1 for s in streams for t in s.arrivals if start < t <= end)
     gaps = [g * 1000 for s in streams for g in s.gaps]
     return {
         "streams": n,
-        "tokens_per_s": len(after_first) / (max(after_first) - start),
+        "tokens_per_s": in_window / (end - start),
         "itl_p50_ms": pct(gaps, 50),
         "itl_p99_ms": pct(gaps, 99),
     }
@@ -64,13 +67,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--model", type=Path, help="model folder (default: the prepared SmolLM2 int4)")
     args = ap.parse_args()
     with_malloc_settings()
+    MODEL[0] = args.model or MODEL[0]
     with tempfile.TemporaryDirectory() as tmp:
-        prefill, pport = spawn(["prefill", "--store", f"{tmp}/store", "--threads", "2"])
-        decode, dport = spawn(
-            ["decode", "--threads", "2", "--slots", str(max(args.concurrency)), "--slot-tokens", "1024"]
-        )
+        model = ["--model", str(MODEL[0])]
+        prefill, pport = spawn(["prefill", *model, "--store", f"{tmp}/store", "--threads", "2"])
+        slots = ["--slots", str(max(args.concurrency)), "--slot-tokens", "1024"]
+        decode, dport = spawn(["decode", *model, "--threads", "2", *slots])
         try:
             target = (f"127.0.0.1:{dport}", f"127.0.0.1:{pport}")
             asyncio.run(round_(*target, 2))  # warm-up: caches the shared prefix, loads kernels

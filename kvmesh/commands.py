@@ -27,7 +27,8 @@ def model_prepare(args: argparse.Namespace) -> int:
     gguf = args.gguf or find_default_gguf()
     for p in precisions:
         out = args.out or (default_model_dir(p) if args.gguf is None else Path(f"{gguf.stem}-{p}"))
-        prepare(gguf, out, p, args.accuracy_level, args.force)
+        decode_level = args.decode_accuracy_level if p == "int4" else None
+        prepare(gguf, out, p, args.accuracy_level, args.force, decode_level)
         print(out)
     return 0
 

@@ -53,25 +53,25 @@ class Sampler:
         self._rng = np.random.default_rng(params.seed)
 
     def sample(self, logits: np.ndarray) -> tuple[int, float]:
-        """logits (vocab,) -> (token, its log-probability under the model's own distribution)."""
-        logp = log_softmax(logits)
+        """logits (vocab,) -> (token, its log-probability under the model's own distribution).
+        Runs once per sequence per decode step, so it stays in float32 and sorts only when it must."""
+        z = np.asarray(logits, dtype=np.float32)
+        top = float(z.max())
+        lse = top + float(np.log(np.exp(z - top).sum()))
         p = self.params
         if p.temperature == 0 or p.top_k == 1:
-            token = int(np.argmax(logits))
-            return token, float(logp[token])
-        scaled = logp / p.temperature
-        candidates = np.arange(scaled.size)
-        if 0 < p.top_k < scaled.size:
-            candidates = np.argpartition(-scaled, p.top_k - 1)[: p.top_k]
-        candidates = candidates[np.argsort(-scaled[candidates], kind="stable")]
-        probs = np.exp(scaled[candidates] - scaled[candidates[0]])
+            token = int(np.argmax(z))
+            return token, float(z[token]) - lse
+        candidates = np.argpartition(-z, p.top_k - 1)[: p.top_k] if 0 < p.top_k < z.size else np.arange(z.size)
+        candidates = candidates[np.argsort(-z[candidates], kind="stable")]
+        probs = np.exp((z[candidates] - z[candidates[0]]) / p.temperature, dtype=np.float64)
         probs /= probs.sum()
         if p.top_p < 1.0:  # the smallest head of the sorted list whose mass reaches top_p
             keep = int(np.searchsorted(np.cumsum(probs), p.top_p)) + 1
             candidates, probs = candidates[:keep], probs[:keep] / probs[:keep].sum()
         pick = int(np.searchsorted(np.cumsum(probs), self._rng.random() * probs.sum(), side="right"))
         token = int(candidates[min(pick, candidates.size - 1)])
-        return token, float(logp[token])
+        return token, float(z[token]) - lse
 
     def skip(self) -> None:
         """Consume the draw of one sample made elsewhere with the same seed."""

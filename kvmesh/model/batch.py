@@ -30,7 +30,7 @@ class SlotBatch:
         self.active = 0
         self._logits = np.zeros((slots, 1, runner.vocab_size), np.float32)
         self._bound = -1  # the batch size the binding was made for
-        self._io = runner.session.io_binding()
+        self._io = runner.decode_session.io_binding()
 
     @property
     def bytes(self) -> int:
@@ -80,7 +80,7 @@ class SlotBatch:
         mask = (np.arange(width)[None, :] < self.lengths[:b, None]).astype(np.int64)  # (B, T), ones left-aligned
         self._io.bind_cpu_input("input_ids", tokens.astype(np.int64).reshape(b, 1))
         self._io.bind_cpu_input("attention_mask", mask)
-        self.runner.session.run_with_iobinding(self._io)
+        self.runner.decode_session.run_with_iobinding(self._io)
         return self._logits[:b, 0]
 
     def _bind(self, b: int) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import onnx
 
-from kvmesh.model.folder import GRAPH, KVMESH_JSON, LAST_GRAPH
+from kvmesh.model.folder import DECODE_GRAPH, GRAPH, KVMESH_JSON, LAST_GRAPH
 from kvmesh.model.gguf_import import GGUFSource, Precision
 from kvmesh.model.graph import build_decoder
 from kvmesh.model.spec import LlamaConfig
@@ -26,7 +26,14 @@ def file_digest(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def convert_gguf(gguf: Path, out: Path, precision: Precision, accuracy_level: int = 0, step: Step = print) -> Path:
+def convert_gguf(
+    gguf: Path,
+    out: Path,
+    precision: Precision,
+    accuracy_level: int = 0,
+    step: Step = print,
+    decode_accuracy_level: int | None = None,
+) -> Path:
     """Write the folder under a temporary name, then rename: a folder that exists is complete."""
     src = GGUFSource(gguf)
     cfg = src.config()
@@ -51,12 +58,20 @@ def convert_gguf(gguf: Path, out: Path, precision: Precision, accuracy_level: in
     last = build_decoder(weights, accuracy_level, last_only=True)
     _share_initializers(last, full)
     onnx.save_model(last, tmp / LAST_GRAPH)
+    if decode_accuracy_level is not None and decode_accuracy_level != accuracy_level:
+        # Decode steps in batches run MatMulNBits fastest with int8 activations (level 4): the
+        # same weights, another kernel. Prefill (and so every KV that is stored or sent) keeps
+        # the folder's own level.
+        decode = build_decoder(weights, decode_accuracy_level, decode_accuracy_level, last_only=True)
+        _share_initializers(decode, full)
+        onnx.save_model(decode, tmp / DECODE_GRAPH)
     del full, last, weights
     step("writing tokenizer")
     tokenizer = src.tokenizer()
     tokenizer.save(str(tmp / "tokenizer.json"))
     template = src.chat_template()
     meta = _meta(cfg, src, gguf, precision, accuracy_level, template)
+    meta["decode_accuracy_level"] = accuracy_level if decode_accuracy_level is None else decode_accuracy_level
     meta["fingerprint"] = _fingerprint(meta, tmp / "tokenizer.json")
     _write_json(tmp / KVMESH_JSON, meta)
     _write_json(tmp / "tokenizer_config.json", _tokenizer_config(src, cfg, template))

@@ -45,7 +45,7 @@ def find_default_gguf() -> Path:
     raise ModelError(f"{DEFAULT_PACKAGE} is installed but holds no {DEFAULT_GGUF}")
 
 
-def is_current(folder: Path, gguf: Path, precision: str, accuracy_level: int) -> bool:
+def is_current(folder: Path, gguf: Path, precision: str, accuracy_level: int, decode_accuracy_level: int) -> bool:
     """True when `folder` was converted from this very file, at this precision, by this format."""
     meta_path = folder / KVMESH_JSON
     if not meta_path.is_file():
@@ -55,13 +55,22 @@ def is_current(folder: Path, gguf: Path, precision: str, accuracy_level: int) ->
         meta.get("format_version") == FORMAT_VERSION
         and meta.get("precision") == precision
         and meta.get("accuracy_level") == accuracy_level
+        and meta.get("decode_accuracy_level", accuracy_level) == decode_accuracy_level
         and meta.get("source", {}).get("sha256") == file_digest(gguf)
     )
 
 
-def prepare(gguf: Path, out: Path, precision: Precision, accuracy_level: int = 0, force: bool = False) -> Path:
+def prepare(
+    gguf: Path,
+    out: Path,
+    precision: Precision,
+    accuracy_level: int = 0,
+    force: bool = False,
+    decode_accuracy_level: int | None = None,
+) -> Path:
     """Convert unless an identical conversion is already there (idempotent)."""
-    if not force and is_current(out, gguf, precision, accuracy_level):
+    decode_level = accuracy_level if decode_accuracy_level is None else decode_accuracy_level
+    if not force and is_current(out, gguf, precision, accuracy_level, decode_level):
         print(f"{out}: up to date")
         return out
     GGUFSource(gguf).check()
@@ -72,6 +81,6 @@ def prepare(gguf: Path, out: Path, precision: Precision, accuracy_level: int = 0
             bar.set_postfix_str(label)
             bar.update(0 if label == steps[0] else 1)
 
-        convert_gguf(gguf, out, precision, accuracy_level, step)
+        convert_gguf(gguf, out, precision, accuracy_level, step, decode_accuracy_level)
         bar.update(len(steps) + 1 - bar.n)
     return out

@@ -13,7 +13,7 @@ PROMPTS = [
 ]
 
 
-@pytest.mark.parametrize("variant", ["fp32", "int4"])
+@pytest.mark.parametrize("variant", ["fp32", "int4", "int4_dec4"])
 def test_mixed_lengths_joining_and_leaving_match_single_runs(variant: str, request: pytest.FixtureRequest) -> None:
     folder: ModelFolder = request.getfixturevalue(f"tiny_{variant}")
     runner = ModelRunner(folder, RunnerConfig(threads=1))
@@ -61,3 +61,12 @@ def test_slots_and_capacity_are_bounded(tiny_fp32: ModelFolder) -> None:
     batch.step(np.array([1]))
     with pytest.raises(ResourceExhausted):
         batch.step(np.array([1]))
+
+
+def test_decode_graph_is_used_for_decode_steps_only(tiny_int4_dec4: ModelFolder) -> None:
+    assert tiny_int4_dec4.decode_graph is not None
+    runner = ModelRunner(tiny_int4_dec4, RunnerConfig(threads=1))
+    assert runner.decode_session is not runner.session
+    exact = ModelRunner(tiny_int4_dec4, RunnerConfig(threads=1, use_decode_graph=False))
+    assert exact.decode_session is exact.session
+    np.testing.assert_array_equal(runner.prefill(PROMPTS[1])[0], exact.prefill(PROMPTS[1])[0])  # prefill: same graph
