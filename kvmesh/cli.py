@@ -82,6 +82,10 @@ def _parser() -> argparse.ArgumentParser:
 
     decode = sub.add_parser("decode", help="run a decode node (gRPC); --colocated: a worker that prefills too")
     add_flags(decode, DecodeConfig, "DECODE")
+    from proxy.config import ProxyConfig
+
+    proxy = sub.add_parser("proxy", help="run the proxy: the one public endpoint (gRPC)")
+    add_flags(proxy, ProxyConfig, "PROXY")
     return root
 
 
@@ -96,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             return commands.prefill(args)
         if args.command == "decode":
             return commands.decode(args)
+        if args.command == "proxy":
+            return commands.proxy(args)
         return commands.generate(args)
     except KvmeshError as e:
         print(f"kvmesh: error: {e}", file=sys.stderr)

@@ -87,3 +87,12 @@ def decode(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     aio.run(serve(build(DecodeConfig, args)))
     return 0
+
+
+def proxy(args: argparse.Namespace) -> int:
+    from proxy.config import ProxyConfig
+    from proxy.server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    aio.run(serve(build(ProxyConfig, args)))
+    return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from kvmesh.model.folder import ModelFolder
 from kvmesh.model.gguf_import import Precision
 from kvmesh.model.prepare import default_model_dir, find_default_gguf, prepare
 from kvmesh.model.tiny import write_tiny_gguf
+from tests.helpers.servers import MakeServer, ServerThread
 
 
 def _quiet(_: str) -> None:
@@ -68,3 +70,44 @@ def real_int4() -> ModelFolder:
 @pytest.fixture(scope="session")
 def real_fp32() -> ModelFolder:
     return _real("fp32")
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[MakeServer]:
+    """Starts prefill and decode servers on 127.0.0.1:0 (each on its own loop); stops them after."""
+    from decode_svc.config import DecodeConfig
+    from decode_svc.server import DecodeServer
+    from prefill_svc.config import PrefillConfig
+    from prefill_svc.server import PrefillServer
+
+    started: list[ServerThread] = []
+
+    def start(kind: str, folder: ModelFolder, **kw: object) -> ServerThread:
+        if kind == "prefill":
+            base = {
+                "model": folder.path,
+                "store": tmp_path / f"store{len(started)}",
+                "port": 0,
+                "block_size": 8,
+                "threads": 1,
+                "drain_seconds": 1.0,
+            }
+            server = ServerThread(lambda: PrefillServer(PrefillConfig(**{**base, **kw})))  # type: ignore[arg-type]
+        else:
+            base = {
+                "model": folder.path,
+                "port": 0,
+                "threads": 1,
+                "slots": 4,
+                "slot_tokens": 200,
+                "drain_seconds": 1.0,
+                "store": tmp_path / f"store{len(started)}",
+                "block_size": 8,
+            }
+            server = ServerThread(lambda: DecodeServer(DecodeConfig(**{**base, **kw})))  # type: ignore[arg-type]
+        started.append(server)
+        return server
+
+    yield start
+    for s in reversed(started):
+        s.stop()

@@ -16,9 +16,8 @@ from kvmesh.model.folder import ModelFolder
 from kvmesh.model.runner import ModelRunner, RunnerConfig
 from kvmesh.sampling import SamplingParams
 from kvmesh.v1 import decode_pb2, decode_pb2_grpc
-from tests.decode_svc.conftest import MakeServer
 from tests.helpers.relay import Relay
-from tests.helpers.servers import ServerThread
+from tests.helpers.servers import MakeServer, ServerThread
 
 ROOT = Path(__file__).parents[2]
 PROMPTS = [

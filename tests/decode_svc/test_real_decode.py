@@ -7,8 +7,8 @@ from kvmesh.model.folder import ModelFolder
 from kvmesh.model.runner import ModelRunner, RunnerConfig
 from kvmesh.model.tokenizer import ChatTokenizer, chat_messages
 from kvmesh.sampling import SamplingParams
-from tests.decode_svc.conftest import MakeServer
 from tests.decode_svc.test_decode import _decode
+from tests.helpers.servers import MakeServer
 
 
 def test_real_model_disaggregated_equals_one_process(

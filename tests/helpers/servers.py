@@ -37,3 +37,6 @@ class ServerThread:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
+
+
+MakeServer = Callable[..., ServerThread]  # the `servers` fixture: (kind, folder, **config) -> a started server

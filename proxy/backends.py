@@ -1,0 +1,102 @@
+"""What the proxy knows of its backends: each prefill node's cached blocks (followed through
+WatchCache), every node's health (grpc.health.v1 Watch) and load (GetLoad). One asyncio task per
+stream, each reconnecting on failure; all owned by Backends and cancelled by close()."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kvmesh.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from proxy.routing import NodeState
+
+log = logging.getLogger(__name__)
+RETRY_S, LOAD_EVERY_S = 0.5, 0.25
+OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
+
+
+class Backends:
+    def __init__(self, prefill: tuple[str, ...], decode: tuple[str, ...], block_size: int) -> None:
+        self.prefill = {a: NodeState(a, healthy=False) for a in prefill}
+        self.decode = {a: NodeState(a, healthy=False) for a in decode}
+        self.block_size = block_size
+        self.channels = {a: grpc.aio.insecure_channel(a, options=OPTIONS) for a in (*prefill, *decode)}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        for address, node in self.prefill.items():
+            self._spawn(self._follow_cache, address, node)
+            self._spawn(self._follow_health, address, node, "kvmesh.v1.Prefill")
+            self._spawn(self._poll_prefill_load, address, node)
+        for address, node in self.decode.items():
+            self._spawn(self._follow_health, address, node, "kvmesh.v1.Decode")
+            self._spawn(self._poll_decode_load, address, node)
+
+    def _spawn(self, loop: Callable[..., Awaitable[None]], address: str, *args: object) -> None:
+        async def forever() -> None:
+            while True:
+                try:
+                    await loop(address, *args)
+                except grpc.aio.AioRpcError as e:
+                    log.debug("%s: %s", address, e.code().name)
+                await asyncio.sleep(RETRY_S)
+
+        self._tasks.append(asyncio.create_task(forever(), name=f"{loop.__name__}:{address}"))
+
+    async def _follow_cache(self, address: str, node: NodeState) -> None:
+        """A snapshot (in batches), then stored/evicted events; a reconnect resyncs."""
+        stub = prefill_pb2_grpc.PrefillStub(self.channels[address])
+        snapshot: set[bytes] = set()
+        async for ev in stub.WatchCache(prefill_pb2.WatchCacheRequest()):
+            self.block_size = ev.block_size or self.block_size
+            if ev.kind == prefill_pb2.CacheEvent.SNAPSHOT:
+                snapshot.update(ev.block_keys)
+                if ev.snapshot_done:
+                    node.blocks, snapshot = snapshot, set()
+            elif ev.kind == prefill_pb2.CacheEvent.STORED:
+                node.blocks.update(ev.block_keys)
+            elif ev.kind == prefill_pb2.CacheEvent.EVICTED:
+                node.blocks.difference_update(ev.block_keys)
+
+    async def _follow_health(self, address: str, node: NodeState, service: str) -> None:
+        stub = health_pb2_grpc.HealthStub(self.channels[address])
+        try:
+            async for reply in stub.Watch(health_pb2.HealthCheckRequest(service=service)):
+                node.healthy = reply.status == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            node.healthy = False
+
+    async def _poll_prefill_load(self, address: str, node: NodeState) -> None:
+        stub = prefill_pb2_grpc.PrefillStub(self.channels[address])
+        while True:
+            node.queued_tokens = (await stub.GetLoad(prefill_pb2.GetLoadRequest(), timeout=2)).queued_prefill_tokens
+            await asyncio.sleep(LOAD_EVERY_S)
+
+    async def _poll_decode_load(self, address: str, node: NodeState) -> None:
+        stub = decode_pb2_grpc.DecodeStub(self.channels[address])
+        while True:
+            node.queued_tokens = (await stub.GetLoad(decode_pb2.GetDecodeLoadRequest(), timeout=2)).running_sequences
+            await asyncio.sleep(LOAD_EVERY_S)
+
+    async def wait_healthy(self, timeout_s: float) -> bool:
+        """True once one prefill and one decode node are healthy."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while asyncio.get_running_loop().time() < deadline:
+            if any(n.healthy for n in self.prefill.values()) and any(n.healthy for n in self.decode.values()):
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for channel in self.channels.values():
+            await channel.close()

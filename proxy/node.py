@@ -1,0 +1,177 @@
+"""The proxy's request path: who is asking (API key -> tenant -> salt), the prompt (chat template,
+tokens, block keys), where it goes (routing policy over the backends), then the decode node's
+stream relayed to the client, retried once on the next candidate if it fails before any token."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from kvmesh.blockhash import block_keys, root_key
+from kvmesh.errors import InvalidArgument, KvmeshError, Unavailable, Upstream
+from kvmesh.model.folder import ModelFolder
+from kvmesh.model.prepare import default_model_dir
+from kvmesh.model.tokenizer import ChatTokenizer, Message
+from kvmesh.sampling import SamplingParams
+from kvmesh.v1 import decode_pb2, decode_pb2_grpc, generation_pb2
+from proxy.backends import Backends
+from proxy.config import ProxyConfig
+from proxy.metrics import ProxyMetrics
+from proxy.routing import Decision, NodeState, Request, make_policy
+
+NO_RETRY = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.UNAUTHENTICATED,
+}
+
+
+class Unauthenticated(KvmeshError):
+    status = "UNAUTHENTICATED"
+
+
+@dataclass(frozen=True)
+class Plan:
+    request_id: str
+    session_id: str
+    tokens: list[int]
+    salt: bytes
+    params: SamplingParams
+
+
+class ProxyNode:
+    def __init__(self, config: ProxyConfig) -> None:
+        self.config = config
+        self.folder = ModelFolder.load(config.model or default_model_dir("int4"))
+        self.tokenizer = ChatTokenizer(self.folder)
+        self.context = self.folder.context_length or 1 << 30
+        self.backends = Backends(config.prefill, config.decode, config.block_size)
+        self.policy = make_policy(config.policy, config.load_bound)
+        self.tenants = config.tenants()
+        self.metrics = ProxyMetrics()
+
+    def tenant_salt(self, api_key: str | None) -> bytes:
+        """Keys configured: the key must name a tenant, whose name is its cache salt. Else open."""
+        if not self.tenants:
+            return b""
+        if not api_key:
+            raise Unauthenticated("an API key is required (metadata 'authorization: Bearer KEY' or 'x-api-key')")
+        tenant = self.tenants.get(api_key)
+        if tenant is None:
+            raise Unauthenticated("unknown API key")
+        return tenant.encode()
+
+    def plan(
+        self,
+        session_id: str,
+        messages: Sequence[Message],
+        prompt: str,
+        params: SamplingParams,
+        salt: bytes,
+        request_id: str,
+    ) -> Plan:
+        tokens = self.tokenizer.encode_chat(messages) if messages else self.tokenizer.encode(prompt)
+        if not tokens:
+            raise InvalidArgument("empty prompt: send messages or a prompt")
+        if len(tokens) >= self.context:
+            raise InvalidArgument(f"prompt of {len(tokens)} tokens does not fit the model's context of {self.context}")
+        if len(tokens) + params.max_tokens > self.context:
+            room = self.context - len(tokens)
+            raise InvalidArgument(f"max_tokens {params.max_tokens} goes beyond the context: {room} tokens are left")
+        return Plan(request_id or uuid.uuid4().hex, session_id or request_id or uuid.uuid4().hex, tokens, salt, params)
+
+    def route(self, plan: Plan, exclude: set[str]) -> tuple[Decision, str]:
+        """(prefill decision, decode node); nodes in `exclude` failed this request already."""
+        keys = block_keys(
+            root_key(self.folder.fingerprint, self.backends.block_size, plan.salt),
+            plan.tokens,
+            self.backends.block_size,
+        )
+        prefill = [n for n in self.backends.prefill.values() if n.node_id not in exclude]
+        decode = [n for n in self.backends.decode.values() if n.healthy and n.node_id not in exclude]
+        try:
+            decision = self.policy.choose(
+                prefill, Request(plan.session_id, keys, len(plan.tokens), self.backends.block_size)
+            )
+        except LookupError as e:
+            raise Unavailable("no healthy prefill node") from e
+        if not decode:
+            raise Unavailable("no healthy decode node")
+        return decision, min(decode, key=lambda n: (n.inflight, n.queued_tokens)).node_id
+
+    async def generate(self, plan: Plan, timeout_s: float | None) -> AsyncIterator[generation_pb2.GenerateEvent]:
+        """The decode node's events relayed, after a Started event; one retry before the first token."""
+        start = time.perf_counter()
+        failed: set[str] = set()
+        last_error: Upstream | None = None
+        for attempt in (1, 2):
+            decision, decode_node = self.route(plan, failed)
+            prefill = self.backends.prefill[decision.node_id]
+            decode = self.backends.decode[decode_node]
+            self.metrics.decisions.labels(self.policy.name, decision.reason, decision.node_id).inc()
+            prefill.inflight += 1
+            decode.inflight += 1
+            prefill.queued_tokens += len(plan.tokens)  # until its next load report
+            call = self._decode_call(plan, decision.node_id, decode_node, timeout_s)
+            started = False
+            try:
+                async for event in call:
+                    if not started:
+                        started = True
+                        self.metrics.ttft.observe(time.perf_counter() - start)
+                        yield self._started(plan, decision, decode_node, attempt)
+                    if event.HasField("finished"):
+                        yield generation_pb2.GenerateEvent(finished=event.finished)
+                    else:
+                        yield generation_pb2.GenerateEvent(token=event.token)
+                return
+            except grpc.aio.AioRpcError as e:
+                last_error = Upstream(e.code().name, e.details() or e.code().name)
+                if started or e.code() in NO_RETRY:
+                    raise last_error from e
+                failed.update({decision.node_id, decode_node})  # the next candidate, not these again
+            finally:
+                call.cancel()
+                prefill.inflight -= 1
+                decode.inflight -= 1
+        assert last_error is not None
+        raise last_error
+
+    def _decode_call(self, plan: Plan, prefill: str, decode: str, timeout_s: float | None) -> grpc.aio.UnaryStreamCall:  # type: ignore[type-arg]
+        p = plan.params
+        params = decode_pb2.GenerationParams(
+            temperature=p.temperature,
+            top_k=p.top_k,
+            top_p=p.top_p,
+            seed=p.seed,
+            max_tokens=p.max_tokens,
+            stop=list(p.stop),
+            ignore_eos=p.ignore_eos,
+        )
+        request = decode_pb2.DecodeRequest(
+            request_id=plan.request_id, tokens=plan.tokens, prefill_node=prefill, params=params, cache_salt=plan.salt
+        )
+        return decode_pb2_grpc.DecodeStub(self.backends.channels[decode]).Decode(request, timeout=timeout_s)
+
+    def _started(self, plan: Plan, d: Decision, decode: str, attempt: int) -> generation_pb2.GenerateEvent:
+        return generation_pb2.GenerateEvent(
+            started=generation_pb2.Started(
+                request_id=plan.request_id,
+                prefill_node=d.node_id,
+                decode_node=decode,
+                routing_reason=d.reason,
+                prompt_tokens=len(plan.tokens),
+                cached_tokens=d.cached_tokens,
+                attempt=attempt,
+                policy=self.policy.name,
+            )
+        )
+
+    def nodes(self) -> list[NodeState]:
+        return [*self.backends.prefill.values(), *self.backends.decode.values()]

@@ -1,0 +1,122 @@
+"""The proxy over real gRPC on 127.0.0.1: real prefill and decode nodes (tiny model) behind it."""
+
+from collections.abc import Callable, Iterator
+
+import grpc
+import pytest
+
+from kvmesh.client import Client
+from kvmesh.generate import Finished, generate
+from kvmesh.model.folder import ModelFolder
+from kvmesh.model.runner import ModelRunner, RunnerConfig
+from kvmesh.model.tokenizer import ChatTokenizer
+from kvmesh.sampling import SamplingParams
+from proxy.config import ProxyConfig
+from proxy.server import ProxyServer
+from tests.helpers.servers import MakeServer, ServerThread
+
+SYSTEM = "You are a terse assistant. " * 6
+
+
+@pytest.fixture
+def cluster(tiny_fp32: ModelFolder, servers: MakeServer) -> Iterator[Callable[..., ServerThread]]:
+    started: list[ServerThread] = []
+
+    def start(prefill: int = 2, decode: int = 1, **kw: object) -> ServerThread:
+        ps = [servers("prefill", tiny_fp32) for _ in range(prefill)]
+        ds = [servers("decode", tiny_fp32, slot_tokens=250) for _ in range(decode)]
+        config = ProxyConfig(
+            model=tiny_fp32.path,
+            port=0,
+            prefill=tuple(p.address for p in ps),
+            decode=tuple(d.address for d in ds),
+            drain_seconds=1.0,
+            block_size=8,
+            **kw,
+        )  # type: ignore[arg-type]
+        proxy = ServerThread(lambda: ProxyServer(config))
+        assert proxy.call(proxy.server.node.backends.wait_healthy(20))
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for p in started:
+        p.stop()
+
+
+def test_answers_like_one_process_and_reports_where_it_went(
+    tiny_fp32: ModelFolder, cluster: Callable[..., ServerThread]
+) -> None:
+    proxy = cluster()
+    client = Client(proxy.address)
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hello"}]
+    reply = client.chat(messages, session_id="s1", max_tokens=12)
+    tok = ChatTokenizer(tiny_fp32)
+    *_, alone = generate(
+        ModelRunner(tiny_fp32, RunnerConfig(threads=1)), tok, tok.encode_chat(messages), SamplingParams(max_tokens=12)
+    )
+    assert isinstance(alone, Finished)
+    assert reply.token_ids == alone.token_ids
+    assert reply.started is not None and reply.started.routing_reason in ("session_affinity", "cold")
+    assert reply.started.prompt_tokens == len(tok.encode_chat(messages))
+    assert reply.finished is not None and reply.finished.usage.completion_tokens == len(reply.token_ids)
+
+
+def test_a_session_returns_to_its_cache(cluster: Callable[..., ServerThread]) -> None:
+    proxy = cluster(prefill=3)
+    client = Client(proxy.address)
+    turns = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "one"}]
+    first = client.chat(turns, session_id="s", max_tokens=6)
+    node = first.started.prefill_node  # type: ignore[union-attr]
+    import time
+
+    time.sleep(0.5)  # the node stores the blocks and tells the proxy
+    turns += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "two"}]
+    second = client.chat(turns, session_id="s", max_tokens=6)
+    assert second.started.prefill_node == node  # type: ignore[union-attr]
+    assert second.started.routing_reason == "cached_prefix"  # type: ignore[union-attr]
+    assert second.finished.usage.cached_tokens >= second.started.cached_tokens > 0  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "code", "words"),
+    [
+        ({"messages": []}, grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, grpc.StatusCode.INVALID_ARGUMENT, "role"),
+        ({"temperature": float("nan")}, grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        ({"top_k": -1}, grpc.StatusCode.INVALID_ARGUMENT, None),
+        ({"top_p": 3.0}, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        ({"max_tokens": 10_000}, grpc.StatusCode.INVALID_ARGUMENT, "context"),
+        ({"prompt": "a " * 400, "messages": []}, grpc.StatusCode.INVALID_ARGUMENT, "context"),
+    ],
+)
+def test_bad_input_at_the_front_door(
+    cluster: Callable[..., ServerThread], kwargs: dict[str, object], code: grpc.StatusCode, words: str | None
+) -> None:
+    proxy = cluster(prefill=1)
+    client = Client(proxy.address)
+    args = {"messages": [{"role": "user", "content": "hi"}], **kwargs}
+    with pytest.raises((grpc.RpcError, ValueError)) as err:
+        list(client.generate(**args))  # type: ignore[arg-type]
+    if isinstance(err.value, grpc.RpcError):
+        assert err.value.code() == code  # type: ignore[attr-defined]
+        if words:
+            assert words in err.value.details()  # type: ignore[attr-defined]
+    assert client.chat([{"role": "user", "content": "still there?"}], max_tokens=3).finished is not None
+
+
+def test_api_keys_map_to_tenants(cluster: Callable[..., ServerThread]) -> None:
+    proxy = cluster(prefill=1, api_keys=("k-a=tenant-a", "k-b=tenant-b"))
+    for key in (None, "wrong"):
+        with pytest.raises(grpc.RpcError) as err:
+            Client(proxy.address, api_key=key).chat([{"role": "user", "content": "hi"}])
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}]
+    a = Client(proxy.address, api_key="k-a")
+    a.chat(messages, session_id="x", max_tokens=2)
+    import time
+
+    time.sleep(0.5)
+    assert a.chat(messages, session_id="x", max_tokens=2).finished.usage.cached_tokens > 0  # type: ignore[union-attr]
+    other = Client(proxy.address, api_key="k-b").chat(messages, session_id="x", max_tokens=2)
+    assert other.finished.usage.cached_tokens == 0  # type: ignore[union-attr]
