@@ -73,7 +73,25 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--max-tokens", type=int, default=256)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--endpoint", help="a kvmesh proxy HOST:PORT (default: run the model in this process)")
+    gen.add_argument("--session", default="", help="session id (sticky routing through a proxy)")
+    gen.add_argument("--api-key", default=os.environ.get("KVMESH_API_KEY"), help="API key (KVMESH_API_KEY)")
     _add_engine_flags(gen)
+    chat = sub.add_parser("chat", help="talk to a kvmesh endpoint, multi-turn, under one session id")
+    chat.add_argument("--endpoint", default="127.0.0.1:50051")
+    chat.add_argument("--system", help="system message")
+    chat.add_argument("--max-tokens", type=int, default=256)
+    chat.add_argument("--api-key", default=os.environ.get("KVMESH_API_KEY"), help="API key (KVMESH_API_KEY)")
+    cluster_up = sub.add_parser("up", help="start a local cluster: proxy, prefill and decode nodes")
+    cluster_up.add_argument("--prefill", type=int, default=2, help="prefill nodes")
+    cluster_up.add_argument("--decode", type=int, default=2, help="decode nodes")
+    cluster_up.add_argument("--port", type=int, default=50051, help="the proxy's port; nodes use the next ones")
+    cluster_up.add_argument("--policy", default="cache_aware", help="routing policy")
+    cluster_up.add_argument("--model", help="model folder (default: the prepared SmolLM2 int4)")
+    cluster_up.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per node")
+    cluster_up.add_argument("--pin", action="store_true", help="prefill nodes on half the cores, decode on the rest")
+    sub.add_parser("status", help="the local cluster's nodes: health, load, cache")
+    sub.add_parser("down", help="stop the local cluster")
     from prefill_svc.config import PrefillConfig
 
     prefill = sub.add_parser("prefill", help="run a prefill node (gRPC)")
@@ -102,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
             return commands.decode(args)
         if args.command == "proxy":
             return commands.proxy(args)
-        return commands.generate(args)
+        if args.command in ("up", "status", "down", "chat"):
+            return int(getattr(commands, f"cluster_{args.command}")(args))
+        return commands.remote_generate(args) if args.endpoint else commands.generate(args)
     except KvmeshError as e:
         print(f"kvmesh: error: {e}", file=sys.stderr)
         return 2

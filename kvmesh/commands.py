@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
+
+import grpc
 
 from kvmesh import aio
 from kvmesh.generate import Delta
@@ -17,6 +20,7 @@ from kvmesh.model.runner import ModelRunner, RunnerConfig
 from kvmesh.model.tokenizer import ChatTokenizer, chat_messages
 from kvmesh.sampling import SamplingParams
 from kvmesh.settings import build
+from kvmesh.v1 import decode_pb2, generation_pb2
 
 
 def model_prepare(args: argparse.Namespace) -> int:
@@ -95,4 +99,97 @@ def proxy(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     aio.run(serve(build(ProxyConfig, args)))
+    return 0
+
+
+def _stats(finished: decode_pb2.Finished | None, started: generation_pb2.Started | None, ttft_s: float) -> str:
+    where = f", prefill {started.prefill_node} ({started.routing_reason})" if started else ""
+    if finished is None:
+        return f"[time to first token {ttft_s * 1000:.0f} ms{where}]"
+    u = finished.usage
+    return (
+        f"[{u.prompt_tokens} prompt tokens, {u.cached_tokens} cached, {u.completion_tokens} generated, "
+        f"finish: {finished.finish_reason}, time to first token {ttft_s * 1000:.0f} ms{where}]"
+    )
+
+
+def remote_generate(args: argparse.Namespace) -> int:
+    """`kvmesh generate --endpoint`: through a proxy, streamed."""
+    from kvmesh.client import Client, Reply
+
+    client = Client(args.endpoint, args.api_key)
+    messages = None if args.raw else chat_messages(args.prompt, args.system)
+    params = {
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "max_tokens": args.max_tokens,
+        "stop": args.stop,
+        **({"seed": args.seed} if args.seed is not None else {}),
+    }
+    reply, start, first = Reply(), time.perf_counter(), 0.0
+    try:
+        for event in client.generate(messages, "" if messages else args.prompt, args.session, **params):
+            reply.add(event)
+            if event.WhichOneof("kind") == "token":
+                first = first or time.perf_counter() - start
+                sys.stdout.write(event.token.text)
+                sys.stdout.flush()
+    except grpc.RpcError as e:
+        print(f"\nkvmesh: error: {e}", file=sys.stderr)
+        return 2
+    print("\n" + _stats(reply.finished, reply.started, first), file=sys.stderr)
+    return 0
+
+
+def cluster_chat(args: argparse.Namespace) -> int:
+    """Interactive, multi-turn under one session id; per turn: cached tokens, time to first token."""
+    import uuid
+
+    from kvmesh.client import Client, Reply
+
+    client, session = Client(args.endpoint, args.api_key), uuid.uuid4().hex
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print(f"session {session}; an empty line ends it", file=sys.stderr)
+    while line := input("> ").strip():
+        messages.append({"role": "user", "content": line})
+        reply, start, first = Reply(), time.perf_counter(), 0.0
+        for event in client.generate(messages, session_id=session, max_tokens=args.max_tokens):
+            reply.add(event)
+            if event.WhichOneof("kind") == "token":
+                first = first or time.perf_counter() - start
+                sys.stdout.write(event.token.text)
+                sys.stdout.flush()
+        print("\n" + _stats(reply.finished, reply.started, first), file=sys.stderr)
+        messages.append({"role": "assistant", "content": reply.text})
+    return 0
+
+
+def cluster_up(args: argparse.Namespace) -> int:
+    from kvmesh import cluster
+
+    procs = cluster.up(args.prefill, args.decode, args.port, args.policy, args.model, args.pin, args.threads)
+    for p in procs:
+        print(f"{p.name:10} {p.address:16} pid {p.pid}  log {p.log}")
+    print(f"kvmesh is up: the endpoint is {procs[-1].address} (kvmesh status; kvmesh down)")
+    return 0
+
+
+def cluster_status(args: argparse.Namespace) -> int:
+    from kvmesh import cluster
+
+    rows = cluster.status()
+    if not rows:
+        print("no cluster is up (kvmesh up)")
+        return 1
+    for r in rows:
+        extra = "  ".join(str(r[k]) for k in ("load", "cache") if k in r)
+        print(f"{r['name']:10} {r['address']:16} {r['process']:8} {r['health']:12} {extra}")
+    return 0
+
+
+def cluster_down(args: argparse.Namespace) -> int:
+    from kvmesh import cluster
+
+    print(f"stopped {cluster.down()} processes")
     return 0

@@ -1,0 +1,188 @@
+"""The local cluster: `kvmesh up` starts P prefill nodes, D decode nodes and the proxy as local
+processes on loopback ports, `kvmesh status` shows them, `kvmesh down` stops them. State (pids,
+addresses) and logs live under $KVMESH_HOME/cluster."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kvmesh.errors import KvmeshError, Unavailable
+from kvmesh.model.prepare import kvmesh_home
+from kvmesh.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+
+# DESIGN.md: glibc otherwise returns each freed MiB to the OS and faults it in again.
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296", "MALLOC_TOP_PAD_": "268435456"}
+SERVICES = {"prefill": "kvmesh.v1.Prefill", "decode": "kvmesh.v1.Decode", "proxy": "kvmesh.v1.Generation"}
+
+
+@dataclass
+class Process:
+    name: str
+    kind: str  # prefill | decode | proxy
+    address: str
+    pid: int
+    log: str
+
+
+def cluster_dir() -> Path:
+    return kvmesh_home() / "cluster"
+
+
+def _state_file() -> Path:
+    return cluster_dir() / "state.json"
+
+
+def load_state() -> list[Process]:
+    if not _state_file().is_file():
+        return []
+    return [Process(**p) for p in json.loads(_state_file().read_text())]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def up(prefill: int, decode: int, port: int, policy: str, model: str | None, pin: bool, threads: int) -> list[Process]:
+    """Start the cluster and wait until the proxy serves. Cores, when pinned: prefill nodes on the
+    first half of this machine's cores, decode nodes on the rest (an imitation of separate pools)."""
+    if any(_alive(p.pid) for p in load_state()):
+        raise KvmeshError("a cluster is already up (kvmesh status; kvmesh down)")
+    cores = sorted(os.sched_getaffinity(0))
+    half = max(1, len(cores) // 2)
+    pools = {"prefill": set(cores[:half]), "decode": set(cores[half:] or cores)}
+    logs = cluster_dir() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    model_flag = ["--model", model] if model else []
+    procs: list[Process] = []
+    try:
+        for kind, count, first in (("prefill", prefill, port + 10), ("decode", decode, port + 20)):
+            for i in range(count):
+                name, p = f"{kind}-{i}", first + i
+                flags = [kind, "--port", str(p), "--threads", str(threads), "--node-id", name, *model_flag]
+                if kind == "prefill":
+                    flags += ["--store", str(cluster_dir() / name / "store")]
+                procs.append(_start(name, kind, p, flags, logs, pools[kind] if pin else None))
+        backends = [f for p in procs for f in (f"--{p.kind}", p.address)]
+        procs.append(
+            _start(
+                "proxy",
+                "proxy",
+                port,
+                ["proxy", "--port", str(port), "--policy", policy, *backends, *model_flag],
+                logs,
+                None,
+            )
+        )
+        _state_file().write_text(json.dumps([asdict(p) for p in procs], indent=2))
+        _wait_serving(procs, timeout_s=120)
+    except BaseException:
+        _terminate(procs)
+        raise
+    return procs
+
+
+def _start(name: str, kind: str, port: int, flags: list[str], logs: Path, cores: set[int] | None) -> Process:
+    log = logs / f"{name}.log"
+    pin = None if cores is None else (lambda: os.sched_setaffinity(0, cores))
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kvmesh.cli", *flags],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **MALLOC},
+            start_new_session=True,
+            preexec_fn=pin,
+        )
+    return Process(name, kind, f"127.0.0.1:{port}", proc.pid, str(log))
+
+
+def health(p: Process, timeout_s: float = 1.0) -> str:
+    try:
+        with grpc.insecure_channel(p.address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=SERVICES[p.kind]), timeout=timeout_s
+            )
+            return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+    except grpc.RpcError:
+        return "DOWN"
+
+
+def _wait_serving(procs: list[Process], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        while health(p) != "SERVING":
+            if not _alive(p.pid) or time.monotonic() > deadline:
+                tail = Path(p.log).read_text()[-2000:] if Path(p.log).is_file() else ""
+                raise Unavailable(f"{p.name} did not start serving; its log ends:\n{tail}")
+            time.sleep(0.2)
+    time.sleep(1.0)  # the proxy's health and cache followers connect
+
+
+def status() -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = []
+    for p in load_state():
+        row: dict[str, object] = {
+            "name": p.name,
+            "address": p.address,
+            "pid": p.pid,
+            "process": "running" if _alive(p.pid) else "gone",
+            "health": health(p),
+        }
+        try:
+            with grpc.insecure_channel(p.address) as channel:
+                if p.kind == "prefill":
+                    load = prefill_pb2_grpc.PrefillStub(channel).GetLoad(prefill_pb2.GetLoadRequest(), timeout=1)
+                    row["load"] = f"{load.running_requests} running, {load.queued_prefill_tokens} tokens queued"
+                    row["cache"] = (
+                        f"{load.store_blocks} blocks ({load.pinned_blocks} pinned), {load.store_bytes >> 20} MiB"
+                    )
+                elif p.kind == "decode":
+                    dl = decode_pb2_grpc.DecodeStub(channel).GetLoad(decode_pb2.GetDecodeLoadRequest(), timeout=1)
+                    row["load"] = f"{dl.running_sequences} running, {dl.waiting} waiting, {dl.kv_tokens_held} KV tokens"
+        except grpc.RpcError:
+            pass
+        rows.append(row)
+    return rows
+
+
+def down(timeout_s: float = 30) -> int:
+    procs = load_state()
+    _terminate(procs, timeout_s)
+    if _state_file().is_file():
+        _state_file().unlink()
+    return len(procs)
+
+
+def _terminate(procs: list[Process], timeout_s: float = 30) -> None:
+    for p in procs:
+        if _alive(p.pid):
+            os.kill(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        while _alive(p.pid) and time.monotonic() < deadline:
+            _reap(p.pid)
+            time.sleep(0.1)
+        if _alive(p.pid):
+            os.kill(p.pid, signal.SIGKILL)
+        _reap(p.pid)
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
