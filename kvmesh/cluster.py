@@ -149,9 +149,9 @@ def status() -> list[dict[str, object]]:
                 if p.kind == "prefill":
                     load = prefill_pb2_grpc.PrefillStub(channel).GetLoad(prefill_pb2.GetLoadRequest(), timeout=1)
                     row["load"] = f"{load.running_requests} running, {load.queued_prefill_tokens} tokens queued"
-                    row["cache"] = (
-                        f"{load.store_blocks} blocks ({load.pinned_blocks} pinned), {load.store_bytes >> 20} MiB"
-                    )
+                    hit = load.hit_tokens / load.lookup_tokens if load.lookup_tokens else 0.0
+                    blocks = f"{load.store_blocks} blocks ({load.pinned_blocks} pinned), {load.store_bytes >> 20} MiB"
+                    row["cache"] = f"{blocks}, hit rate {hit:.0%} of {load.lookup_tokens} tokens"
                 elif p.kind == "decode":
                     dl = decode_pb2_grpc.DecodeStub(channel).GetLoad(decode_pb2.GetDecodeLoadRequest(), timeout=1)
                     row["load"] = f"{dl.running_sequences} running, {dl.waiting} waiting, {dl.kv_tokens_held} KV tokens"

@@ -38,6 +38,8 @@ class Load:
     store_blocks: int
     pinned_blocks: int
     store_writes_pending: int
+    lookup_tokens: int
+    hit_tokens: int
 
 
 class PrefillNode:
@@ -59,6 +61,7 @@ class PrefillNode:
         self._queued = 0
         self._running = 0
         self._streaming = 0
+        self._lookup = self._hits = 0
 
     async def start(self, node_id: str) -> None:
         """Start the writer (its events reach this loop) and prefill the pinned system prompts."""
@@ -102,6 +105,8 @@ class PrefillNode:
         self.metrics.latency.observe(time.perf_counter() - start)
         self.metrics.lookup_tokens.inc(len(tokens))
         self.metrics.hit_tokens.inc(outcome.cached_tokens)
+        self._lookup += len(tokens)
+        self._hits += outcome.cached_tokens
         self.metrics.store_read.observe(outcome.store_read_s)
         self.metrics.checksum_failures.inc(outcome.bad_blocks)
         return outcome
@@ -128,7 +133,7 @@ class PrefillNode:
     def load(self) -> Load:
         total, blocks, pinned = self.store.stats()
         pending = self.writer.pending if self.writer else 0
-        return Load(self._queued, self._running, total, blocks, pinned, pending)
+        return Load(self._queued, self._running, total, blocks, pinned, pending, self._lookup, self._hits)
 
     async def watch(self) -> AsyncIterator[CacheEvent]:
         """Snapshot batches ("snapshot", last one "snapshot_done"), then live events until the

@@ -84,6 +84,8 @@ class PrefillServicer:
             store_blocks=load.store_blocks,
             pinned_blocks=load.pinned_blocks,
             store_writes_pending=load.store_writes_pending,
+            lookup_tokens=load.lookup_tokens,
+            hit_tokens=load.hit_tokens,
         )
 
     async def Pin(self, request: prefill_pb2.PinRequest, context: Context) -> prefill_pb2.PinResponse:

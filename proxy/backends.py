@@ -83,14 +83,17 @@ class Backends:
             node.queued_tokens = (await stub.GetLoad(decode_pb2.GetDecodeLoadRequest(), timeout=2)).running_sequences
             await asyncio.sleep(LOAD_EVERY_S)
 
+    def any_healthy(self) -> bool:
+        return any(n.healthy for n in self.prefill.values()) and any(n.healthy for n in self.decode.values())
+
     async def wait_healthy(self, timeout_s: float) -> bool:
-        """True once one prefill and one decode node are healthy."""
+        """True once one prefill and one decode node are healthy (at start, or after a failover)."""
         deadline = asyncio.get_running_loop().time() + timeout_s
-        while asyncio.get_running_loop().time() < deadline:
-            if any(n.healthy for n in self.prefill.values()) and any(n.healthy for n in self.decode.values()):
-                return True
+        while not self.any_healthy():
+            if asyncio.get_running_loop().time() >= deadline:
+                return False
             await asyncio.sleep(0.05)
-        return False
+        return True
 
     async def close(self) -> None:
         for task in self._tasks:

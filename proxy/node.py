@@ -32,6 +32,9 @@ NO_RETRY = {
 }
 
 
+WAIT_HEALTHY_S = 5.0  # a request finding no healthy node waits this long for one before UNAVAILABLE
+
+
 class Unauthenticated(KvmeshError):
     status = "UNAUTHENTICATED"
 
@@ -111,19 +114,23 @@ class ProxyNode:
         failed: set[str] = set()
         last_error: Upstream | None = None
         for attempt in (1, 2):
+            await self.backends.wait_healthy(min(timeout_s or WAIT_HEALTHY_S, WAIT_HEALTHY_S))
             decision, decode_node = self.route(plan, failed)
             prefill = self.backends.prefill[decision.node_id]
             decode = self.backends.decode[decode_node]
             self.metrics.decisions.labels(self.policy.name, decision.reason, decision.node_id).inc()
             prefill.inflight += 1
             decode.inflight += 1
-            prefill.queued_tokens += len(plan.tokens)  # until its next load report
+            work = len(plan.tokens) - decision.cached_tokens  # queued there until the first token (or a report)
+            prefill.queued_tokens += work
             call = self._decode_call(plan, decision.node_id, decode_node, timeout_s)
             started = False
             try:
                 async for event in call:
                     if not started:
                         started = True
+                        prefill.queued_tokens = max(prefill.queued_tokens - work, 0)
+                        work = 0
                         self.metrics.ttft.observe(time.perf_counter() - start)
                         yield self._started(plan, decision, decode_node, attempt)
                     if event.HasField("finished"):
@@ -140,6 +147,7 @@ class ProxyNode:
                 call.cancel()
                 prefill.inflight -= 1
                 decode.inflight -= 1
+                prefill.queued_tokens = max(prefill.queued_tokens - work, 0)
         assert last_error is not None
         raise last_error
 

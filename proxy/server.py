@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from typing import Any
@@ -29,6 +30,7 @@ class ProxyServer:
         self.health = health.aio.HealthServicer()
         self.metrics: tuple[Any, Any] | None = None
         self.port = 0
+        self._health_task: asyncio.Task[None]
 
     async def start(self) -> int:
         self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
@@ -39,11 +41,25 @@ class ProxyServer:
             self.metrics = start_http_server(self.config.metrics_port, self.config.host, self.node.metrics.registry)
         self.node.backends.start()
         await self.server.start()
-        for name in ("", SERVICE):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._health_task = asyncio.create_task(self._report_health())
         return self.port
 
+    async def _report_health(self) -> None:
+        """SERVING while at least one prefill and one decode node are healthy."""
+        serving = None
+        while True:
+            now = self.node.backends.any_healthy()
+            if now != serving:
+                status = health_pb2.HealthCheckResponse.SERVING if now else health_pb2.HealthCheckResponse.NOT_SERVING
+                for name in ("", SERVICE):
+                    await self.health.set(name, status)
+                serving = now
+            await asyncio.sleep(0.1)
+
     async def stop(self) -> None:
+        self._health_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._health_task
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.config.drain_seconds)
         if self.metrics:

@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf.quants import quantize
 from tokenizers import pre_tokenizers
 
-TINY = {"vocab_extra": 3, "hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 128, "context": 256}
+TINY = {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 128}
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = ["Ġ t", "h e", "Ġt he", "i s", "Ġ a"]
 CHAT_TEMPLATE = (
@@ -31,7 +31,7 @@ def _vocab() -> tuple[list[str], list[int]]:
 
 
 def write_tiny_gguf(
-    path: Path, seed: int = 0, weights: Literal["f32", "q4_1", "q5_0"] = "f32", arch: str = "llama"
+    path: Path, seed: int = 0, weights: Literal["f32", "q4_1", "q5_0"] = "f32", arch: str = "llama", context: int = 256
 ) -> Path:
     """Write the tiny model. `q4_1` stores matrices as Q4_1 and the embedding as Q8_0, like SmolLM2;
     `q5_0` (a format kvmesh does not map) and another `arch` exist to test refusals."""
@@ -42,7 +42,7 @@ def write_tiny_gguf(
     hd = h // heads
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(layers)
-    w.add_context_length(TINY["context"])
+    w.add_context_length(context)
     w.add_embedding_length(h)
     w.add_feed_forward_length(ffn)
     w.add_head_count(heads)

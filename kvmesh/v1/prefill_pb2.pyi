@@ -211,6 +211,8 @@ class LoadReport(_message.Message):
     STORE_BLOCKS_FIELD_NUMBER: _builtins.int
     PINNED_BLOCKS_FIELD_NUMBER: _builtins.int
     STORE_WRITES_PENDING_FIELD_NUMBER: _builtins.int
+    LOOKUP_TOKENS_FIELD_NUMBER: _builtins.int
+    HIT_TOKENS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     queued_prefill_tokens: _builtins.int
     """tokens waiting for or in the model, not yet streamed"""
@@ -220,6 +222,10 @@ class LoadReport(_message.Message):
     pinned_blocks: _builtins.int
     store_writes_pending: _builtins.int
     """store writes queued behind the request path"""
+    lookup_tokens: _builtins.int
+    """prompt tokens this node was asked to prefill, since it started"""
+    hit_tokens: _builtins.int
+    """of those, tokens its prefix store supplied"""
     def __init__(
         self,
         *,
@@ -230,10 +236,12 @@ class LoadReport(_message.Message):
         store_blocks: _builtins.int = ...,
         pinned_blocks: _builtins.int = ...,
         store_writes_pending: _builtins.int = ...,
+        lookup_tokens: _builtins.int = ...,
+        hit_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "pinned_blocks", b"pinned_blocks", "queued_prefill_tokens", b"queued_prefill_tokens", "running_requests", b"running_requests", "store_blocks", b"store_blocks", "store_bytes", b"store_bytes", "store_writes_pending", b"store_writes_pending"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hit_tokens", b"hit_tokens", "lookup_tokens", b"lookup_tokens", "node_id", b"node_id", "pinned_blocks", b"pinned_blocks", "queued_prefill_tokens", b"queued_prefill_tokens", "running_requests", b"running_requests", "store_blocks", b"store_blocks", "store_bytes", b"store_bytes", "store_writes_pending", b"store_writes_pending"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

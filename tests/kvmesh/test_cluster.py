@@ -1,0 +1,129 @@
+"""The local cluster as processes (kvmesh up): 3 prefill and 2 decode nodes behind the proxy, the
+tiny model with a 2,048-token context; 20 sessions x 4 turns over 2 system prompts, per routing
+policy; and one prefill node killed mid-run."""
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from kvmesh import cluster
+from kvmesh.client import Client
+from kvmesh.model.convert import convert_gguf
+from kvmesh.model.folder import ModelFolder
+from kvmesh.model.tiny import write_tiny_gguf
+from kvmesh.v1 import prefill_pb2, prefill_pb2_grpc
+
+SYSTEMS = [
+    "You are the archivist of a harbour town. " * 30,  # ~1,200 tokens each (byte-level tiny vocab)
+    "You answer questions about trains, timetables and the history of railways in short sentences. " * 13,
+]
+SESSIONS, TURNS = 20, 4
+
+
+@dataclass
+class Turn:
+    session: int
+    turn: int
+    prefill_node: str
+    prompt_tokens: int
+    cached_tokens: int
+    error: str = ""
+
+
+@pytest.fixture(scope="module")
+def long_tiny(tmp_path_factory: pytest.TempPathFactory) -> ModelFolder:
+    d = tmp_path_factory.mktemp("long")
+    gguf = write_tiny_gguf(d / "tiny-2k.gguf", seed=3, context=2048)
+    return ModelFolder.load(convert_gguf(gguf, d / "tiny-2k", "fp32", step=lambda _: None))
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    monkeypatch.setenv("KVMESH_HOME", str(tmp_path))
+    yield tmp_path
+    cluster.down(10)
+
+
+def _start(folder: ModelFolder, policy: str, port: int) -> list[cluster.Process]:
+    return cluster.up(prefill=3, decode=2, port=port, policy=policy, model=str(folder.path), pin=False, threads=1)
+
+
+def _conversations(endpoint: str, kill: cluster.Process | None = None) -> list[Turn]:
+    client = Client(endpoint)
+    history = {s: [{"role": "system", "content": SYSTEMS[s % 2]}] for s in range(SESSIONS)}
+    turns: list[Turn] = []
+    for t in range(1, TURNS + 1):
+        if kill is not None and t == 3:
+            os.kill(kill.pid, signal.SIGKILL)
+        for s in range(SESSIONS):
+            history[s].append({"role": "user", "content": f"Question {t} of session {s}?"})
+            try:
+                reply = client.chat(history[s], session_id=f"session-{s}", max_tokens=8, timeout=60)
+            except grpc.RpcError as e:
+                turns.append(Turn(s, t, "", 0, 0, e.code().name))  # type: ignore[attr-defined]
+                history[s].pop()
+                continue
+            assert reply.started is not None and reply.finished is not None
+            turns.append(Turn(s, t, reply.started.prefill_node, reply.finished.usage.prompt_tokens,
+                              reply.finished.usage.cached_tokens))  # fmt: skip
+            history[s].append({"role": "assistant", "content": reply.text})
+        time.sleep(0.3)  # think time: the nodes store the new blocks and tell the proxy
+    return turns
+
+
+def _cached_ratio(turns: list[Turn]) -> float:
+    later = [t for t in turns if t.turn >= 2 and not t.error]
+    return sum(t.cached_tokens for t in later) / sum(t.prompt_tokens for t in later)
+
+
+def _hits(procs: list[cluster.Process]) -> int:
+    total = 0
+    for p in procs:
+        if p.kind == "prefill":
+            with grpc.insecure_channel(p.address) as channel:
+                total += (
+                    prefill_pb2_grpc.PrefillStub(channel).GetLoad(prefill_pb2.GetLoadRequest(), timeout=5).hit_tokens
+                )
+    return total
+
+
+def test_policies_on_multi_turn_sessions(long_tiny: ModelFolder, home: Path) -> None:
+    ratios = {}
+    for i, policy in enumerate(("cache_aware", "session_hash", "random", "round_robin")):
+        os.environ["KVMESH_HOME"] = str(home / policy)
+        procs = _start(long_tiny, policy, 52051 + 100 * i)
+        try:
+            turns = _conversations(procs[-1].address)
+            assert not [t for t in turns if t.error]
+            # what each answer reports as cached is what the prefill nodes' stores supplied
+            assert sum(t.cached_tokens for t in turns) == _hits(procs)
+            ratios[policy] = _cached_ratio(turns)
+        finally:
+            cluster.down(10)
+    print("\ncached / prompt tokens over turns 2-4: " + ", ".join(f"{p} {r:.3f}" for p, r in ratios.items()))
+    assert ratios["cache_aware"] >= 0.9
+    assert ratios["session_hash"] >= 0.9
+
+
+def test_a_prefill_node_killed_mid_run(long_tiny: ModelFolder, home: Path) -> None:
+    procs = _start(long_tiny, "cache_aware", 52551)
+    victim = procs[1]  # prefill-1
+    turns = _conversations(procs[-1].address, kill=victim)
+    errors = [t for t in turns if t.error]
+    assert all(t.error == "UNAVAILABLE" for t in errors)  # nothing else, nothing lost silently
+    assert len(turns) == SESSIONS * TURNS  # every request ended: answered or UNAVAILABLE, none hung
+    node_of = {(t.session, t.turn): t.prefill_node for t in turns if not t.error}
+    for s in range(SESSIONS):
+        before = node_of.get((s, 2))
+        after = node_of.get((s, 3))
+        if before and before != victim.address:
+            assert after == before, f"session {s} moved from {before} to {after} though its node lived"
+        elif before == victim.address:
+            assert after != victim.address
+    assert len(errors) <= SESSIONS // 3 + 1
