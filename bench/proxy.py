@@ -1,0 +1,143 @@
+"""Proxy overhead benchmark: the latency the proxy adds to the first token and to every token
+event, against calling the decode node directly, in the same run.
+
+Workload: SmolLM2-135M-Instruct int4; a prefill node, a decode node and the proxy as processes
+(1 thread each), the same chat prompt every time (so prefill is a cache hit and cheap), 64 new
+tokens (greedy, ignore_eos); --requests calls each way, alternating direct (Decode on the decode
+node, naming the prefill node) and through the proxy (Generate): time to first token both ways.
+Per token event: a direct call and a proxied one run at once, in the same decode batch, so each
+step emits a token to both at the same instant; pairing the two streams by step (the lag in steps
+that makes arrivals closest), the proxied arrival minus the direct one is the latency the proxy
+adds to that event.
+
+  python bench/proxy.py [--requests 30] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import Stream, decode_stream, pct, spawn, stop, table, with_malloc_settings
+from kvmesh.client import request as generate_request
+from kvmesh.model.folder import ModelFolder
+from kvmesh.model.prepare import default_model_dir
+from kvmesh.model.tokenizer import ChatTokenizer, chat_messages
+from kvmesh.v1 import decode_pb2, decode_pb2_grpc, generation_pb2_grpc
+
+NEW_TOKENS = 64
+QUESTION = "Describe a lighthouse at night."
+
+
+class _Proxied:
+    """Generation.Generate behind the same `Decode(request)` call shape as the decode node."""
+
+    def __init__(self, stub: generation_pb2_grpc.GenerationStub) -> None:
+        self.stub = stub
+
+    def Decode(self, request: object) -> object:
+        return self.stub.Generate(request)
+
+
+async def run(
+    proxy: str, decode: str, prefill: str, n: int
+) -> tuple[list[Stream], list[Stream], list[tuple[Stream, Stream]]]:
+    tok = ChatTokenizer(ModelFolder.load(default_model_dir("int4")))
+    tokens = tok.encode_chat(chat_messages(QUESTION))
+    params = decode_pb2.GenerationParams(max_tokens=NEW_TOKENS, ignore_eos=True)
+    direct_req = decode_pb2.DecodeRequest(tokens=tokens, prefill_node=prefill, params=params)
+    proxy_req = generate_request(chat_messages(QUESTION), "", "bench", max_tokens=NEW_TOKENS, ignore_eos=True)
+    async with grpc.aio.insecure_channel(decode) as dch, grpc.aio.insecure_channel(proxy) as pch:
+        direct_stub, proxied = decode_pb2_grpc.DecodeStub(dch), _Proxied(generation_pb2_grpc.GenerationStub(pch))
+        for _ in range(3):  # warm-up: caches the prompt, connects everything
+            await decode_stream(direct_stub, direct_req)
+            await decode_stream(proxied, proxy_req)
+        direct, through, pairs = [], [], []
+        for _ in range(n):
+            direct.append(await decode_stream(direct_stub, direct_req))
+            through.append(await decode_stream(proxied, proxy_req))
+        for _ in range(max(n // 3, 3)):
+            pairs.append(
+                await asyncio.gather(decode_stream(direct_stub, direct_req), decode_stream(proxied, proxy_req))
+            )
+    return direct, through, pairs
+
+
+def event_delays(pairs: list[tuple[Stream, Stream]]) -> list[float]:
+    """Per token event, proxied arrival - direct arrival of the token emitted in the same step."""
+    delays = []
+    for d, p in pairs:
+        a, b = d.arrivals[1:], p.arrivals[1:]  # decode steps only (first tokens come from prefill)
+        lag = min(range(-12, 13), key=lambda j: statistics.median(abs(x) for x in _diffs(a, b, j)))
+        delays += [x * 1000 for x in _diffs(a, b, lag)]
+    return delays
+
+
+def _diffs(a: list[float], b: list[float], lag: int) -> list[float]:
+    return [b[i] - a[i + lag] for i in range(len(b)) if 0 <= i + lag < len(a)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=30)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    with_malloc_settings()
+    with tempfile.TemporaryDirectory() as tmp:
+        prefill, pport = spawn(["prefill", "--threads", "1", "--store", f"{tmp}/store"])
+        decode, dport = spawn(["decode", "--threads", "1"])
+        pre, dec = f"127.0.0.1:{pport}", f"127.0.0.1:{dport}"
+        proxy, xport = spawn(["proxy", "--prefill", pre, "--decode", dec])
+        try:
+            direct, through, pairs = asyncio.run(run(f"127.0.0.1:{xport}", dec, pre, args.requests))
+        finally:
+            stop(proxy, prefill, decode)
+    failed = [s.error for s in direct + through + [x for p in pairs for x in p] if s.error]
+    if failed:
+        raise RuntimeError(f"{len(failed)} calls failed: {failed[:3]}")
+
+    added = event_delays(pairs)
+    ttft_d, ttft_p = [s.ttft * 1000 for s in direct], [s.ttft * 1000 for s in through]
+    report = {
+        "workload": {"requests": args.requests, "new_tokens": NEW_TOKENS, "paired_events": len(added)},
+        "ttft_direct_p50_ms": pct(ttft_d, 50),
+        "ttft_proxy_p50_ms": pct(ttft_p, 50),
+        "ttft_direct_p99_ms": pct(ttft_d, 99),
+        "ttft_proxy_p99_ms": pct(ttft_p, 99),
+        "added_per_event_p50_ms": pct(added, 50),
+        "added_per_event_p99_ms": pct(added, 99),
+    }
+    table(
+        ["metric", "direct", "through proxy", "added"],
+        [
+            [
+                "first token p50 ms",
+                report["ttft_direct_p50_ms"],
+                report["ttft_proxy_p50_ms"],
+                report["ttft_proxy_p50_ms"] - report["ttft_direct_p50_ms"],
+            ],
+            [
+                "first token p99 ms",
+                report["ttft_direct_p99_ms"],
+                report["ttft_proxy_p99_ms"],
+                report["ttft_proxy_p99_ms"] - report["ttft_direct_p99_ms"],
+            ],
+            ["token event p50 ms (added)", "", "", report["added_per_event_p50_ms"]],
+            ["token event p99 ms (added)", "", "", report["added_per_event_p99_ms"]],
+        ],
+    )
+    print("target: <= 1 ms added per token event at p50")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
