@@ -236,16 +236,20 @@ class SharedBufferDecoder(Decoder):
                 value = ort.OrtValue.ortvalue_from_numpy(buf)
                 self._io.bind_ortvalue_input(f"past_key_values.{i}.{part}", value)
                 self._io.bind_ortvalue_output(f"present.{i}.{part}", value)
+        # Inputs bound once and updated in place. The mask spans the whole capacity, ones over the
+        # tokens held: GQA takes the length from its sum and skips the zeros.
         self._ids = np.zeros((1, 1), np.int64)
-        self._mask = np.ones((1, capacity), np.int64)
+        self._mask = np.zeros((1, capacity), np.int64)
+        self._mask[0, : self.length] = 1
+        self._io.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(self._ids))
+        self._io.bind_ortvalue_input("attention_mask", ort.OrtValue.ortvalue_from_numpy(self._mask))
         self._logits = np.zeros((1, 1, runner.vocab_size), np.float32)
         self._io.bind_output("logits", "cpu", 0, np.float32, list(self._logits.shape), self._logits.ctypes.data)
 
     def step(self, token: int) -> np.ndarray:
         self._grow()
         self._ids[0, 0] = token
-        self._io.bind_cpu_input("input_ids", self._ids)
-        self._io.bind_cpu_input("attention_mask", self._mask[:, : self.length])
+        self._mask[0, self.length - 1] = 1
         self.runner.decode_session.run_with_iobinding(self._io)
         last: np.ndarray = self._logits[0, 0].copy()  # the buffer is rewritten by the next step
         return last
