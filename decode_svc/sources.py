@@ -16,10 +16,9 @@ from kv_transfer.wire import prefill_method, pull
 from kvmesh.errors import DataLoss, ModelError, Upstream
 from kvmesh.model.runner import KVCache
 from kvmesh.sampling import SamplingParams
+from kvmesh.service import GRPC_OPTIONS
 from kvmesh.v1 import kv_pb2, prefill_pb2
 from prefill_svc.engine import PrefillEngine
-
-GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,79 @@
+"""What every kvmesh gRPC server shares: the grpc.aio server with health checking and reflection,
+the Prometheus endpoint, and running until SIGTERM/SIGINT, then draining."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+log = logging.getLogger(__name__)
+GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+
+
+class ServiceHost:
+    """A grpc.aio server bound to host:port at construction (so the port is known before start),
+    with grpc.health.v1 and reflection for `service`; metrics on metrics_port (-1: none, 0: any)."""
+
+    def __init__(self, service: str, host: str, port: int, metrics_port: int, registry: CollectorRegistry) -> None:
+        self.service, self.host = service, host
+        self.server = grpc.aio.server(options=GRPC_OPTIONS)
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection([service, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        self._metrics_port, self._registry = metrics_port, registry
+        self._metrics: tuple[Any, Any] | None = None
+
+    @property
+    def metrics_port(self) -> int | None:
+        return int(self._metrics[0].server_port) if self._metrics else None
+
+    async def start(self, serving: bool = True) -> None:
+        if self._metrics_port >= 0:
+            self._metrics = start_http_server(self._metrics_port, self.host, self._registry)
+        await self.server.start()
+        if serving:
+            await self.set_serving(True)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", self.service):
+            await self.health.set(name, status)
+
+    async def stop(self, drain_s: float) -> None:
+        """NOT_SERVING, refuse new calls, let running ones finish for drain_s, stop the metrics."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(drain_s)
+        if self._metrics:
+            self._metrics[0].shutdown()
+
+
+class Server(Protocol):
+    host: ServiceHost
+
+    async def start(self) -> int: ...
+    async def stop(self) -> None: ...
+
+
+async def serve_until_signal(
+    server: Server, banner: Callable[[ServiceHost], str], stop: asyncio.Event | None = None
+) -> None:
+    """Start, print the banner (with the bound port), run until SIGTERM/SIGINT or `stop`, drain."""
+    stop = stop or asyncio.Event()
+    await server.start()
+    metrics = f", metrics on {server.host.host}:{server.host.metrics_port}" if server.host.metrics_port else ""
+    print(f"{banner(server.host)} listening on {server.host.host}:{server.host.port}{metrics}", flush=True)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining")
+    await server.stop()
