@@ -97,7 +97,6 @@ class Assembler:
         self._flat = self._kv.reshape(-1)  # a view: writes land in _kv
         self._next_index = 0
         self._next_offset = 0
-        self.bytes_received = 0
 
     def add(self, chunk: Chunk) -> None:
         if chunk.index != self._next_index or chunk.offset != self._next_offset:
@@ -114,7 +113,6 @@ class Assembler:
         self._flat[start : start + size // item] = np.frombuffer(chunk.data, dtype=self.layout.dtype)
         self._next_index += 1
         self._next_offset += size
-        self.bytes_received += size
 
     def finish(self) -> KVCache:
         if self._next_offset != self.layout.total_bytes or self._next_index != self.chunk_count:

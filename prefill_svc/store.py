@@ -199,10 +199,6 @@ class PrefixStore:
             txn.put(parent, key, db=self.children, dupdata=True)
         self._add_total(txn, meta.size)
 
-    def touch(self, keys: Sequence[bytes]) -> None:
-        with self.env.begin(write=True) as txn:
-            self._touch(txn, keys, time.time_ns())
-
     def _touch(self, txn: lmdb.Transaction, keys: Sequence[bytes], now: int) -> None:
         for key in keys:
             raw = txn.get(key, db=self.meta)

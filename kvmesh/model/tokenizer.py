@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -85,9 +85,3 @@ class StreamDecoder:
 def chat_messages(prompt: str, system: str | None = None) -> list[Message]:
     messages = [] if system is None else [{"role": "system", "content": system}]
     return [*messages, {"role": "user", "content": prompt}]
-
-
-def as_message(data: Any) -> Message:
-    if not isinstance(data, dict):
-        raise InvalidArgument(f"malformed message {data!r}")
-    return {str(k): str(v) for k, v in data.items()}

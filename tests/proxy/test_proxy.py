@@ -120,3 +120,21 @@ def test_api_keys_map_to_tenants(cluster: Callable[..., ServerThread]) -> None:
     assert a.chat(messages, session_id="x", max_tokens=2).finished.usage.cached_tokens > 0  # type: ignore[union-attr]
     other = Client(proxy.address, api_key="k-b").chat(messages, session_id="x", max_tokens=2)
     assert other.finished.usage.cached_tokens == 0  # type: ignore[union-attr]
+
+
+def test_async_client(cluster: Callable[..., ServerThread]) -> None:
+    import asyncio
+
+    from kvmesh.client import AsyncClient
+
+    proxy = cluster(prefill=1)
+
+    async def ask() -> list[int]:
+        client = AsyncClient(proxy.address)
+        try:
+            return (await client.chat([{"role": "user", "content": "hi"}], session_id="a", max_tokens=5)).token_ids
+        finally:
+            await client.close()
+
+    sync = Client(proxy.address).chat([{"role": "user", "content": "hi"}], session_id="a", max_tokens=5).token_ids
+    assert asyncio.run(ask()) == sync
