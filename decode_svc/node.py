@@ -4,6 +4,7 @@ text. Asyncio-facing; no protobuf here (the servicer converts)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
@@ -23,6 +24,8 @@ from kvmesh.model.tokenizer import ChatTokenizer, StreamDecoder
 from kvmesh.sampling import Sampler, SamplingParams, StopMatcher
 from prefill_svc.engine import PrefillEngine
 from prefill_svc.store import PrefixStore, StoreConfig, StoreWriter
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,7 @@ class DecodeNode:
         seq: Sequence | None = None
         try:
             prefill_job = PrefillJob(
+                job.request_id,
                 job.tokens,
                 job.params,
                 job.salt,
@@ -140,6 +144,18 @@ class DecodeNode:
             sampler.skip()  # the prefill node drew the first token with the same seed
 
             def done(reason: str, transfer: float = 0.0, decode: float = 0.0) -> Done:
+                log.info(
+                    "decode done",
+                    extra={
+                        "request_id": job.request_id,
+                        "reason": reason,
+                        "prompt_tokens": len(job.tokens),
+                        "cached_tokens": info.cached_tokens,
+                        "completion_tokens": text.count,
+                        "ttft_ms": round(ttft * 1000, 1),
+                        "kv_bytes": info.kv_bytes,
+                    },
+                )
                 return Done(
                     reason,
                     len(job.tokens),

@@ -48,6 +48,7 @@ class PendingKV:
 
 @dataclass(frozen=True)
 class PrefillJob:
+    request_id: str
     tokens: Sequence[int]
     params: SamplingParams
     salt: bytes
@@ -74,6 +75,7 @@ class RemotePrefill:
         p = job.params
         sampling = prefill_pb2.Sampling(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed)
         request = prefill_pb2.PrefillRequest(
+            request_id=job.request_id,
             tokens=job.tokens,
             sampling=sampling,
             cache_salt=job.salt,

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
 
 import grpc
 
-from kvmesh import aio
+from kvmesh import aio, logs
 from kvmesh.generate import Delta
 from kvmesh.generate import generate as run_generate
 from kvmesh.model.folder import ModelFolder
@@ -79,7 +78,7 @@ def prefill(args: argparse.Namespace) -> int:
     from prefill_svc.config import PrefillConfig
     from prefill_svc.server import serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.setup("prefill")
     aio.run(serve(build(PrefillConfig, args)))
     return 0
 
@@ -88,7 +87,7 @@ def decode(args: argparse.Namespace) -> int:
     from decode_svc.config import DecodeConfig
     from decode_svc.server import serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.setup("decode")
     aio.run(serve(build(DecodeConfig, args)))
     return 0
 
@@ -97,7 +96,7 @@ def proxy(args: argparse.Namespace) -> int:
     from proxy.config import ProxyConfig
     from proxy.server import serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.setup("proxy")
     aio.run(serve(build(ProxyConfig, args)))
     return 0
 

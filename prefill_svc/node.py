@@ -85,7 +85,9 @@ class PrefillNode:
         if self.events is not None:
             self.events.publish_threadsafe(kind, keys)
 
-    async def prefill(self, tokens: Sequence[int], params: SamplingParams, salt: bytes) -> PrefillOutcome:
+    async def prefill(
+        self, tokens: Sequence[int], params: SamplingParams, salt: bytes, request_id: str = ""
+    ) -> PrefillOutcome:
         assert self.engine is not None, "start() first"
         if self._queued + len(tokens) > self.config.max_queued_tokens:
             raise ResourceExhausted(
@@ -108,6 +110,15 @@ class PrefillNode:
         self._lookup += len(tokens)
         self._hits += outcome.cached_tokens
         self.metrics.store_read.observe(outcome.store_read_s)
+        log.info(
+            "prefill",
+            extra={
+                "request_id": request_id,
+                "prompt_tokens": len(tokens),
+                "cached_tokens": outcome.cached_tokens,
+                "compute_ms": round(outcome.compute_s * 1000, 1),
+            },
+        )
         self.metrics.checksum_failures.inc(outcome.bad_blocks)
         return outcome
 

@@ -38,7 +38,7 @@ class PrefillServicer:
     async def Prefill(self, request: prefill_pb2.PrefillRequest, context: Context) -> AsyncIterator[bytes]:
         try:
             params = sampling_from_pb(request.sampling)
-            outcome = await self.node.prefill(list(request.tokens), params, request.cache_salt)
+            outcome = await self.node.prefill(list(request.tokens), params, request.cache_salt, request.request_id)
             dtype = wire_dtype(request.wire_dtype, self.node.runner.layout.dtype)
             layout, count, chunks = self.node.stream(outcome, dtype)
         except KvmeshError as e:

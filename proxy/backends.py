@@ -73,8 +73,12 @@ class Backends:
 
     async def _poll_prefill_load(self, address: str, node: NodeState) -> None:
         stub = prefill_pb2_grpc.PrefillStub(self.channels[address])
+        loop = asyncio.get_running_loop()
         while True:
-            node.queued_tokens = (await stub.GetLoad(prefill_pb2.GetLoadRequest(), timeout=2)).queued_prefill_tokens
+            asked = loop.time()
+            queued = (await stub.GetLoad(prefill_pb2.GetLoadRequest(), timeout=2)).queued_prefill_tokens
+            if asked >= node.changed_at:  # else our routing changed it meanwhile: this report is stale
+                node.queued_tokens = queued
             await asyncio.sleep(LOAD_EVERY_S)
 
     async def _poll_decode_load(self, address: str, node: NodeState) -> None:

@@ -4,6 +4,8 @@ stream relayed to the client, retried once on the next candidate if it fails bef
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -32,6 +34,7 @@ NO_RETRY = {
 }
 
 
+log = logging.getLogger(__name__)
 WAIT_HEALTHY_S = 5.0  # a request finding no healthy node waits this long for one before UNAVAILABLE
 
 
@@ -122,14 +125,25 @@ class ProxyNode:
             prefill.inflight += 1
             decode.inflight += 1
             work = len(plan.tokens) - decision.cached_tokens  # queued there until the first token (or a report)
-            prefill.queued_tokens += work
+            self._queue(prefill, work)
             call = self._decode_call(plan, decision.node_id, decode_node, timeout_s)
             started = False
             try:
                 async for event in call:
                     if not started:
                         started = True
-                        prefill.queued_tokens = max(prefill.queued_tokens - work, 0)
+                        log.info(
+                            "routed",
+                            extra={
+                                "request_id": plan.request_id,
+                                "session_id": plan.session_id,
+                                "prefill_node": decision.node_id,
+                                "decode_node": decode_node,
+                                "reason": decision.reason,
+                                "prompt_tokens": len(plan.tokens),
+                            },
+                        )
+                        self._queue(prefill, -work)
                         work = 0
                         self.metrics.ttft.observe(time.perf_counter() - start)
                         yield self._started(plan, decision, decode_node, attempt)
@@ -147,9 +161,14 @@ class ProxyNode:
                 call.cancel()
                 prefill.inflight -= 1
                 decode.inflight -= 1
-                prefill.queued_tokens = max(prefill.queued_tokens - work, 0)
+                self._queue(prefill, -work)
         assert last_error is not None
         raise last_error
+
+    @staticmethod
+    def _queue(node: NodeState, tokens: int) -> None:
+        node.queued_tokens = max(node.queued_tokens + tokens, 0)
+        node.changed_at = asyncio.get_running_loop().time()
 
     def _decode_call(self, plan: Plan, prefill: str, decode: str, timeout_s: float | None) -> grpc.aio.UnaryStreamCall:  # type: ignore[type-arg]
         p = plan.params

@@ -24,6 +24,7 @@ class NodeState:
     blocks: set[bytes] = field(default_factory=set)  # cached block keys, from WatchCache
     inflight: int = 0  # requests routed here and not finished
     queued_tokens: int = 0  # prefill tokens waiting there, from load reports and our own routing
+    changed_at: float = 0.0  # when our own routing last changed queued_tokens (older reports are stale)
 
 
 @dataclass(frozen=True)
