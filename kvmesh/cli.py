@@ -91,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     cluster_up.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per node")
     cluster_up.add_argument("--pin", action="store_true", help="prefill nodes on half the cores, decode on the rest")
     sub.add_parser("status", help="the local cluster's nodes: health, load, cache")
+    check = sub.add_parser("health", help="exit 0 when a kvmesh node at HOST:PORT reports SERVING (for healthchecks)")
+    check.add_argument("address")
+    check.add_argument("--service", default="", help="e.g. kvmesh.v1.Prefill (default: the whole server)")
     sub.add_parser("down", help="stop the local cluster")
     from prefill_svc.config import PrefillConfig
 
@@ -120,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             return commands.decode(args)
         if args.command == "proxy":
             return commands.proxy(args)
+        if args.command == "health":
+            return commands.health(args)
         if args.command in ("up", "status", "down", "chat"):
             return int(getattr(commands, f"cluster_{args.command}")(args))
         return commands.remote_generate(args) if args.endpoint else commands.generate(args)

@@ -192,3 +192,19 @@ def cluster_down(args: argparse.Namespace) -> int:
 
     print(f"stopped {cluster.down()} processes")
     return 0
+
+
+def health(args: argparse.Namespace) -> int:
+    """gRPC health check: 0 when SERVING, 1 otherwise (compose healthchecks run it)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(args.address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=3
+            )
+    except grpc.RpcError as e:
+        print(f"{args.address}: {e}", file=sys.stderr)
+        return 1
+    print(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1

