@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kvmesh.client import Client  # noqa: E402
+from kvmesh.client import Client
 
 
 def wait_serving(client: Client, timeout_s: float) -> None:
@@ -47,7 +47,8 @@ def main() -> None:
     container = f"{args.project}_{victim}_1"
     subprocess.run(["podman", "kill", container], check=True, capture_output=True)
     print(f"killed {container}")
-    third = client.chat([{"role": "user", "content": "Name a colour."}], session_id="compose-check", max_tokens=8, timeout=60)
+    ask = [{"role": "user", "content": "Name a colour."}]
+    third = client.chat(ask, session_id="compose-check", max_tokens=8, timeout=60)
     assert third.finished is not None and third.started.prefill_node.split(":")[0] != victim  # type: ignore[union-attr]
     print(f"after the kill: {third.text!r} via {third.started.prefill_node}")  # type: ignore[union-attr]
 
