@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -16,26 +17,74 @@ from kvmesh.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from proxy.routing import NodeState
 
 log = logging.getLogger(__name__)
-RETRY_S, LOAD_EVERY_S = 0.5, 0.25
+RETRY_S, LOAD_EVERY_S, DISCOVER_EVERY_S = 0.5, 0.25, 2.0
 OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
 
 
 class Backends:
+    """Nodes are `host:port`, or `dns:NAME:PORT`: every address NAME resolves to, re-resolved every
+    few seconds, so a pool scaled up or down (compose --scale) is followed."""
+
     def __init__(self, prefill: tuple[str, ...], decode: tuple[str, ...], block_size: int) -> None:
-        self.prefill = {a: NodeState(a, healthy=False) for a in prefill}
-        self.decode = {a: NodeState(a, healthy=False) for a in decode}
+        self.prefill: dict[str, NodeState] = {}
+        self.decode: dict[str, NodeState] = {}
         self.block_size = block_size
-        self.channels = {a: grpc.aio.insecure_channel(a, options=OPTIONS) for a in (*prefill, *decode)}
-        self._tasks: list[asyncio.Task[None]] = []
+        self.channels: dict[str, grpc.aio.Channel] = {}
+        self._specs = {"prefill": prefill, "decode": decode}
+        self._tasks: list[asyncio.Task[None]] = []  # discovery
+        self._node_tasks: dict[str, list[asyncio.Task[None]]] = {}  # followers, per node
+        self._dns: dict[str, set[str]] = {}  # dns:NAME:PORT -> the addresses it brought
 
     def start(self) -> None:
-        for address, node in self.prefill.items():
+        for kind, specs in self._specs.items():
+            for spec in specs:
+                if spec.startswith("dns:"):
+                    self._tasks.append(asyncio.create_task(self._discover(kind, spec[4:]), name=f"discover:{spec}"))
+                else:
+                    self._add(kind, spec)
+
+    def _add(self, kind: str, address: str) -> None:
+        node = NodeState(address, healthy=False)
+        self.channels[address] = grpc.aio.insecure_channel(address, options=OPTIONS)
+        self._node_tasks[address] = []
+        if kind == "prefill":
+            self.prefill[address] = node
             self._spawn(self._follow_cache, address, node)
             self._spawn(self._follow_health, address, node, "kvmesh.v1.Prefill")
             self._spawn(self._poll_prefill_load, address, node)
-        for address, node in self.decode.items():
+        else:
+            self.decode[address] = node
             self._spawn(self._follow_health, address, node, "kvmesh.v1.Decode")
             self._spawn(self._poll_decode_load, address, node)
+
+    async def _remove(self, address: str) -> None:
+        for task in self._node_tasks.pop(address, []):
+            task.cancel()
+        self.prefill.pop(address, None)
+        self.decode.pop(address, None)
+        channel = self.channels.pop(address, None)
+        if channel is not None:
+            await channel.close()
+
+    async def _discover(self, kind: str, name_port: str) -> None:
+        host, _, port = name_port.rpartition(":")
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                infos = await loop.getaddrinfo(host, int(port), family=socket.AF_INET, type=socket.SOCK_STREAM)
+                found = {f"{info[4][0]}:{port}" for info in infos}
+            except OSError:
+                found = None  # keep what we have until the name resolves again
+            owned = self._dns.setdefault(name_port, set())
+            if found is not None:
+                for address in found - owned:
+                    if address not in self.channels:  # not also given as a fixed address
+                        self._add(kind, address)
+                        owned.add(address)
+                for address in owned - found:
+                    await self._remove(address)
+                    owned.discard(address)
+            await asyncio.sleep(DISCOVER_EVERY_S)
 
     def _spawn(self, loop: Callable[..., Awaitable[None]], address: str, *args: object) -> None:
         async def forever() -> None:
@@ -46,7 +95,7 @@ class Backends:
                     log.debug("%s: %s", address, e.code().name)
                 await asyncio.sleep(RETRY_S)
 
-        self._tasks.append(asyncio.create_task(forever(), name=f"{loop.__name__}:{address}"))
+        self._node_tasks[address].append(asyncio.create_task(forever(), name=f"{loop.__name__}:{address}"))
 
     async def _follow_cache(self, address: str, node: NodeState) -> None:
         """A snapshot (in batches), then stored/evicted events; a reconnect resyncs."""
@@ -100,9 +149,10 @@ class Backends:
         return True
 
     async def close(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *(t for ts in self._node_tasks.values() for t in ts)]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         for channel in self.channels.values():

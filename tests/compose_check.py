@@ -6,12 +6,29 @@ import argparse
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kvmesh.client import Client
+
+
+def container_at(ip: str, project: str) -> str:
+    """The project's container holding this IP address (the proxy names nodes by address)."""
+    names = subprocess.run(
+        ["podman", "ps", "--filter", f"label=io.podman.compose.project={project}", "--format", "{{.Names}}"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    for name in names:
+        fmt = "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}"
+        ips = subprocess.run(["podman", "inspect", "-f", fmt, name], check=True, capture_output=True, text=True).stdout
+        if ip in ips.split():
+            return name
+    raise SystemExit(f"no container of {project} has the address {ip}")
 
 
 def wait_serving(client: Client, timeout_s: float) -> None:
@@ -44,13 +61,61 @@ def main() -> None:
     print(f"turn 2: {second.text!r}, {cached} cached tokens")
     assert cached > 0
     victim = second.started.prefill_node.split(":")[0]  # type: ignore[union-attr]
-    container = f"{args.project}_{victim}_1"
+    container = container_at(victim, args.project)
     subprocess.run(["podman", "kill", container], check=True, capture_output=True)
     print(f"killed {container}")
     ask = [{"role": "user", "content": "Name a colour."}]
     third = client.chat(ask, session_id="compose-check", max_tokens=8, timeout=60)
     assert third.finished is not None and third.started.prefill_node.split(":")[0] != victim  # type: ignore[union-attr]
     print(f"after the kill: {third.text!r} via {third.started.prefill_node}")  # type: ignore[union-attr]
+    scale(args.project, client)
+
+
+def scale(project: str, client: Client) -> None:
+    """A second replica of decode-1 (what `docker compose up --scale decode-1=2` makes; podman-compose
+    1.0.3 ignores --scale, so it is started by hand with the service's network alias): the proxy
+    finds it through DNS and uses it."""
+    env = ["-e", "KVMESH_DECODE_HOST=0.0.0.0", "-e", "KVMESH_DECODE_PORT=50071", "-e", "KVMESH_DECODE_THREADS=1"]
+    subprocess.run(
+        [
+            "podman",
+            "run",
+            "-d",
+            "--init",
+            "--name",
+            f"{project}_decode-1_2",
+            "--network",
+            f"{project}_mesh",
+            "--network-alias",
+            "decode-1",
+            "--label",
+            f"io.podman.compose.project={project}",
+            *env,
+            "localhost/kvmesh:latest",
+            "kvmesh",
+            "decode",
+            "--node-id",
+            "decode-1-2",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    deadline = time.monotonic() + 90
+    while True:
+        with ThreadPoolExecutor(6) as pool:
+            replies = list(
+                pool.map(
+                    lambda i: client.chat([{"role": "user", "content": f"Count to {i}."}], max_tokens=24, timeout=60),
+                    range(6),
+                )
+            )
+        nodes = {r.started.decode_node for r in replies}  # type: ignore[union-attr]
+        if len(nodes) >= 3:
+            print(f"scaled: 6 concurrent requests used decode nodes {sorted(nodes)}")
+            return
+        if time.monotonic() > deadline:
+            raise SystemExit(f"after scaling, requests still used only {sorted(nodes)}")
+        time.sleep(2)
 
 
 if __name__ == "__main__":

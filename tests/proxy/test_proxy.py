@@ -138,3 +138,23 @@ def test_async_client(cluster: Callable[..., ServerThread]) -> None:
 
     sync = Client(proxy.address).chat([{"role": "user", "content": "hi"}], session_id="a", max_tokens=5).token_ids
     assert asyncio.run(ask()) == sync
+
+
+def test_nodes_found_through_dns(tiny_fp32: ModelFolder, servers: MakeServer) -> None:
+    p, d = servers("prefill", tiny_fp32), servers("decode", tiny_fp32, slot_tokens=250)
+    config = ProxyConfig(
+        model=tiny_fp32.path,
+        port=0,
+        prefill=(f"dns:localhost:{p.port}",),
+        decode=(f"dns:localhost:{d.port}",),
+        drain_seconds=1.0,
+        block_size=8,
+    )
+    proxy = ServerThread(lambda: ProxyServer(config))
+    try:
+        assert proxy.call(proxy.server.node.backends.wait_healthy(20))
+        assert list(proxy.server.node.backends.prefill) == [f"127.0.0.1:{p.port}"]
+        reply = Client(proxy.address).chat([{"role": "user", "content": "hi"}], max_tokens=3)
+        assert reply.started.prefill_node == f"127.0.0.1:{p.port}"  # type: ignore[union-attr]
+    finally:
+        proxy.stop()
