@@ -171,6 +171,7 @@ class DecodeNode:
 
             eos = () if job.params.ignore_eos else self.tokenizer.eos_token_ids
             if info.first_token in eos:
+                kv_pending.cancel()  # nothing to decode: stop the KV stream
                 yield done("eos")
                 return
             delta, stopped = text.push(info.first_token)
