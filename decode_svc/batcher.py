@@ -104,8 +104,7 @@ class Batcher:
         start = time.perf_counter()
         logits = self.batch.step(np.array([s.last_token for s in self._running]))
         done = []
-        for seq, row in zip(self._running, logits, strict=True):
-            token, logprob = seq.sampler.sample(row)
+        for seq, (token, logprob) in zip(self._running, _sample_all(self._running, logits), strict=True):
             seq.remaining -= 1
             if token in seq.eos:
                 seq.emit(("end", "eos"))
@@ -127,3 +126,21 @@ class Batcher:
             self._running[seq.slot], mover.slot = mover, seq.slot
         self._running.pop()
         seq.slot = -1
+
+
+def _sample_all(running: list[Sequence], logits: np.ndarray) -> list[tuple[int, float]]:
+    """Each row's (token, logprob): greedy rows all at once (argmax, logsumexp over (B, vocab)),
+    the others by their own sampler."""
+    out: list[tuple[int, float]] = [(0, 0.0)] * len(running)
+    greedy = [i for i, s in enumerate(running) if s.sampler.greedy]
+    if greedy:
+        rows = logits[greedy]
+        top = rows.max(axis=1)
+        lse = top + np.log(np.exp(rows - top[:, None]).sum(axis=1))
+        tokens = rows.argmax(axis=1)
+        for j, i in enumerate(greedy):
+            out[i] = (int(tokens[j]), float(rows[j, tokens[j]] - lse[j]))
+    for i, seq in enumerate(running):
+        if not seq.sampler.greedy:
+            out[i] = seq.sampler.sample(logits[i])
+    return out

@@ -73,6 +73,10 @@ class Sampler:
         token = int(candidates[min(pick, candidates.size - 1)])
         return token, float(z[token]) - lse
 
+    @property
+    def greedy(self) -> bool:
+        return self.params.temperature == 0 or self.params.top_k == 1
+
     def skip(self) -> None:
         """Consume the draw of one sample made elsewhere with the same seed."""
         if self.params.temperature != 0 and self.params.top_k != 1:

@@ -27,6 +27,10 @@ class SlotBatch:
         self.keys = [np.zeros(shape, lay.dtype) for _ in range(lay.layers)]
         self.values = [np.zeros(shape, lay.dtype) for _ in range(lay.layers)]
         self.lengths = np.zeros(slots, np.int64)  # tokens held per slot
+        # Inputs bound once per batch size and updated in place: ids (slots, 1); the mask spans the
+        # whole capacity, ones over each slot's tokens (GQA takes each row's length from its sum).
+        self._ids = np.zeros((slots, 1), np.int64)
+        self._mask = np.zeros((slots, capacity), np.int64)
         self.active = 0
         self._logits = np.zeros((slots, 1, runner.vocab_size), np.float32)
         self._bound = -1  # the batch size the binding was made for
@@ -47,6 +51,8 @@ class SlotBatch:
             self.keys[i][slot, :, : kv.length] = kv.keys[i][0]
             self.values[i][slot, :, : kv.length] = kv.values[i][0]
         self.lengths[slot] = kv.length
+        self._mask[slot] = 0
+        self._mask[slot, : kv.length] = 1
         self.active += 1
         return slot
 
@@ -60,8 +66,10 @@ class SlotBatch:
                 self.keys[i][slot, :, :n] = self.keys[i][last, :, :n]
                 self.values[i][slot, :, :n] = self.values[i][last, :, :n]
             self.lengths[slot] = n
+            self._mask[slot] = self._mask[last]
             moved = last
         self.lengths[last] = 0
+        self._mask[last] = 0
         self.active -= 1
         return moved
 
@@ -75,11 +83,9 @@ class SlotBatch:
             raise ResourceExhausted("a sequence reached its slot's capacity")
         if self._bound != b:
             self._bind(b)
+        self._mask[np.arange(b), self.lengths[:b]] = 1  # each row's new position
         self.lengths[:b] += 1
-        width = int(self.lengths[:b].max())
-        mask = (np.arange(width)[None, :] < self.lengths[:b, None]).astype(np.int64)  # (B, T), ones left-aligned
-        self._io.bind_cpu_input("input_ids", tokens.astype(np.int64).reshape(b, 1))
-        self._io.bind_cpu_input("attention_mask", mask)
+        self._ids[:b, 0] = tokens
         self.runner.decode_session.run_with_iobinding(self._io)
         return self._logits[:b, 0]
 
@@ -92,6 +98,8 @@ class SlotBatch:
                 self._io.bind_ortvalue_output(f"present.{i}.{part}", value)
         logits = self._logits[:b]
         self._io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        self._io.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(self._ids[:b]))
+        self._io.bind_ortvalue_input("attention_mask", ort.OrtValue.ortvalue_from_numpy(self._mask[:b]))
         self._bound = b
 
     def kv(self, slot: int) -> KVCache:
