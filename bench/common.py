@@ -14,9 +14,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from kvmesh.cluster import MALLOC
+
 ROOT = Path(__file__).resolve().parents[1]
-# DESIGN.md: glibc otherwise returns each freed MiB to the OS and faults it in again.
-MALLOC = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296", "MALLOC_TOP_PAD_": "268435456"}
 
 
 def with_malloc_settings() -> None:

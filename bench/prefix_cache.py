@@ -28,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import MALLOC, spawn, stop, with_malloc_settings  # noqa: E402
 from kv_transfer.codec import CHUNK_BYTES  # noqa: E402
-from kv_transfer.wire import KVPool, prefill_method, pull  # noqa: E402
+from kv_transfer.wire import KVPool, prefill_method, pull, read_header  # noqa: E402
 from kvmesh import aio  # noqa: E402
 from kvmesh.model.folder import ModelFolder  # noqa: E402
 from kvmesh.model.prepare import default_model_dir  # noqa: E402
@@ -89,15 +88,9 @@ def _prefill(channel: grpc.aio.Channel, tokens: list[int], salt: bytes, dtype: i
         start = time.perf_counter()
         call = prefill_method(channel)(prefill_pb2.PrefillRequest(tokens=tokens, cache_salt=salt, wire_dtype=dtype))
         it = aiter(call)
-        first = await anext(it)
+        header = await read_header(it)
         ttft = time.perf_counter() - start
-
-        async def stream() -> AsyncIterator[bytes]:
-            yield first
-            async for raw in it:
-                yield raw
-
-        got = await pull(stream(), POOL)
+        got = await pull(it, POOL, header)
         total = time.perf_counter() - start
         load = prefill_pb2_grpc.PrefillStub(channel).GetLoad
         while (await load(prefill_pb2.GetLoadRequest())).store_writes_pending:

@@ -6,34 +6,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmesh.errors import InvalidArgument
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
+from kvmesh.settings import doc
 
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    model: Path | None = field(default=None, metadata=_help("model folder (default: the prepared SmolLM2 int4)"))
-    host: str = field(default="127.0.0.1", metadata=_help("address to listen on"))
-    port: int = field(default=50071, metadata=_help("gRPC port (0: any free port, printed at start)"))
-    node_id: str = field(default="", metadata=_help("name in load reports (default host:port)"))
-    threads: int = field(default=2, metadata=_help("ONNX Runtime intra-op threads"))
-    provider: str = field(default="auto", metadata=_help("execution provider: auto, cpu, cuda"))
-    metrics_port: int = field(default=-1, metadata=_help("Prometheus port (-1: none, 0: any free port)"))
-    slots: int = field(default=16, metadata=_help("sequences decoded together at most (the batch)"))
-    slot_tokens: int = field(default=2560, metadata=_help("prompt + completion tokens one sequence may hold"))
+    model: Path | None = field(default=None, metadata=doc("model folder (default: the prepared SmolLM2 int4)"))
+    host: str = field(default="127.0.0.1", metadata=doc("address to listen on"))
+    port: int = field(default=50071, metadata=doc("gRPC port (0: any free port, printed at start)"))
+    node_id: str = field(default="", metadata=doc("name in load reports (default host:port)"))
+    threads: int = field(default=2, metadata=doc("ONNX Runtime intra-op threads"))
+    provider: str = field(default="auto", metadata=doc("execution provider: auto, cpu, cuda"))
+    metrics_port: int = field(default=-1, metadata=doc("Prometheus port (-1: none, 0: any free port)"))
+    slots: int = field(default=16, metadata=doc("sequences decoded together at most (the batch)"))
+    slot_tokens: int = field(default=2560, metadata=doc("prompt + completion tokens one sequence may hold"))
     max_waiting: int = field(
-        default=32, metadata=_help("admitted requests waiting for a slot; beyond: RESOURCE_EXHAUSTED")
+        default=32, metadata=doc("admitted requests waiting for a slot; beyond: RESOURCE_EXHAUSTED")
     )
-    prefill_timeout_s: float = field(default=120.0, metadata=_help("deadline of a KV pull when the call has none"))
-    drain_seconds: float = field(default=30.0, metadata=_help("on SIGTERM, how long running sequences may finish"))
+    prefill_timeout_s: float = field(default=120.0, metadata=doc("deadline of a KV pull when the call has none"))
+    drain_seconds: float = field(default=30.0, metadata=doc("on SIGTERM, how long running sequences may finish"))
     # A colocated worker prefills in this process, with its own prefix store: the baseline that
     # disaggregation is measured against. Its Decode calls ignore prefill_node.
-    colocated: bool = field(default=False, metadata=_help("prefill in this process (no KV transfer)"))
-    store: Path | None = field(default=None, metadata=_help("colocated: prefix store folder"))
-    store_budget_bytes: int = field(default=2 << 30, metadata=_help("colocated: prefix store byte budget"))
-    block_size: int = field(default=16, metadata=_help("colocated: tokens per cached block"))
+    colocated: bool = field(default=False, metadata=doc("prefill in this process (no KV transfer)"))
+    store: Path | None = field(default=None, metadata=doc("colocated: prefix store folder"))
+    store_budget_bytes: int = field(default=2 << 30, metadata=doc("colocated: prefix store byte budget"))
+    block_size: int = field(default=16, metadata=doc("colocated: tokens per cached block"))
 
     def __post_init__(self) -> None:
         if self.slots < 1 or self.slot_tokens < 2 or self.max_waiting < 0:

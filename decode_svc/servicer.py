@@ -29,6 +29,18 @@ def params_from_pb(msg: decode_pb2.GenerationParams) -> SamplingParams:
     )
 
 
+def params_to_pb(p: SamplingParams) -> decode_pb2.GenerationParams:
+    return decode_pb2.GenerationParams(
+        temperature=p.temperature,
+        top_k=p.top_k,
+        top_p=p.top_p,
+        seed=p.seed,
+        max_tokens=p.max_tokens,
+        stop=list(p.stop),
+        ignore_eos=p.ignore_eos,
+    )
+
+
 def event_to_pb(event: Token | Done) -> decode_pb2.DecodeEvent:
     if isinstance(event, Token):
         return decode_pb2.DecodeEvent(

@@ -11,14 +11,14 @@ from typing import Any
 
 import grpc
 
-from kv_transfer.fastwire import decode_response
-from kv_transfer.wire import prefill_method, pull
-from kvmesh.errors import DataLoss, ModelError, Upstream
+from kv_transfer.wire import prefill_method, pull, read_header
+from kvmesh.errors import ModelError, Upstream
 from kvmesh.model.runner import KVCache
 from kvmesh.sampling import SamplingParams
 from kvmesh.service import GRPC_OPTIONS
 from kvmesh.v1 import kv_pb2, prefill_pb2
 from prefill_svc.engine import PrefillEngine
+from prefill_svc.servicer import sampling_to_pb
 
 
 @dataclass(frozen=True)
@@ -72,25 +72,19 @@ class RemotePrefill:
             channel = self._channels[job.prefill_node] = grpc.aio.insecure_channel(
                 job.prefill_node, options=GRPC_OPTIONS
             )
-        p = job.params
-        sampling = prefill_pb2.Sampling(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed)
         request = prefill_pb2.PrefillRequest(
             request_id=job.request_id,
             tokens=job.tokens,
-            sampling=sampling,
+            sampling=sampling_to_pb(job.params),
             cache_salt=job.salt,
             wire_dtype=kv_pb2.KVDtype.ValueType(job.wire_dtype),
         )
         call = prefill_method(channel)(request, timeout=job.timeout_s)
         it: AsyncIterator[bytes] = aiter(call)
         try:
-            header = decode_response(await anext(it))
+            header = await read_header(it)
         except grpc.aio.AioRpcError as e:
             raise _upstream(e, job.prefill_node) from e
-        except StopAsyncIteration as e:
-            raise DataLoss(f"prefill node {job.prefill_node} sent an empty stream") from e
-        if not isinstance(header, kv_pb2.KVHeader):
-            raise DataLoss("KV stream did not start with a header")
         if header.model_fingerprint != self.fingerprint:
             call.cancel()
             raise ModelError(f"prefill node {job.prefill_node} serves another model ({header.model_fingerprint})")
@@ -105,13 +99,8 @@ class RemotePrefill:
         return info, PendingKV(lambda: self._receive(header, it, call, job.prefill_node), call.cancel)
 
     async def _receive(self, header: kv_pb2.KVHeader, it: AsyncIterator[bytes], call: Any, node: str) -> KVCache:
-        async def rest() -> AsyncIterator[bytes]:
-            yield prefill_pb2.PrefillResponse(header=header).SerializeToString()
-            async for raw in it:
-                yield raw
-
         try:
-            return (await pull(rest())).kv
+            return (await pull(it, header=header)).kv
         except grpc.aio.AioRpcError as e:
             raise _upstream(e, node) from e
         finally:

@@ -51,19 +51,31 @@ class Received:
     kv: KVCache
 
 
+def _header(message: kv_pb2.KVHeader | Chunk | None) -> kv_pb2.KVHeader:
+    if not isinstance(message, kv_pb2.KVHeader):
+        raise DataLoss("KV stream did not start with a header")
+    return message
+
+
+def _chunk(message: kv_pb2.KVHeader | Chunk) -> Chunk:
+    if not isinstance(message, Chunk):
+        raise DataLoss("a second header inside a KV stream")
+    return message
+
+
+def _assembler(header: kv_pb2.KVHeader, pool: KVPool | None) -> Assembler:
+    layout = layout_from_pb(header.layout)
+    return Assembler(layout, header.chunk_count, None if pool is None else pool.take(layout.shape))
+
+
 def receive(responses: Iterable[bytes | prefill_pb2.PrefillResponse], pool: KVPool | None = None) -> Received:
     """A KV stream (a header, then chunks), as serialized or as parsed PrefillResponses,
     reassembled (into a buffer from `pool` when given); DataLoss when it is not whole and right."""
     it = (decode_response(m if isinstance(m, bytes) else m.SerializeToString()) for m in responses)
-    header = next(it, None)
-    if not isinstance(header, kv_pb2.KVHeader):
-        raise DataLoss("KV stream did not start with a header")
-    layout = layout_from_pb(header.layout)
-    asm = Assembler(layout, header.chunk_count, None if pool is None else pool.take(layout.shape))
-    for chunk in it:
-        if not isinstance(chunk, Chunk):
-            raise DataLoss("a second header inside a KV stream")
-        asm.add(chunk)
+    header = _header(next(it, None))
+    asm = _assembler(header, pool)
+    for message in it:
+        asm.add(_chunk(message))
     return Received(header, asm.finish())
 
 
@@ -93,22 +105,25 @@ def prefill_method(channel: grpc.Channel | grpc.aio.Channel) -> Any:
     )
 
 
-async def pull(responses: AsyncIterator[bytes], pool: KVPool | None = None) -> Received:
+async def read_header(responses: AsyncIterator[bytes]) -> kv_pb2.KVHeader:
+    """The first message of a serialized KV stream (it carries the first token)."""
+    first = await anext(responses, None)
+    return _header(None if first is None else decode_response(first))
+
+
+async def pull(
+    responses: AsyncIterator[bytes], pool: KVPool | None = None, header: kv_pb2.KVHeader | None = None
+) -> Received:
     """`receive` for grpc.aio: each chunk is checked and copied in a worker thread (both release
-    the GIL) while the event loop reads the next one, at most one chunk behind."""
+    the GIL) while the event loop reads the next one, at most one chunk behind. `header`: already
+    read from `responses` (read_header), so that `responses` starts at the chunks."""
     loop = asyncio.get_running_loop()
     it = aiter(responses)
-    first = await anext(it, None)
-    header = None if first is None else decode_response(first)
-    if not isinstance(header, kv_pb2.KVHeader):
-        raise DataLoss("KV stream did not start with a header")
-    layout = layout_from_pb(header.layout)
-    asm = Assembler(layout, header.chunk_count, None if pool is None else pool.take(layout.shape))
+    header = header or await read_header(it)
+    asm = _assembler(header, pool)
     behind: asyncio.Future[None] | None = None
     async for raw in it:
-        chunk = decode_response(raw)
-        if not isinstance(chunk, Chunk):
-            raise DataLoss("a second header inside a KV stream")
+        chunk = _chunk(decode_response(raw))
         if behind is not None:
             await behind
         behind = loop.run_in_executor(_ASSEMBLY, asm.add, chunk)

@@ -15,6 +15,11 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+def doc(text: str) -> dict[str, str]:
+    """A settings field's flag help: `field(default=..., metadata=doc("..."))`."""
+    return {"help": text}
+
+
 def _base(hint: Any) -> Any:
     """Path | None -> Path; tuple[str, ...] stays a tuple hint."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:

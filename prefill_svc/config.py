@@ -7,30 +7,27 @@ from pathlib import Path
 
 from kv_transfer.codec import CHUNK_BYTES
 from kvmesh.errors import InvalidArgument
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
+from kvmesh.settings import doc
 
 
 @dataclass(frozen=True)
 class PrefillConfig:
-    model: Path | None = field(default=None, metadata=_help("model folder (default: the prepared SmolLM2 int4)"))
-    store: Path | None = field(default=None, metadata=_help("prefix store folder (default: $KVMESH_HOME/prefix-store)"))
-    store_budget_bytes: int = field(default=2 << 30, metadata=_help("stored KV kept under this many bytes (LRU)"))
-    block_size: int = field(default=16, metadata=_help("tokens per cached block"))
-    host: str = field(default="127.0.0.1", metadata=_help("address to listen on"))
-    port: int = field(default=50061, metadata=_help("gRPC port (0: any free port, printed at start)"))
-    node_id: str = field(default="", metadata=_help("name in cache events and load reports (default host:port)"))
-    threads: int = field(default=2, metadata=_help("ONNX Runtime intra-op threads"))
-    provider: str = field(default="auto", metadata=_help("execution provider: auto, cpu, cuda"))
-    metrics_port: int = field(default=-1, metadata=_help("Prometheus port (-1: none, 0: any free port)"))
-    chunk_bytes: int = field(default=CHUNK_BYTES, metadata=_help("bytes per KV chunk on the wire"))
+    model: Path | None = field(default=None, metadata=doc("model folder (default: the prepared SmolLM2 int4)"))
+    store: Path | None = field(default=None, metadata=doc("prefix store folder (default: $KVMESH_HOME/prefix-store)"))
+    store_budget_bytes: int = field(default=2 << 30, metadata=doc("stored KV kept under this many bytes (LRU)"))
+    block_size: int = field(default=16, metadata=doc("tokens per cached block"))
+    host: str = field(default="127.0.0.1", metadata=doc("address to listen on"))
+    port: int = field(default=50061, metadata=doc("gRPC port (0: any free port, printed at start)"))
+    node_id: str = field(default="", metadata=doc("name in cache events and load reports (default host:port)"))
+    threads: int = field(default=2, metadata=doc("ONNX Runtime intra-op threads"))
+    provider: str = field(default="auto", metadata=doc("execution provider: auto, cpu, cuda"))
+    metrics_port: int = field(default=-1, metadata=doc("Prometheus port (-1: none, 0: any free port)"))
+    chunk_bytes: int = field(default=CHUNK_BYTES, metadata=doc("bytes per KV chunk on the wire"))
     max_queued_tokens: int = field(
-        default=32768, metadata=_help("prompt tokens admitted at once; beyond: RESOURCE_EXHAUSTED")
+        default=32768, metadata=doc("prompt tokens admitted at once; beyond: RESOURCE_EXHAUSTED")
     )
-    pin_system: tuple[str, ...] = field(default=(), metadata=_help("system prompt to prefill at start and keep"))
-    drain_seconds: float = field(default=10.0, metadata=_help("on SIGTERM, how long running calls may finish"))
+    pin_system: tuple[str, ...] = field(default=(), metadata=doc("system prompt to prefill at start and keep"))
+    drain_seconds: float = field(default=10.0, metadata=doc("on SIGTERM, how long running calls may finish"))
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.chunk_bytes < 1024 or self.chunk_bytes % 4 or self.max_queued_tokens < 1:

@@ -26,6 +26,11 @@ _EVENT_KINDS = {
 }
 
 
+def sampling_to_pb(p: SamplingParams) -> prefill_pb2.Sampling:
+    """What the prefill node needs to draw the first token."""
+    return prefill_pb2.Sampling(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed)
+
+
 def sampling_from_pb(msg: prefill_pb2.Sampling) -> SamplingParams:
     seed = msg.seed if msg.HasField("seed") else None
     return SamplingParams(msg.temperature, msg.top_k, msg.top_p or 1.0, seed, max_tokens=1)

@@ -131,6 +131,8 @@ class Backends:
             await asyncio.sleep(LOAD_EVERY_S)
 
     async def _poll_decode_load(self, address: str, node: NodeState) -> None:
+        """A decode node's queued_tokens holds its running sequences: the tie-breaker after our own
+        in-flight count when the proxy picks the least loaded decode node."""
         stub = decode_pb2_grpc.DecodeStub(self.channels[address])
         while True:
             node.queued_tokens = (await stub.GetLoad(decode_pb2.GetDecodeLoadRequest(), timeout=2)).running_sequences

@@ -6,26 +6,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmesh.errors import InvalidArgument
+from kvmesh.settings import doc
 from proxy.routing import POLICIES
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
 
 
 @dataclass(frozen=True)
 class ProxyConfig:
-    model: Path | None = field(default=None, metadata=_help("model folder: tokenizer, chat template, fingerprint"))
-    host: str = field(default="127.0.0.1", metadata=_help("address to listen on"))
-    port: int = field(default=50051, metadata=_help("gRPC port (0: any free port, printed at start)"))
-    prefill: tuple[str, ...] = field(default=(), metadata=_help("a prefill node's host:port"))
-    decode: tuple[str, ...] = field(default=(), metadata=_help("a decode node's host:port"))
-    policy: str = field(default="cache_aware", metadata=_help(f"routing policy: {', '.join(POLICIES)}"))
-    load_bound: float = field(default=1.25, metadata=_help("a node above this x the mean load is skipped"))
-    api_keys: tuple[str, ...] = field(default=(), metadata=_help("KEY=TENANT; none: the proxy is open"))
-    block_size: int = field(default=16, metadata=_help("prefill nodes' block size until they report theirs"))
-    metrics_port: int = field(default=-1, metadata=_help("Prometheus port (-1: none, 0: any free port)"))
-    drain_seconds: float = field(default=30.0, metadata=_help("on SIGTERM, how long running calls may finish"))
+    model: Path | None = field(default=None, metadata=doc("model folder: tokenizer, chat template, fingerprint"))
+    host: str = field(default="127.0.0.1", metadata=doc("address to listen on"))
+    port: int = field(default=50051, metadata=doc("gRPC port (0: any free port, printed at start)"))
+    prefill: tuple[str, ...] = field(default=(), metadata=doc("a prefill node's host:port"))
+    decode: tuple[str, ...] = field(default=(), metadata=doc("a decode node's host:port"))
+    policy: str = field(default="cache_aware", metadata=doc(f"routing policy: {', '.join(POLICIES)}"))
+    load_bound: float = field(default=1.25, metadata=doc("a node above this x the mean load is skipped"))
+    api_keys: tuple[str, ...] = field(default=(), metadata=doc("KEY=TENANT; none: the proxy is open"))
+    block_size: int = field(default=16, metadata=doc("prefill nodes' block size until they report theirs"))
+    metrics_port: int = field(default=-1, metadata=doc("Prometheus port (-1: none, 0: any free port)"))
+    drain_seconds: float = field(default=30.0, metadata=doc("on SIGTERM, how long running calls may finish"))
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:

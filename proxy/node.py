@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from decode_svc.servicer import params_to_pb
 from kvmesh.blockhash import block_keys, root_key
 from kvmesh.errors import InvalidArgument, KvmeshError, Unavailable, Upstream
 from kvmesh.model.folder import ModelFolder
@@ -171,18 +172,12 @@ class ProxyNode:
         node.changed_at = asyncio.get_running_loop().time()
 
     def _decode_call(self, plan: Plan, prefill: str, decode: str, timeout_s: float | None) -> grpc.aio.UnaryStreamCall:  # type: ignore[type-arg]
-        p = plan.params
-        params = decode_pb2.GenerationParams(
-            temperature=p.temperature,
-            top_k=p.top_k,
-            top_p=p.top_p,
-            seed=p.seed,
-            max_tokens=p.max_tokens,
-            stop=list(p.stop),
-            ignore_eos=p.ignore_eos,
-        )
         request = decode_pb2.DecodeRequest(
-            request_id=plan.request_id, tokens=plan.tokens, prefill_node=prefill, params=params, cache_salt=plan.salt
+            request_id=plan.request_id,
+            tokens=plan.tokens,
+            prefill_node=prefill,
+            params=params_to_pb(plan.params),
+            cache_salt=plan.salt,
         )
         return decode_pb2_grpc.DecodeStub(self.backends.channels[decode]).Decode(request, timeout=timeout_s)
 

@@ -164,13 +164,14 @@ class CacheAwarePolicy:
 
 
 def make_policy(name: str, c: float = 1.25, seed: int | None = None) -> Policy:
-    policies: dict[str, Policy] = {
-        "cache_aware": CacheAwarePolicy(c),
-        "session_hash": SessionHashPolicy(c),
-        "least_loaded": LeastLoadedPolicy(),
-        "round_robin": RoundRobinPolicy(),
-        "random": RandomPolicy(seed),
-    }
-    if name not in policies:
-        raise ValueError(f"routing policy must be one of {', '.join(POLICIES)}, not {name!r}")
-    return policies[name]
+    if name == "cache_aware":
+        return CacheAwarePolicy(c)
+    if name == "session_hash":
+        return SessionHashPolicy(c)
+    if name == "least_loaded":
+        return LeastLoadedPolicy()
+    if name == "round_robin":
+        return RoundRobinPolicy()
+    if name == "random":
+        return RandomPolicy(seed)
+    raise ValueError(f"routing policy must be one of {', '.join(POLICIES)}, not {name!r}")

@@ -36,10 +36,6 @@ class SlotBatch:
         self._bound = -1  # the batch size the binding was made for
         self._io = runner.decode_session.io_binding()
 
-    @property
-    def bytes(self) -> int:
-        return 2 * sum(k.nbytes for k in self.keys)
-
     def add(self, kv: KVCache) -> int:
         """Copy one sequence's KV into the next free slot. -> the slot."""
         if self.active == self.slots:
@@ -102,11 +98,6 @@ class SlotBatch:
         self._io.bind_ortvalue_input("attention_mask", ort.OrtValue.ortvalue_from_numpy(self._mask[:b]))
         self._bound = b
 
-    def kv(self, slot: int) -> KVCache:
-        """One slot's KV (views)."""
-        n = int(self.lengths[slot])
-        return KVCache([k[slot : slot + 1, :, :n] for k in self.keys], [v[slot : slot + 1, :, :n] for v in self.values])
-
 
 class SequentialBatch:
     """The same interface for graphs without GroupQueryAttention (an Optimum export): each slot
@@ -119,10 +110,6 @@ class SequentialBatch:
     @property
     def active(self) -> int:
         return len(self._decoders)
-
-    @property
-    def bytes(self) -> int:
-        return 0
 
     @property
     def lengths(self) -> np.ndarray:

@@ -153,11 +153,9 @@ def test_prefill_node_dying_mid_stream_is_unavailable_not_a_hang(tiny_fp32: Mode
     assert relay.stdout is not None
     port = int(relay.stdout.readline())
     d = servers("decode", tiny_fp32)
-    start = time.monotonic()
-    with pytest.raises(grpc.RpcError) as err:
+    with pytest.raises(grpc.RpcError) as err:  # the call's 60 s deadline would end a hang in DEADLINE_EXCEEDED
         _decode(d.address, PROMPTS[3], f"127.0.0.1:{port}", max_tokens=20)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
-    assert time.monotonic() - start < 30
     relay.wait(10)
 
 

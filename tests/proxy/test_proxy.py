@@ -84,7 +84,7 @@ def test_a_session_returns_to_its_cache(cluster: Callable[..., ServerThread]) ->
         ({"messages": []}, grpc.StatusCode.INVALID_ARGUMENT, "empty"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, grpc.StatusCode.INVALID_ARGUMENT, "role"),
         ({"temperature": float("nan")}, grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
-        ({"top_k": -1}, grpc.StatusCode.INVALID_ARGUMENT, None),
+        ({"top_k": -1}, grpc.StatusCode.INVALID_ARGUMENT, None),  # uint32 on the wire: the client refuses it
         ({"top_p": 3.0}, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
         ({"max_tokens": 10_000}, grpc.StatusCode.INVALID_ARGUMENT, "context"),
         ({"prompt": "a " * 400, "messages": []}, grpc.StatusCode.INVALID_ARGUMENT, "context"),
