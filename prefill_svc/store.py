@@ -300,19 +300,21 @@ class StoreWriter:
     """The one thread of this process that writes the store: jobs run in submission order.
 
     `quiet` tells when the node is neither running the model nor streaming KV: a job waits for
-    it (up to max_wait_s), so a write does not take a core from a request in flight."""
+    it, so a write does not take a core from a request in flight, but never past max_wait_s from
+    its submission: under steady load jobs run late by at most that, and a backlog never grows."""
 
     def __init__(
-        self, store: PrefixStore, events: EventSink, quiet: Callable[[], bool] = lambda: True, max_wait_s: float = 2.0
+        self, store: PrefixStore, events: EventSink, quiet: Callable[[], bool] = lambda: True, max_wait_s: float = 0.5
     ) -> None:
         self.store, self.events = store, events
         self._quiet, self._max_wait_s = quiet, max_wait_s
-        self._jobs: queue.Queue[Callable[[PrefixStore, EventSink], None] | None] = queue.Queue()
+        # (job, its deadline to run even if the node is busy); None stops the thread
+        self._jobs: queue.Queue[tuple[Callable[[PrefixStore, EventSink], None], float] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="prefix-store-writer", daemon=True)
         self._thread.start()
 
     def submit(self, job: Callable[[PrefixStore, EventSink], None]) -> None:
-        self._jobs.put(job)
+        self._jobs.put((job, time.monotonic() + self._max_wait_s))
 
     @property
     def pending(self) -> int:
@@ -322,7 +324,7 @@ class StoreWriter:
     def flush(self) -> None:
         """Wait until every job submitted so far has run."""
         done = threading.Event()
-        self._jobs.put(lambda _s, _e: done.set())
+        self.submit(lambda _s, _e: done.set())
         done.wait()
 
     def close(self) -> None:
@@ -330,8 +332,8 @@ class StoreWriter:
         self._thread.join()
 
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            deadline = time.monotonic() + self._max_wait_s
+        while (item := self._jobs.get()) is not None:
+            job, deadline = item
             while not self._quiet() and time.monotonic() < deadline:
                 time.sleep(0.005)
             try:

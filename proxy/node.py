@@ -120,13 +120,12 @@ class ProxyNode:
         for attempt in (1, 2):
             await self.backends.wait_healthy(min(timeout_s or WAIT_HEALTHY_S, WAIT_HEALTHY_S))
             decision, decode_node = self.route(plan, failed)
-            prefill = self.backends.prefill[decision.node_id]
-            decode = self.backends.decode[decode_node]
             self.metrics.decisions.labels(self.policy.name, decision.reason, decision.node_id).inc()
-            prefill.inflight += 1
-            decode.inflight += 1
-            work = len(plan.tokens) - decision.cached_tokens  # queued there until the first token (or a report)
-            self._queue(prefill, work)
+            claim = _Claim(
+                self.backends.prefill[decision.node_id],
+                self.backends.decode[decode_node],
+                len(plan.tokens) - decision.cached_tokens,
+            )
             call = self._decode_call(plan, decision.node_id, decode_node, timeout_s)
             started = False
             try:
@@ -144,11 +143,11 @@ class ProxyNode:
                                 "prompt_tokens": len(plan.tokens),
                             },
                         )
-                        self._queue(prefill, -work)
-                        work = 0
+                        claim.prefilled()
                         self.metrics.ttft.observe(time.perf_counter() - start)
                         yield self._started(plan, decision, decode_node, attempt)
                     if event.HasField("finished"):
+                        claim.release()  # before the client hears it: its next request sees the load as it is
                         yield generation_pb2.GenerateEvent(finished=event.finished)
                     else:
                         yield generation_pb2.GenerateEvent(token=event.token)
@@ -160,16 +159,9 @@ class ProxyNode:
                 failed.update({decision.node_id, decode_node})  # the next candidate, not these again
             finally:
                 call.cancel()
-                prefill.inflight -= 1
-                decode.inflight -= 1
-                self._queue(prefill, -work)
+                claim.release()
         assert last_error is not None
         raise last_error
-
-    @staticmethod
-    def _queue(node: NodeState, tokens: int) -> None:
-        node.queued_tokens = max(node.queued_tokens + tokens, 0)
-        node.changed_at = asyncio.get_running_loop().time()
 
     def _decode_call(self, plan: Plan, prefill: str, decode: str, timeout_s: float | None) -> grpc.aio.UnaryStreamCall:  # type: ignore[type-arg]
         request = decode_pb2.DecodeRequest(
@@ -197,3 +189,30 @@ class ProxyNode:
 
     def nodes(self) -> list[NodeState]:
         return [*self.backends.prefill.values(), *self.backends.decode.values()]
+
+
+class _Claim:
+    """What a routed request holds on its nodes: one in-flight request on each, and its prefill
+    work queued on the prefill node until the first token. Released once, as soon as it ends."""
+
+    def __init__(self, prefill: NodeState, decode: NodeState, work: int) -> None:
+        self.prefill, self.decode, self.work, self.held = prefill, decode, work, True
+        prefill.inflight += 1
+        decode.inflight += 1
+        self._queue(work)
+
+    def prefilled(self) -> None:
+        self._queue(-self.work)
+        self.work = 0
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.prefill.inflight -= 1
+            self.decode.inflight -= 1
+            self.prefilled()
+
+    def _queue(self, tokens: int) -> None:
+        # Load reports asked before this change are stale (Backends drops them).
+        self.prefill.queued_tokens = max(self.prefill.queued_tokens + tokens, 0)
+        self.prefill.changed_at = asyncio.get_running_loop().time()
