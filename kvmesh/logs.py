@@ -25,6 +25,9 @@ FIELDS = (
     "ttft_ms",
     "compute_ms",
     "kv_bytes",
+    "attempt",
+    "code",
+    "healthy",
     "error",
 )
 

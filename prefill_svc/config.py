@@ -24,7 +24,7 @@ class PrefillConfig:
     metrics_port: int = field(default=-1, metadata=doc("Prometheus port (-1: none, 0: any free port)"))
     chunk_bytes: int = field(default=CHUNK_BYTES, metadata=doc("bytes per KV chunk on the wire"))
     max_queued_tokens: int = field(
-        default=32768, metadata=doc("prompt tokens admitted at once; beyond: RESOURCE_EXHAUSTED")
+        default=32768, metadata=doc("prompt tokens to compute admitted at once; beyond: RESOURCE_EXHAUSTED")
     )
     pin_system: tuple[str, ...] = field(default=(), metadata=doc("system prompt to prefill at start and keep"))
     drain_seconds: float = field(default=10.0, metadata=doc("on SIGTERM, how long running calls may finish"))

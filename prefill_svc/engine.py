@@ -40,6 +40,12 @@ class PrefillEngine:
     def keys(self, tokens: Sequence[int], salt: bytes) -> list[bytes]:
         return block_keys(root_key(self.fingerprint, self.block_size, salt), tokens, self.block_size)
 
+    def uncached_tokens(self, tokens: Sequence[int], salt: bytes) -> int:
+        """What a prefill of `tokens` would compute if run now: the store's prefix is reused, the
+        last prompt token always computed."""
+        cached = self.store.cached_blocks(self.keys(tokens, salt)) * self.block_size
+        return len(tokens) - min(cached, len(tokens) - 1)
+
     def prefill(self, tokens: Sequence[int], params: SamplingParams, salt: bytes = b"") -> PrefillOutcome:
         if not tokens:
             raise InvalidArgument("empty prompt")

@@ -32,7 +32,9 @@ class PrefillMetrics:
             "kvmesh_prefix_store_checksum_failures", "Stored blocks that failed their checksum", registry=r
         )
         self.queued_tokens = Gauge(
-            "kvmesh_prefill_queued_tokens", "Prompt tokens admitted, not yet streamed", registry=r
+            "kvmesh_prefill_queued_tokens",
+            "Prompt tokens admitted and not yet computed (stored prefixes excluded)",
+            registry=r,
         )
         Gauge("kvmesh_prefix_store_bytes", "KV bytes in the prefix store", registry=r).set_function(
             lambda: store_stats()[0]

@@ -89,11 +89,13 @@ class PrefillNode:
         self, tokens: Sequence[int], params: SamplingParams, salt: bytes, request_id: str = ""
     ) -> PrefillOutcome:
         assert self.engine is not None, "start() first"
-        if self._queued + len(tokens) > self.config.max_queued_tokens:
+        # The queue counts tokens to compute, as the proxy's routing does (cached ones are nearly free).
+        work = self.engine.uncached_tokens(tokens, salt) if tokens else 0
+        if self._queued + work > self.config.max_queued_tokens:
             raise ResourceExhausted(
                 f"prefill queue full ({self._queued} tokens queued, limit {self.config.max_queued_tokens})"
             )
-        self._queued += len(tokens)
+        self._queued += work
         self._running += 1
         self.metrics.queued_tokens.set(self._queued)
         start = time.perf_counter()
@@ -101,7 +103,7 @@ class PrefillNode:
             loop = asyncio.get_running_loop()
             outcome = await loop.run_in_executor(self._model_thread, self.engine.prefill, tokens, params, salt)
         finally:
-            self._queued -= len(tokens)
+            self._queued -= work
             self._running -= 1
             self.metrics.queued_tokens.set(self._queued)
         self.metrics.latency.observe(time.perf_counter() - start)

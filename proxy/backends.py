@@ -92,7 +92,7 @@ class Backends:
                 try:
                     await loop(address, *args)
                 except grpc.aio.AioRpcError as e:
-                    log.debug("%s: %s", address, e.code().name)
+                    log.info("%s to %s: %s %s", loop.__name__, address, e.code().name, e.details())
                 await asyncio.sleep(RETRY_S)
 
         self._node_tasks[address].append(asyncio.create_task(forever(), name=f"{loop.__name__}:{address}"))
@@ -116,8 +116,13 @@ class Backends:
         stub = health_pb2_grpc.HealthStub(self.channels[address])
         try:
             async for reply in stub.Watch(health_pb2.HealthCheckRequest(service=service)):
-                node.healthy = reply.status == health_pb2.HealthCheckResponse.SERVING
+                healthy = reply.status == health_pb2.HealthCheckResponse.SERVING
+                if healthy != node.healthy:
+                    log.info("node health", extra={"node": address, "healthy": healthy})
+                node.healthy = healthy
         finally:
+            if node.healthy:
+                log.warning("node health", extra={"node": address, "healthy": False})
             node.healthy = False
 
     async def _poll_prefill_load(self, address: str, node: NodeState) -> None:
@@ -127,15 +132,15 @@ class Backends:
             asked = loop.time()
             queued = (await stub.GetLoad(prefill_pb2.GetLoadRequest(), timeout=2)).queued_prefill_tokens
             if asked >= node.changed_at:  # else our routing changed it meanwhile: this report is stale
-                node.queued_tokens = queued
+                node.reported_tokens = queued
             await asyncio.sleep(LOAD_EVERY_S)
 
     async def _poll_decode_load(self, address: str, node: NodeState) -> None:
-        """A decode node's queued_tokens holds its running sequences: the tie-breaker after our own
+        """A decode node's reported_tokens hold its running sequences: the tie-breaker after our own
         in-flight count when the proxy picks the least loaded decode node."""
         stub = decode_pb2_grpc.DecodeStub(self.channels[address])
         while True:
-            node.queued_tokens = (await stub.GetLoad(decode_pb2.GetDecodeLoadRequest(), timeout=2)).running_sequences
+            node.reported_tokens = (await stub.GetLoad(decode_pb2.GetDecodeLoadRequest(), timeout=2)).running_sequences
             await asyncio.sleep(LOAD_EVERY_S)
 
     def any_healthy(self) -> bool:

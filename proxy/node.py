@@ -154,6 +154,17 @@ class ProxyNode:
                 return
             except grpc.aio.AioRpcError as e:
                 last_error = Upstream(e.code().name, e.details() or e.code().name)
+                log.warning(
+                    "attempt failed",
+                    extra={
+                        "request_id": plan.request_id,
+                        "prefill_node": decision.node_id,
+                        "decode_node": decode_node,
+                        "attempt": attempt,
+                        "code": e.code().name,
+                        "error": e.details(),
+                    },
+                )
                 if started or e.code() in NO_RETRY:
                     raise last_error from e
                 failed.update({decision.node_id, decode_node})  # the next candidate, not these again
@@ -213,6 +224,9 @@ class _Claim:
             self.prefilled()
 
     def _queue(self, tokens: int) -> None:
-        # Load reports asked before this change are stale (Backends drops them).
-        self.prefill.queued_tokens = max(self.prefill.queued_tokens + tokens, 0)
+        # Load reports asked before this change are stale (Backends drops them); the last one may
+        # count this request's whole prompt (asked while the node computed it), so it is forgotten
+        # too: left, it would stand for the node's queue until the next report.
+        self.prefill.claimed_tokens = max(self.prefill.claimed_tokens + tokens, 0)
+        self.prefill.reported_tokens = 0
         self.prefill.changed_at = asyncio.get_running_loop().time()

@@ -23,8 +23,14 @@ class NodeState:
     healthy: bool = True
     blocks: set[bytes] = field(default_factory=set)  # cached block keys, from WatchCache
     inflight: int = 0  # requests routed here and not finished
-    queued_tokens: int = 0  # prefill tokens waiting there, from load reports and our own routing
-    changed_at: float = 0.0  # when our own routing last changed queued_tokens (older reports are stale)
+    claimed_tokens: int = 0  # prefill tokens our own routing sent here and not yet computed
+    reported_tokens: int = 0  # the node's last load report (every router's requests); 0 when unknown
+    changed_at: float = 0.0  # when our own routing last changed claimed_tokens (older reports are stale)
+
+    @property
+    def queued_tokens(self) -> int:
+        """Work waiting there: a report counts our own requests too, so the larger of the two, not the sum."""
+        return max(self.claimed_tokens, self.reported_tokens)
 
 
 @dataclass(frozen=True)

@@ -215,7 +215,7 @@ class LoadReport(_message.Message):
     HIT_TOKENS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     queued_prefill_tokens: _builtins.int
-    """tokens waiting for or in the model, not yet streamed"""
+    """tokens to compute, waiting for or in the model (stored prefixes excluded)"""
     running_requests: _builtins.int
     store_bytes: _builtins.int
     store_blocks: _builtins.int

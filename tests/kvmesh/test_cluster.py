@@ -33,6 +33,8 @@ class Turn:
     prefill_node: str
     prompt_tokens: int
     cached_tokens: int
+    reason: str = ""
+    attempt: int = 1
     error: str = ""
 
 
@@ -66,12 +68,22 @@ def _conversations(endpoint: str, kill: cluster.Process | None = None) -> list[T
             try:
                 reply = client.chat(history[s], session_id=f"session-{s}", max_tokens=8, timeout=60)
             except grpc.RpcError as e:
-                turns.append(Turn(s, t, "", 0, 0, e.code().name))  # type: ignore[attr-defined]
+                turns.append(Turn(s, t, "", 0, 0, error=e.code().name))  # type: ignore[attr-defined]
                 history[s].pop()
                 continue
             assert reply.started is not None and reply.finished is not None
-            turns.append(Turn(s, t, reply.started.prefill_node, reply.finished.usage.prompt_tokens,
-                              reply.finished.usage.cached_tokens))  # fmt: skip
+            started, usage = reply.started, reply.finished.usage
+            turns.append(
+                Turn(
+                    s,
+                    t,
+                    started.prefill_node,
+                    usage.prompt_tokens,
+                    usage.cached_tokens,
+                    started.routing_reason,
+                    started.attempt,
+                )
+            )
             history[s].append({"role": "assistant", "content": reply.text})
         time.sleep(0.3)  # think time: the nodes store the new blocks and tell the proxy
     return turns
@@ -123,7 +135,8 @@ def test_a_prefill_node_killed_mid_run(long_tiny: ModelFolder, home: Path) -> No
         before = node_of.get((s, 2))
         after = node_of.get((s, 3))
         if before and before != victim.address:
-            assert after == before, f"session {s} moved from {before} to {after} though its node lived"
+            its_turns = [t for t in turns if t.session == s]
+            assert after == before, f"session {s} moved from {before} to {after} though its node lived: {its_turns}"
         elif before == victim.address:
             assert after != victim.address
     assert len(errors) <= SESSIONS // 3 + 1
