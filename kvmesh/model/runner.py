@@ -88,6 +88,11 @@ def providers(choice: str) -> list[str]:
     if choice == "cuda" and "CUDAExecutionProvider" not in available:
         raise ModelError("CUDA requested but this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
     if choice in ("auto", "cuda") and "CUDAExecutionProvider" in available:
+        # onnxruntime-gpu >= 1.21 finds the CUDA and cuDNN libraries installed as pip wheels
+        # (its `cuda`, `cudnn` extras; what the GPU image has) only when asked to preload them.
+        preload = getattr(ort, "preload_dlls", None)
+        if preload is not None:
+            preload()
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
