@@ -25,12 +25,14 @@ class DecodeConfig:
     )
     prefill_timeout_s: float = field(default=120.0, metadata=doc("deadline of a KV pull when the call has none"))
     drain_seconds: float = field(default=30.0, metadata=doc("on SIGTERM, how long running sequences may finish"))
-    # A colocated worker prefills in this process, with its own prefix store: the baseline that
-    # disaggregation is measured against. Its Decode calls ignore prefill_node.
+    # A colocated worker prefills in this process, with its own prefix store, and serves the
+    # Prefill service too (cache events, load) so a proxy routes to it as to a prefill node: the
+    # baseline that disaggregation is measured against. Its Decode calls ignore prefill_node.
     colocated: bool = field(default=False, metadata=doc("prefill in this process (no KV transfer)"))
     store: Path | None = field(default=None, metadata=doc("colocated: prefix store folder"))
     store_budget_bytes: int = field(default=2 << 30, metadata=doc("colocated: prefix store byte budget"))
     block_size: int = field(default=16, metadata=doc("colocated: tokens per cached block"))
+    prefix_cache: bool = field(default=True, metadata=doc("colocated: reuse and store prompt prefixes"))
 
     def __post_init__(self) -> None:
         if self.slots < 1 or self.slot_tokens < 2 or self.max_waiting < 0:

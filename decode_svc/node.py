@@ -8,7 +8,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import cast
 
@@ -18,12 +17,12 @@ from decode_svc.metrics import DecodeMetrics
 from decode_svc.sources import LocalPrefill, PrefillJob, RemotePrefill
 from kvmesh.errors import InvalidArgument, ResourceExhausted, Unavailable
 from kvmesh.model.folder import ModelFolder
-from kvmesh.model.prepare import default_model_dir, kvmesh_home
+from kvmesh.model.prepare import default_model_dir
 from kvmesh.model.runner import ModelRunner, Provider, RunnerConfig
 from kvmesh.model.tokenizer import ChatTokenizer, StreamDecoder
 from kvmesh.sampling import Sampler, SamplingParams, StopMatcher
-from prefill_svc.engine import PrefillEngine
-from prefill_svc.store import PrefixStore, StoreConfig, StoreWriter
+from prefill_svc.config import PrefillConfig
+from prefill_svc.node import PrefillNode
 
 log = logging.getLogger(__name__)
 
@@ -82,22 +81,19 @@ class DecodeNode:
         self._reserved = 0
         self._admitted = 0
         self._draining = False
-        self._store: PrefixStore | None = None
-        self._writer: StoreWriter | None = None
-        self._model_thread: ThreadPoolExecutor | None = None
+        self.prefill_node: PrefillNode | None = None  # a colocated worker's
         self.source: RemotePrefill | LocalPrefill = RemotePrefill(self.folder.fingerprint)
         if config.colocated:
-            self.source = self._local_prefill(config)
-
-    def _local_prefill(self, config: DecodeConfig) -> LocalPrefill:
-        store_config = StoreConfig(
-            config.store or kvmesh_home() / "prefix-store", config.store_budget_bytes, config.block_size
-        )
-        self._store = PrefixStore(store_config, self.folder.fingerprint, self.runner.layout)
-        self._writer = StoreWriter(self._store, lambda *_: None)
-        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="prefill-model")
-        engine = PrefillEngine(self.runner, self._store, self._writer, self.folder.fingerprint)
-        return LocalPrefill(engine, self._model_thread)
+            prefill_config = PrefillConfig(
+                model=config.model,
+                store=config.store,
+                store_budget_bytes=config.store_budget_bytes,
+                block_size=config.block_size,
+                prefix_cache=config.prefix_cache,
+                node_id=config.node_id,
+            )
+            self.prefill_node = PrefillNode(prefill_config, self.runner, self.metrics.registry)
+            self.source = LocalPrefill(self.prefill_node)
 
     def load(self) -> Load:
         running = self.batcher.running  # may still hold a cancelled sequence until the next step
@@ -222,12 +218,6 @@ class DecodeNode:
     async def close(self) -> None:
         self.batcher.close()
         await self.source.close()
-        if self._model_thread is not None:
-            self._model_thread.shutdown(wait=True)
-        if self._writer is not None:
-            self._writer.close()
-        if self._store is not None:
-            self._store.close()
 
 
 class _Text:

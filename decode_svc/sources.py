@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +15,7 @@ from kvmesh.model.runner import KVCache
 from kvmesh.sampling import SamplingParams
 from kvmesh.service import GRPC_OPTIONS
 from kvmesh.v1 import kv_pb2, prefill_pb2
-from prefill_svc.engine import PrefillEngine
+from prefill_svc.node import PrefillNode
 from prefill_svc.servicer import sampling_to_pb
 
 
@@ -130,14 +128,14 @@ def _upstream(e: grpc.aio.AioRpcError, node: str) -> Upstream:
 
 
 class LocalPrefill:
-    """The colocated worker's: the prefill engine in this process; the KV is handed over as is."""
+    """The colocated worker's: a prefill node in this process (its store, queue, cache events and
+    Prefill service as a prefill node's); the KV is handed over as is."""
 
-    def __init__(self, engine: PrefillEngine, model_thread: ThreadPoolExecutor) -> None:
-        self.engine, self._model_thread = engine, model_thread
+    def __init__(self, node: PrefillNode) -> None:
+        self.node = node
 
     async def start(self, job: PrefillJob) -> tuple[Prefilled, PendingKV]:
-        loop = asyncio.get_running_loop()
-        outcome = await loop.run_in_executor(self._model_thread, self.engine.prefill, job.tokens, job.params, job.salt)
+        outcome = await self.node.prefill(job.tokens, job.params, job.salt, job.request_id)
         info = Prefilled(
             outcome.first_token,
             outcome.first_logprob,
@@ -153,4 +151,4 @@ class LocalPrefill:
         return info, PendingKV(handed_over, lambda: None)
 
     async def close(self) -> None:
-        pass
+        await self.node.close()

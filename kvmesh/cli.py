@@ -90,6 +90,10 @@ def _parser() -> argparse.ArgumentParser:
     cluster_up.add_argument("--model", help="model folder (default: the prepared SmolLM2 int4)")
     cluster_up.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per node")
     cluster_up.add_argument("--pin", action="store_true", help="prefill nodes on half the cores, decode on the rest")
+    cluster_up.add_argument("--workers", type=int, default=0, help="colocated workers (with --prefill 0 --decode 0)")
+    cluster_up.add_argument(
+        "--prefix-cache", action=argparse.BooleanOptionalAction, default=True, help="prefill nodes reuse prefixes"
+    )
     sub.add_parser("status", help="the local cluster's nodes: health, load, cache")
     check = sub.add_parser("health", help="exit 0 when a kvmesh node at HOST:PORT reports SERVING (for healthchecks)")
     check.add_argument("address")

@@ -1,5 +1,5 @@
-"""The local cluster: `kvmesh up` starts P prefill nodes, D decode nodes and the proxy as local
-processes on loopback ports, `kvmesh status` shows them, `kvmesh down` stops them. State (pids,
+"""The local cluster: `kvmesh up` starts P prefill nodes, D decode nodes (or W colocated workers)
+and the proxy as local processes on loopback ports, `kvmesh status` shows them, `kvmesh down` stops them. State (pids,
 addresses) and logs live under $KVMESH_HOME/cluster."""
 
 from __future__ import annotations
@@ -23,13 +23,31 @@ from kvmesh.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 # DESIGN.md: glibc otherwise returns each freed MiB to the OS and faults it in again.
 MALLOC = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296", "MALLOC_TOP_PAD_": "268435456"}
-SERVICES = {"prefill": "kvmesh.v1.Prefill", "decode": "kvmesh.v1.Decode", "proxy": "kvmesh.v1.Generation"}
+SERVICES = {
+    "prefill": "kvmesh.v1.Prefill",
+    "decode": "kvmesh.v1.Decode",
+    "worker": "kvmesh.v1.Decode",
+    "proxy": "kvmesh.v1.Generation",
+}
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    prefill: int = 2
+    decode: int = 2
+    workers: int = 0  # colocated workers (prefill and decode in one process), beside or instead of the pools
+    port: int = 50051  # the proxy's; prefill nodes take port+10.., decode port+20.., workers port+30..
+    policy: str = "cache_aware"
+    model: str | None = None
+    pin: bool = False  # prefill nodes on the first half of the cores, decode nodes on the rest
+    threads: int = 1
+    prefix_cache: bool = True
 
 
 @dataclass
 class Process:
     name: str
-    kind: str  # prefill | decode | proxy
+    kind: str  # prefill | decode | worker | proxy
     address: str
     pid: int
     log: str
@@ -57,37 +75,35 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def up(prefill: int, decode: int, port: int, policy: str, model: str | None, pin: bool, threads: int) -> list[Process]:
+def up(spec: ClusterSpec) -> list[Process]:
     """Start the cluster and wait until the proxy serves. Cores, when pinned: prefill nodes on the
     first half of this machine's cores, decode nodes on the rest (an imitation of separate pools)."""
     if any(_alive(p.pid) for p in load_state()):
         raise KvmeshError("a cluster is already up (kvmesh status; kvmesh down)")
     cores = sorted(os.sched_getaffinity(0))
     half = max(1, len(cores) // 2)
-    pools = {"prefill": set(cores[:half]), "decode": set(cores[half:] or cores)}
+    pools = {"prefill": set(cores[:half]), "decode": set(cores[half:] or cores), "worker": set(cores)}
     logs = cluster_dir() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    model_flag = ["--model", model] if model else []
+    model_flag = ["--model", spec.model] if spec.model else []
+    cache_flag = [] if spec.prefix_cache else ["--no-prefix-cache"]
+    port = spec.port
     procs: list[Process] = []
     try:
-        for kind, count, first in (("prefill", prefill, port + 10), ("decode", decode, port + 20)):
+        pools_wanted = (("prefill", spec.prefill, port + 10), ("decode", spec.decode, port + 20))
+        for kind, count, first in (*pools_wanted, ("worker", spec.workers, port + 30)):
             for i in range(count):
                 name, p = f"{kind}-{i}", first + i
-                flags = [kind, "--port", str(p), "--threads", str(threads), "--node-id", name, *model_flag]
-                if kind == "prefill":
-                    flags += ["--store", str(cluster_dir() / name / "store")]
-                procs.append(_start(name, kind, p, flags, logs, pools[kind] if pin else None))
+                command = "decode" if kind == "worker" else kind
+                flags = [command, "--port", str(p), "--threads", str(spec.threads), "--node-id", name, *model_flag]
+                if kind in ("prefill", "worker"):
+                    flags += ["--store", str(cluster_dir() / name / "store"), *cache_flag]
+                if kind == "worker":
+                    flags += ["--colocated"]
+                procs.append(_start(name, kind, p, flags, logs, pools[kind] if spec.pin else None))
         backends = [f for p in procs for f in (f"--{p.kind}", p.address)]
-        procs.append(
-            _start(
-                "proxy",
-                "proxy",
-                port,
-                ["proxy", "--port", str(port), "--policy", policy, *backends, *model_flag],
-                logs,
-                None,
-            )
-        )
+        proxy_flags = ["proxy", "--port", str(port), "--policy", spec.policy, *backends, *model_flag]
+        procs.append(_start("proxy", "proxy", port, proxy_flags, logs, None))
         _state_file().write_text(json.dumps([asdict(p) for p in procs], indent=2))
         _wait_serving(procs, timeout_s=120)
     except BaseException:
@@ -146,15 +162,16 @@ def status() -> list[dict[str, object]]:
         }
         try:
             with grpc.insecure_channel(p.address) as channel:
-                if p.kind == "prefill":
+                if p.kind in ("prefill", "worker"):
                     load = prefill_pb2_grpc.PrefillStub(channel).GetLoad(prefill_pb2.GetLoadRequest(), timeout=1)
                     row["load"] = f"{load.running_requests} running, {load.queued_prefill_tokens} tokens queued"
                     hit = load.hit_tokens / load.lookup_tokens if load.lookup_tokens else 0.0
                     blocks = f"{load.store_blocks} blocks ({load.pinned_blocks} pinned), {load.store_bytes >> 20} MiB"
                     row["cache"] = f"{blocks}, hit rate {hit:.0%} of {load.lookup_tokens} tokens"
-                elif p.kind == "decode":
+                if p.kind in ("decode", "worker"):
                     dl = decode_pb2_grpc.DecodeStub(channel).GetLoad(decode_pb2.GetDecodeLoadRequest(), timeout=1)
-                    row["load"] = f"{dl.running_sequences} running, {dl.waiting} waiting, {dl.kv_tokens_held} KV tokens"
+                    held = f"{dl.waiting} waiting, {dl.kv_tokens_held} KV tokens held"
+                    row["decode"] = f"{dl.running_sequences} decoding, {held}"
         except grpc.RpcError:
             pass
         rows.append(row)

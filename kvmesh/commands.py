@@ -167,7 +167,18 @@ def cluster_chat(args: argparse.Namespace) -> int:
 def cluster_up(args: argparse.Namespace) -> int:
     from kvmesh import cluster
 
-    procs = cluster.up(args.prefill, args.decode, args.port, args.policy, args.model, args.pin, args.threads)
+    spec = cluster.ClusterSpec(
+        args.prefill,
+        args.decode,
+        args.workers,
+        args.port,
+        args.policy,
+        args.model,
+        args.pin,
+        args.threads,
+        args.prefix_cache,
+    )
+    procs = cluster.up(spec)
     for p in procs:
         print(f"{p.name:10} {p.address:16} pid {p.pid}  log {p.log}")
     print(f"kvmesh is up: the endpoint is {procs[-1].address} (kvmesh status; kvmesh down)")
@@ -182,7 +193,7 @@ def cluster_status(args: argparse.Namespace) -> int:
         print("no cluster is up (kvmesh up)")
         return 1
     for r in rows:
-        extra = "  ".join(str(r[k]) for k in ("load", "cache") if k in r)
+        extra = "  ".join(str(r[k]) for k in ("load", "decode", "cache") if k in r)
         print(f"{r['name']:10} {r['address']:16} {r['process']:8} {r['health']:12} {extra}")
     return 0
 

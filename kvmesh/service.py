@@ -20,15 +20,17 @@ GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_m
 
 class ServiceHost:
     """A grpc.aio server bound to host:port at construction (so the port is known before start),
-    with grpc.health.v1 and reflection for `service`; metrics on metrics_port (-1: none, 0: any)."""
+    with grpc.health.v1 and reflection for `services`; metrics on metrics_port (-1: none, 0: any)."""
 
-    def __init__(self, service: str, host: str, port: int, metrics_port: int, registry: CollectorRegistry) -> None:
-        self.service, self.host = service, host
+    def __init__(
+        self, services: tuple[str, ...], host: str, port: int, metrics_port: int, registry: CollectorRegistry
+    ) -> None:
+        self.services, self.host = services, host
         self.server = grpc.aio.server(options=GRPC_OPTIONS)
         self.port = self.server.add_insecure_port(f"{host}:{port}")
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection([service, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        reflection.enable_server_reflection([*services, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         self._metrics_port, self._registry = metrics_port, registry
         self._metrics: tuple[Any, Any] | None = None
 
@@ -45,7 +47,7 @@ class ServiceHost:
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", self.service):
+        for name in ("", *self.services):
             await self.health.set(name, status)
 
     async def stop(self, drain_s: float) -> None:

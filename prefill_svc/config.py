@@ -16,6 +16,9 @@ class PrefillConfig:
     store: Path | None = field(default=None, metadata=doc("prefix store folder (default: $KVMESH_HOME/prefix-store)"))
     store_budget_bytes: int = field(default=2 << 30, metadata=doc("stored KV kept under this many bytes (LRU)"))
     block_size: int = field(default=16, metadata=doc("tokens per cached block"))
+    prefix_cache: bool = field(
+        default=True, metadata=doc("reuse and store prompt prefixes (off: every prompt computed whole, the baseline)")
+    )
     host: str = field(default="127.0.0.1", metadata=doc("address to listen on"))
     port: int = field(default=50061, metadata=doc("gRPC port (0: any free port, printed at start)"))
     node_id: str = field(default="", metadata=doc("name in cache events and load reports (default host:port)"))
@@ -36,3 +39,5 @@ class PrefillConfig:
             )
         if self.provider not in ("auto", "cpu", "cuda"):
             raise InvalidArgument(f"provider must be auto, cpu or cuda, not {self.provider!r}")
+        if self.pin_system and not self.prefix_cache:
+            raise InvalidArgument("pin_system needs the prefix cache")

@@ -28,8 +28,11 @@ class PrefillOutcome:
 
 
 class PrefillEngine:
-    def __init__(self, runner: ModelRunner, store: PrefixStore, writer: StoreWriter, fingerprint: str) -> None:
+    def __init__(
+        self, runner: ModelRunner, store: PrefixStore, writer: StoreWriter, fingerprint: str, cache: bool = True
+    ) -> None:
         self.runner, self.store, self.writer = runner, store, writer
+        self.cache = cache  # off: no lookups, no writes (the no-prefix-cache baseline)
         self.fingerprint = fingerprint
         self.block_size = store.config.block_size
         # Stored blocks are read into this one buffer, reused by every request (fresh memory
@@ -43,6 +46,8 @@ class PrefillEngine:
     def uncached_tokens(self, tokens: Sequence[int], salt: bytes) -> int:
         """What a prefill of `tokens` would compute if run now: the store's prefix is reused, the
         last prompt token always computed."""
+        if not self.cache:
+            return len(tokens)
         cached = self.store.cached_blocks(self.keys(tokens, salt)) * self.block_size
         return len(tokens) - min(cached, len(tokens) - 1)
 
@@ -53,13 +58,14 @@ class PrefillEngine:
             raise InvalidArgument(
                 f"prompt of {len(tokens)} tokens does not fit the context of {self.runner.max_context}"
             )
-        keys = self.keys(tokens, salt)
+        keys = self.keys(tokens, salt) if self.cache else []
         start = time.perf_counter()
-        past, cached, bad = self._cached_past(keys, len(tokens))
+        past, cached, bad = self._cached_past(keys, len(tokens)) if keys else (None, 0, 0)
         read = time.perf_counter()
         logits, kv = self.runner.prefill(tokens[cached:], past)
         token, logprob = Sampler(params).sample(logits)
-        self.writer.submit(lambda store, events: store.put(keys, _block_of(kv, self.block_size), events))
+        if keys:
+            self.writer.submit(lambda store, events: store.put(keys, _block_of(kv, self.block_size), events))
         return PrefillOutcome(kv, cached, token, logprob, bad, read - start, time.perf_counter() - read)
 
     def _cached_past(self, keys: list[bytes], prompt_len: int) -> tuple[KVCache | None, int, int]:

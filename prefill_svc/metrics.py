@@ -1,4 +1,4 @@
-"""Prometheus metrics of a prefill node, in a registry of its own."""
+"""Prometheus metrics of a prefill node, in a registry of its own (or a colocated worker's)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class PrefillMetrics:
-    def __init__(self, store_stats: Callable[[], tuple[int, int, int]]) -> None:
-        self.registry = r = CollectorRegistry()
+    def __init__(
+        self, store_stats: Callable[[], tuple[int, int, int]], registry: CollectorRegistry | None = None
+    ) -> None:
+        self.registry = r = registry or CollectorRegistry()
         self.lookup_tokens = Counter(
             "kvmesh_prefill_lookup_tokens", "Prompt tokens looked up in the prefix store", registry=r
         )

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import cast
 
 import numpy as np
+from prometheus_client import CollectorRegistry
 
 from kv_transfer.codec import Chunk, Layout, chunk_count, encode, layout_of
 from kvmesh.errors import ResourceExhausted
@@ -43,16 +44,20 @@ class Load:
 
 
 class PrefillNode:
-    def __init__(self, config: PrefillConfig) -> None:
+    """`runner` given: a colocated worker's, shared with its decode side; `registry`: its metrics."""
+
+    def __init__(
+        self, config: PrefillConfig, runner: ModelRunner | None = None, registry: CollectorRegistry | None = None
+    ) -> None:
         self.config = config
-        self.folder = ModelFolder.load(config.model or default_model_dir("int4"))
+        self.folder = runner.folder if runner else ModelFolder.load(config.model or default_model_dir("int4"))
         provider = cast(Provider, config.provider)
-        self.runner = ModelRunner(self.folder, RunnerConfig(threads=config.threads, provider=provider))
+        self.runner = runner or ModelRunner(self.folder, RunnerConfig(threads=config.threads, provider=provider))
         store_config = StoreConfig(
             config.store or kvmesh_home() / "prefix-store", config.store_budget_bytes, config.block_size
         )
         self.store = PrefixStore(store_config, self.folder.fingerprint, self.runner.layout)
-        self.metrics = PrefillMetrics(self.store.stats)
+        self.metrics = PrefillMetrics(self.store.stats, registry)
         self.events: CacheEvents | None = None
         self.writer: StoreWriter | None = None
         self.engine: PrefillEngine | None = None
@@ -70,7 +75,9 @@ class PrefillNode:
         self.writer = StoreWriter(
             self.store, self._on_store_event, quiet=lambda: not (self._running or self._streaming)
         )
-        self.engine = PrefillEngine(self.runner, self.store, self.writer, self.folder.fingerprint)
+        self.engine = PrefillEngine(
+            self.runner, self.store, self.writer, self.folder.fingerprint, self.config.prefix_cache
+        )
         tok = ChatTokenizer(self.folder)
         for text in self.config.pin_system:
             prompt = tok.encode(tok.render_chat([{"role": "system", "content": text}], add_generation_prompt=False))

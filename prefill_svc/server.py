@@ -18,7 +18,7 @@ class PrefillServer:
     def __init__(self, config: PrefillConfig) -> None:
         self.config = config
         self.node = PrefillNode(config)
-        self.host = ServiceHost(SERVICE, config.host, config.port, config.metrics_port, self.node.metrics.registry)
+        self.host = ServiceHost((SERVICE,), config.host, config.port, config.metrics_port, self.node.metrics.registry)
 
     async def start(self) -> int:
         await self.node.start(self.config.node_id or f"{socket.gethostname()}:{self.host.port}")

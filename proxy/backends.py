@@ -25,12 +25,15 @@ class Backends:
     """Nodes are `host:port`, or `dns:NAME:PORT`: every address NAME resolves to, re-resolved every
     few seconds, so a pool scaled up or down (compose --scale) is followed."""
 
-    def __init__(self, prefill: tuple[str, ...], decode: tuple[str, ...], block_size: int) -> None:
+    def __init__(
+        self, prefill: tuple[str, ...], decode: tuple[str, ...], block_size: int, worker: tuple[str, ...] = ()
+    ) -> None:
         self.prefill: dict[str, NodeState] = {}
         self.decode: dict[str, NodeState] = {}
+        self.workers: set[str] = set()  # colocated: in both pools; a request decodes where it prefills
         self.block_size = block_size
         self.channels: dict[str, grpc.aio.Channel] = {}
-        self._specs = {"prefill": prefill, "decode": decode}
+        self._specs = {"prefill": prefill, "decode": decode, "worker": worker}
         self._tasks: list[asyncio.Task[None]] = []  # discovery
         self._node_tasks: dict[str, list[asyncio.Task[None]]] = {}  # followers, per node
         self._dns: dict[str, set[str]] = {}  # dns:NAME:PORT -> the addresses it brought
@@ -47,13 +50,15 @@ class Backends:
         node = NodeState(address, healthy=False)
         self.channels[address] = grpc.aio.insecure_channel(address, options=OPTIONS)
         self._node_tasks[address] = []
-        if kind == "prefill":
+        if kind == "worker":
+            self.workers.add(address)
+        if kind in ("prefill", "worker"):
             self.prefill[address] = node
             self._spawn(self._follow_cache, address, node)
             self._spawn(self._follow_health, address, node, "kvmesh.v1.Prefill")
             self._spawn(self._poll_prefill_load, address, node)
-        else:
-            self.decode[address] = node
+        if kind in ("decode", "worker"):
+            node = self.decode[address] = NodeState(address, healthy=False)
             self._spawn(self._follow_health, address, node, "kvmesh.v1.Decode")
             self._spawn(self._poll_decode_load, address, node)
 
@@ -62,6 +67,7 @@ class Backends:
             task.cancel()
         self.prefill.pop(address, None)
         self.decode.pop(address, None)
+        self.workers.discard(address)
         channel = self.channels.pop(address, None)
         if channel is not None:
             await channel.close()

@@ -17,6 +17,9 @@ class ProxyConfig:
     port: int = field(default=50051, metadata=doc("gRPC port (0: any free port, printed at start)"))
     prefill: tuple[str, ...] = field(default=(), metadata=doc("a prefill node's host:port"))
     decode: tuple[str, ...] = field(default=(), metadata=doc("a decode node's host:port"))
+    worker: tuple[str, ...] = field(
+        default=(), metadata=doc("a colocated worker's host:port (prefill and decode in one: no KV transfer)")
+    )
     policy: str = field(default="cache_aware", metadata=doc(f"routing policy: {', '.join(POLICIES)}"))
     load_bound: float = field(default=1.25, metadata=doc("a node above this x the mean load is skipped"))
     api_keys: tuple[str, ...] = field(default=(), metadata=doc("KEY=TENANT; none: the proxy is open"))

@@ -58,7 +58,7 @@ class ProxyNode:
         self.folder = ModelFolder.load(config.model or default_model_dir("int4"))
         self.tokenizer = ChatTokenizer(self.folder)
         self.context = self.folder.context_length or 1 << 30
-        self.backends = Backends(config.prefill, config.decode, config.block_size)
+        self.backends = Backends(config.prefill, config.decode, config.block_size, config.worker)
         self.policy = make_policy(config.policy, config.load_bound)
         self.tenants = config.tenants()
         self.metrics = ProxyMetrics()
@@ -100,14 +100,18 @@ class ProxyNode:
             plan.tokens,
             self.backends.block_size,
         )
+        workers = self.backends.workers
         prefill = [n for n in self.backends.prefill.values() if n.node_id not in exclude]
-        decode = [n for n in self.backends.decode.values() if n.healthy and n.node_id not in exclude]
+        skip = exclude | workers  # a worker decodes only what it prefilled
+        decode = [n for n in self.backends.decode.values() if n.healthy and n.node_id not in skip]
         try:
             decision = self.policy.choose(
                 prefill, Request(plan.session_id, keys, len(plan.tokens), self.backends.block_size)
             )
         except LookupError as e:
             raise Unavailable("no healthy prefill node") from e
+        if decision.node_id in workers:  # colocated: it decodes what it prefilled, no transfer
+            return decision, decision.node_id
         if not decode:
             raise Unavailable("no healthy decode node")
         return decision, min(decode, key=lambda n: (n.inflight, n.queued_tokens)).node_id

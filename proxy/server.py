@@ -19,7 +19,7 @@ class ProxyServer:
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
         self.node = ProxyNode(config)
-        self.host = ServiceHost(SERVICE, config.host, config.port, config.metrics_port, self.node.metrics.registry)
+        self.host = ServiceHost((SERVICE,), config.host, config.port, config.metrics_port, self.node.metrics.registry)
         self._health_task: asyncio.Task[None] | None = None
 
     async def start(self) -> int:

@@ -53,7 +53,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 
 def _start(folder: ModelFolder, policy: str, port: int) -> list[cluster.Process]:
-    return cluster.up(prefill=3, decode=2, port=port, policy=policy, model=str(folder.path), pin=False, threads=1)
+    return cluster.up(cluster.ClusterSpec(prefill=3, decode=2, port=port, policy=policy, model=str(folder.path)))
 
 
 def _conversations(endpoint: str, kill: cluster.Process | None = None) -> list[Turn]:

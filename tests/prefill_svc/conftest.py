@@ -30,14 +30,14 @@ def make_engine(tiny_fp32: ModelFolder, tmp_path: Path) -> Iterator[EngineFactor
     runner = ModelRunner(tiny_fp32, RunnerConfig(threads=1))
 
     def make(
-        path: Path | None = None, budget_bytes: int = 1 << 30, fingerprint: str | None = None
+        path: Path | None = None, budget_bytes: int = 1 << 30, fingerprint: str | None = None, cache: bool = True
     ) -> tuple[PrefillEngine, Events]:
         config = StoreConfig(path or tmp_path / "store", budget_bytes=budget_bytes, block_size=BLOCK)
         store = PrefixStore(config, fingerprint or tiny_fp32.fingerprint, runner.layout)
         events = Events()
         writer = StoreWriter(store, events)
         opened.append((store, writer))
-        return PrefillEngine(runner, store, writer, fingerprint or tiny_fp32.fingerprint), events
+        return PrefillEngine(runner, store, writer, fingerprint or tiny_fp32.fingerprint, cache), events
 
     yield make
     for store, writer in opened:

@@ -36,6 +36,17 @@ def test_miss_then_hit_gives_the_full_prefill(make_engine: EngineFactory) -> Non
     _same(warm, cold)
 
 
+def test_without_the_prefix_cache_every_prompt_is_computed_whole(make_engine: EngineFactory) -> None:
+    engine, events = make_engine(cache=False)
+    first = engine.prefill(PROMPT, GREEDY)
+    _settle(engine)
+    again = engine.prefill(PROMPT, GREEDY)
+    assert (first.cached_tokens, again.cached_tokens) == (0, 0)
+    assert engine.uncached_tokens(PROMPT, b"") == len(PROMPT)
+    assert events.log == [] and engine.store.stats()[1] == 0  # nothing stored, nothing announced
+    _same(again, first)
+
+
 def test_partial_hit_reuses_the_shared_blocks(make_engine: EngineFactory) -> None:
     engine, _ = make_engine()
     engine.prefill(PROMPT, GREEDY)

@@ -22,14 +22,16 @@ SYSTEM = "You are a terse assistant. " * 6
 def cluster(tiny_fp32: ModelFolder, servers: MakeServer) -> Iterator[Callable[..., ServerThread]]:
     started: list[ServerThread] = []
 
-    def start(prefill: int = 2, decode: int = 1, **kw: object) -> ServerThread:
+    def start(prefill: int = 2, decode: int = 1, workers: int = 0, **kw: object) -> ServerThread:
         ps = [servers("prefill", tiny_fp32) for _ in range(prefill)]
         ds = [servers("decode", tiny_fp32, slot_tokens=250) for _ in range(decode)]
+        ws = [servers("decode", tiny_fp32, slot_tokens=250, colocated=True, block_size=8) for _ in range(workers)]
         config = ProxyConfig(
             model=tiny_fp32.path,
             port=0,
             prefill=tuple(p.address for p in ps),
             decode=tuple(d.address for d in ds),
+            worker=tuple(w.address for w in ws),
             drain_seconds=1.0,
             block_size=8,
             **kw,
@@ -76,6 +78,25 @@ def test_a_session_returns_to_its_cache(cluster: Callable[..., ServerThread]) ->
     assert second.started.prefill_node == node  # type: ignore[union-attr]
     assert second.started.routing_reason == "cached_prefix"  # type: ignore[union-attr]
     assert second.finished.usage.cached_tokens >= second.started.cached_tokens > 0  # type: ignore[union-attr]
+
+
+def test_colocated_workers_decode_what_they_prefill_and_keep_their_sessions(
+    cluster: Callable[..., ServerThread],
+) -> None:
+    proxy = cluster(prefill=0, decode=0, workers=2)
+    client = Client(proxy.address)
+    turns = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "one"}]
+    first = client.chat(turns, session_id="w", max_tokens=6)
+    assert first.started is not None and first.started.prefill_node == first.started.decode_node
+    import time
+
+    time.sleep(0.5)  # the worker stores the blocks and tells the proxy, as a prefill node does
+    turns += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "two"}]
+    second = client.chat(turns, session_id="w", max_tokens=6)
+    assert second.started is not None and second.finished is not None
+    assert second.started.prefill_node == second.started.decode_node == first.started.prefill_node
+    assert second.started.routing_reason == "cached_prefix"
+    assert second.finished.usage.cached_tokens == second.started.cached_tokens > 0
 
 
 @pytest.mark.parametrize(
