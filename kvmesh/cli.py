@@ -99,6 +99,28 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("address")
     check.add_argument("--service", default="", help="e.g. kvmesh.v1.Prefill (default: the whole server)")
     sub.add_parser("down", help="stop the local cluster")
+    from kvmesh.loadgen.cascade import CONFIGS, Fleet
+    from kvmesh.loadgen.workload import WorkloadSpec
+
+    bench = sub.add_parser("bench", help="the cost cascade: one workload on naive .. disaggregated clusters")
+    add_flags(bench, WorkloadSpec, "BENCH")
+    add_flags(bench, Fleet, "BENCH")
+    bench.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
+    bench.add_argument("--endpoint", help="drive this running endpoint instead of starting clusters")
+    bench.add_argument("--out", default="bench-out", help="folder for bench.json, report.md and the plots")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from kvmesh.sim.fleet import Scenario
+    from kvmesh.sim.study import POLICIES as SIM_POLICIES
+
+    simulate = sub.add_parser("simulate", help="the proxy's routing policies on a simulated fleet, against naive")
+    add_flags(simulate, Scenario, "SIMULATE")
+    simulate.add_argument("--policies", default=",".join(SIM_POLICIES), help=f"from {', '.join(SIM_POLICIES)}")
+    simulate.add_argument("--calibration", help="a kvmesh bench.json to take per-token costs from")
+    simulate.add_argument("--load-bound", type=float, default=1.25, help="the bounded policies' c")
+    simulate.add_argument("--ttft-target-ms", type=float, default=8000.0, help="TTFT p99 target for the sizing")
+    simulate.add_argument("--sizing-sessions", type=int, default=20000, help="sessions per sizing run (0: no sizing)")
+    simulate.add_argument("--out", default="simulate-out", help="folder for simulate.json")
+    simulate.add_argument("--jobs", type=int, default=0, help="policies simulated at once (0: one per core)")
     from prefill_svc.config import PrefillConfig
 
     prefill = sub.add_parser("prefill", help="run a prefill node (gRPC)")
@@ -129,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
             return commands.proxy(args)
         if args.command == "health":
             return commands.health(args)
+        if args.command == "bench":
+            return commands.bench(args)
+        if args.command == "simulate":
+            return commands.simulate(args)
         if args.command in ("up", "status", "down", "chat"):
             return int(getattr(commands, f"cluster_{args.command}")(args))
         return commands.remote_generate(args) if args.endpoint else commands.generate(args)

@@ -219,3 +219,78 @@ def health(args: argparse.Namespace) -> int:
         return 1
     print(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def bench(args: argparse.Namespace) -> int:
+    from dataclasses import asdict, replace
+
+    from kvmesh.loadgen import cascade, report
+    from kvmesh.loadgen.summary import Summary
+    from kvmesh.loadgen.workload import WorkloadSpec, build_workload
+
+    spec, fleet = build(WorkloadSpec, args), build(cascade.Fleet, args)
+    folder = ModelFolder.load(Path(fleet.model) if fleet.model else default_model_dir("int4"))
+    tok = ChatTokenizer(folder)
+    workload = build_workload(spec, tok.encode, tok.decode)
+    fleet = replace(fleet, model=str(folder.path))  # the clusters run under their own KVMESH_HOME
+    print(f"workload: {len(workload.sessions)} sessions, {workload.requests} requests", file=sys.stderr)
+    if args.endpoint:
+        summaries = [cascade.run_endpoint(args.endpoint, workload, progress=not args.no_progress)[0]]
+    else:
+        configs = tuple(c.strip() for c in args.configs.split(",") if c.strip())
+        for c in configs:
+            cascade.cluster_spec(c, fleet)  # an unknown name fails before any cluster starts
+
+        def done(s: Summary) -> None:
+            print(f"{s.config}: {s.requests} requests, TTFT p50 {s.ttft_p50_ms:.0f} ms", file=sys.stderr)
+
+        summaries = cascade.run_cascade(workload, fleet, configs, done, progress=not args.no_progress)
+    print(report.table(summaries))
+    for path in report.write(spec, asdict(fleet), summaries, Path(args.out)):
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def simulate(args: argparse.Namespace) -> int:
+    import json
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+    from dataclasses import replace
+
+    from kvmesh.errors import InvalidArgument
+    from kvmesh.sim import study
+    from kvmesh.sim.fleet import Costs, Scenario, balanced_rate
+
+    scenario = build(Scenario, args)
+    costs = study.costs_from_bench(Path(args.calibration)) if args.calibration else Costs()
+    names = [p.strip() for p in args.policies.split(",") if p.strip()]
+    if unknown := [n for n in names if n not in study.POLICIES]:
+        raise InvalidArgument(f"unknown policies {unknown}: choose from {', '.join(study.POLICIES)}")
+    # Every policy faces the traffic a cache-aware fleet of this size is loaded to `utilization` by.
+    rate = scenario.rate or balanced_rate(scenario, costs)
+    scenario = replace(scenario, rate=rate)
+    print(f"{scenario.sessions} sessions at {rate:.1f}/s on {scenario.nodes} nodes; costs {costs}", file=sys.stderr)
+    jobs = args.jobs or len(os.sched_getaffinity(0))
+    # spawn, not fork: this process has ONNX Runtime's threads loaded, a forked child could hang on their locks
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(study.run_policy, n, scenario, costs, args.load_bound) for n in names]
+        sizing = {}
+        if args.sizing_sessions:
+            small = replace(scenario, sessions=args.sizing_sessions)
+            sizing = {
+                n: pool.submit(study.nodes_needed, n, small, costs, args.ttft_target_ms, rate, 64 * scenario.nodes)
+                for n in names
+                if n in ("cache_aware", "naive")
+            }
+        outcomes = [f.result() for f in futures]
+        needed = {n: f.result() for n, f in sizing.items()}
+    print(study.table(outcomes, needed))
+    if needed:
+        target = f"TTFT p99 <= {args.ttft_target_ms:.0f} ms at {rate:.1f} sessions/s"
+        print(f"(nodes for {target}, sized on {args.sizing_sessions} sessions)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "simulate.json").write_text(json.dumps(study.to_json(scenario, costs, outcomes, needed), indent=2))
+    print(f"wrote {out / 'simulate.json'}", file=sys.stderr)
+    return 0

@@ -7,12 +7,15 @@ in-flight requests + 1 <= ceil(c * (all in-flight + 1) / healthy nodes), c = 1.2
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+
+import numpy as np
 
 POLICIES = ("cache_aware", "session_hash", "least_loaded", "round_robin", "random")
 
@@ -30,7 +33,8 @@ class NodeState:
     @property
     def queued_tokens(self) -> int:
         """Work waiting there: a report counts our own requests too, so the larger of the two, not the sum."""
-        return max(self.claimed_tokens, self.reported_tokens)
+        claimed, reported = self.claimed_tokens, self.reported_tokens
+        return claimed if claimed > reported else reported
 
 
 @dataclass(frozen=True)
@@ -54,14 +58,38 @@ class Policy(Protocol):
     def choose(self, nodes: Sequence[NodeState], request: Request) -> Decision: ...
 
 
+def _hash64(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+@functools.lru_cache(maxsize=256)
+def _node_hashes(node_ids: tuple[str, ...]) -> np.ndarray:
+    return np.array([_hash64(n) for n in node_ids], dtype=np.uint64)
+
+
+def rendezvous_scores(session_id: str, node_ids: Sequence[str]) -> np.ndarray:
+    """score(session, node) for each node: the splitmix64 finaliser of hash(session) ^ hash(node),
+    one vector operation per step (a fleet of hundreds of nodes costs microseconds, not a hash call
+    per node). Each score depends on its own node only, so removing a node reorders nobody else."""
+    with np.errstate(over="ignore"):
+        x = _node_hashes(tuple(node_ids)) ^ np.uint64(_hash64(session_id))
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
+
+
 def rendezvous_order(session_id: str, node_ids: Sequence[str]) -> list[str]:
-    """The session's preference list: nodes by descending hash(session, node). Removing a node
-    moves only the sessions whose first choice it was."""
+    """The session's preference list: nodes by descending score. Removing a node moves only the
+    sessions whose first choice it was."""
+    scores = rendezvous_scores(session_id, node_ids)
+    return [node_ids[i] for i in np.argsort(scores, kind="stable")[::-1]]
 
-    def score(node: str) -> bytes:
-        return hashlib.blake2b(f"{session_id}\0{node}".encode(), digest_size=8).digest()
 
-    return sorted(node_ids, key=score, reverse=True)
+def first_choice(session_id: str, node_ids: Sequence[str]) -> str:
+    return node_ids[int(np.argmax(rendezvous_scores(session_id, node_ids)))]
 
 
 def cached_tokens(node: NodeState, request: Request) -> int:
@@ -76,9 +104,11 @@ def cached_tokens(node: NodeState, request: Request) -> int:
 
 
 def within_bound(nodes: Sequence[NodeState], c: float) -> list[NodeState]:
-    total = sum(n.inflight for n in nodes)
+    if math.isinf(c):  # no bound (the unbounded sticky baseline)
+        return list(nodes)
+    total = sum([n.inflight for n in nodes])
     cap = math.ceil(c * (total + 1) / len(nodes))
-    return [n for n in nodes if n.inflight + 1 <= cap]
+    return [n for n in nodes if n.inflight < cap]
 
 
 def _healthy(nodes: Sequence[NodeState]) -> list[NodeState]:
@@ -130,11 +160,17 @@ class SessionHashPolicy:
 
     def choose(self, nodes: Sequence[NodeState], request: Request) -> Decision:
         healthy = _healthy(nodes)
-        by_id = {n.node_id: n for n in healthy}
-        order = rendezvous_order(request.session_id, list(by_id))
-        allowed = {n.node_id for n in within_bound(healthy, self.c)}
-        node = by_id[next(i for i in order if i in allowed)]
-        reason = "session_affinity" if node.node_id == order[0] else "load_overflow"
+        allowed = within_bound(healthy, self.c)
+        scores = rendezvous_scores(request.session_id, [n.node_id for n in healthy])
+        top = int(np.argmax(scores))
+        if len(allowed) < len(healthy):  # the best-scoring node within the bound
+            within = {id(n) for n in allowed}  # identity: NodeStates compare by value
+            ok = np.fromiter((id(n) in within for n in healthy), bool, len(healthy))
+            chosen = int(np.argmax(np.where(ok, scores, np.uint64(0))))
+        else:
+            chosen = top
+        node = healthy[chosen]
+        reason = "session_affinity" if chosen == top else "load_overflow"
         return Decision(node.node_id, reason, cached_tokens(node, request))
 
 
@@ -149,24 +185,25 @@ class CacheAwarePolicy:
 
     def choose(self, nodes: Sequence[NodeState], request: Request) -> Decision:
         healthy = _healthy(nodes)
-        rank = {
-            node_id: i for i, node_id in enumerate(rendezvous_order(request.session_id, [n.node_id for n in healthy]))
-        }
         allowed = within_bound(healthy, self.c)
-        cached = {n.node_id: cached_tokens(n, request) for n in healthy}
-
-        def work(n: NodeState) -> tuple[int, int]:
-            return (request.prompt_tokens - cached[n.node_id] + n.queued_tokens, rank[n.node_id])
-
-        node = min(allowed, key=work)
-        best_anywhere = max(cached.values())
-        if cached[node.node_id] < best_anywhere and all(cached[n.node_id] < best_anywhere for n in allowed):
+        # Only a node holding the first block can reuse anything: the rest cost one set lookup
+        # (a fleet of hundreds of nodes is a few passes of plain attribute reads per request).
+        first = request.block_keys[0] if request.block_keys else None
+        cached = {n.node_id: cached_tokens(n, request) for n in healthy if first in n.blocks}
+        prompt = request.prompt_tokens
+        work = [prompt - cached.get(n.node_id, 0) + n.queued_tokens for n in allowed]
+        least = min(work)
+        tied = [n.node_id for n, w in zip(allowed, work, strict=True) if w == least]
+        chosen = tied[0] if len(tied) == 1 else first_choice(request.session_id, tied)
+        mine, best_anywhere = cached.get(chosen, 0), max(cached.values(), default=0)
+        if mine < best_anywhere and all(cached.get(n.node_id, 0) < best_anywhere for n in allowed):
             reason = "load_overflow"  # the node holding the most of the prompt is over the bound
-        elif cached[node.node_id] > 0:
+        elif mine > 0:
             reason = "cached_prefix"
         else:
-            reason = "session_affinity" if rank[node.node_id] == 0 else "cold"
-        return Decision(node.node_id, reason, cached[node.node_id])
+            top = first_choice(request.session_id, [n.node_id for n in healthy])
+            reason = "session_affinity" if chosen == top else "cold"
+        return Decision(chosen, reason, mine)
 
 
 def make_policy(name: str, c: float = 1.25, seed: int | None = None) -> Policy:

@@ -1,0 +1,1 @@
+"""kvmesh simulate: the proxy's routing policies on a simulated fleet."""
