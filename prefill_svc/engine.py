@@ -65,13 +65,15 @@ class PrefillEngine:
         logits, kv = self.runner.prefill(tokens[cached:], past)
         token, logprob = Sampler(params).sample(logits)
         if keys:
-            self.writer.submit(lambda store, events: store.put(keys, _block_of(kv, self.block_size), events))
+            self.writer.submit(lambda store, events: store.put(keys, _block_of(kv, self.block_size), events), keys)
         return PrefillOutcome(kv, cached, token, logprob, bad, read - start, time.perf_counter() - read)
 
     def _cached_past(self, keys: list[bytes], prompt_len: int) -> tuple[KVCache | None, int, int]:
         """KV of the longest stored prefix, capped one token short of the prompt: the last prompt
         token always runs through the model, for the logits of the first new token."""
         n = self.store.cached_blocks(keys)
+        if n < len(keys) and self.writer.write_now(keys[n]):
+            n = self.store.cached_blocks(keys)  # blocks a previous request just computed: written, not redone
         if n == 0:
             return None, 0, 0
         lay = self.runner.layout

@@ -22,6 +22,7 @@ import queue
 import struct
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -301,7 +302,9 @@ class StoreWriter:
 
     `quiet` tells when the node is neither running the model nor streaming KV: a job waits for
     it, so a write does not take a core from a request in flight, but never past max_wait_s from
-    its submission: under steady load jobs run late by at most that, and a backlog never grows."""
+    its submission: under steady load jobs run late by at most that, and a backlog never grows.
+    A prefill that needs blocks still waiting here (the same new prefix, twice in a row) has them
+    written at once (`write_now`) rather than computing them again."""
 
     def __init__(
         self, store: PrefixStore, events: EventSink, quiet: Callable[[], bool] = lambda: True, max_wait_s: float = 0.5
@@ -310,11 +313,40 @@ class StoreWriter:
         self._quiet, self._max_wait_s = quiet, max_wait_s
         # (job, its deadline to run even if the node is busy); None stops the thread
         self._jobs: queue.Queue[tuple[Callable[[PrefixStore, EventSink], None], float] | None] = queue.Queue()
+        self._writing: Counter[bytes] = Counter()  # keys of the queued puts (model thread and writer)
+        self._lock = threading.Lock()
+        self._urgent = threading.Event()
         self._thread = threading.Thread(target=self._run, name="prefix-store-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, job: Callable[[PrefixStore, EventSink], None]) -> None:
-        self._jobs.put((job, time.monotonic() + self._max_wait_s))
+    def submit(self, job: Callable[[PrefixStore, EventSink], None], keys: Sequence[bytes] = ()) -> None:
+        """Queue a job; `keys`: the blocks it writes (so a lookup can wait for them)."""
+        if keys:
+            with self._lock:
+                self._writing.update(keys)
+
+        def run(store: PrefixStore, events: EventSink) -> None:
+            try:
+                job(store, events)
+            finally:
+                if keys:
+                    with self._lock:
+                        self._writing.subtract(keys)
+                        self._writing += Counter()  # drops the zero counts
+
+        self._jobs.put((run, time.monotonic() + self._max_wait_s))
+
+    def write_now(self, key: bytes) -> bool:
+        """If a queued put holds `key`: run every queued job now, busy node or not. -> whether it did."""
+        with self._lock:
+            if key not in self._writing:
+                return False
+        self._urgent.set()
+        try:
+            self.flush()
+        finally:
+            self._urgent.clear()
+        return True
 
     @property
     def pending(self) -> int:
@@ -328,13 +360,15 @@ class StoreWriter:
         done.wait()
 
     def close(self) -> None:
+        """Run what is queued at once (busy or not), then stop."""
+        self._urgent.set()
         self._jobs.put(None)
         self._thread.join()
 
     def _run(self) -> None:
         while (item := self._jobs.get()) is not None:
             job, deadline = item
-            while not self._quiet() and time.monotonic() < deadline:
+            while not self._quiet() and time.monotonic() < deadline and not self._urgent.is_set():
                 time.sleep(0.005)
             try:
                 job(self.store, self.events)

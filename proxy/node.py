@@ -93,13 +93,12 @@ class ProxyNode:
             raise InvalidArgument(f"max_tokens {params.max_tokens} goes beyond the context: {room} tokens are left")
         return Plan(request_id or uuid.uuid4().hex, session_id or request_id or uuid.uuid4().hex, tokens, salt, params)
 
-    def route(self, plan: Plan, exclude: set[str]) -> tuple[Decision, str]:
+    def keys(self, plan: Plan) -> list[bytes]:
+        root = root_key(self.folder.fingerprint, self.backends.block_size, plan.salt)
+        return block_keys(root, plan.tokens, self.backends.block_size)
+
+    def route(self, plan: Plan, keys: list[bytes], exclude: set[str]) -> tuple[Decision, str]:
         """(prefill decision, decode node); nodes in `exclude` failed this request already."""
-        keys = block_keys(
-            root_key(self.folder.fingerprint, self.backends.block_size, plan.salt),
-            plan.tokens,
-            self.backends.block_size,
-        )
         workers = self.backends.workers
         prefill = [n for n in self.backends.prefill.values() if n.node_id not in exclude]
         skip = exclude | workers  # a worker decodes only what it prefilled
@@ -123,12 +122,14 @@ class ProxyNode:
         last_error: Upstream | None = None
         for attempt in (1, 2):
             await self.backends.wait_healthy(min(timeout_s or WAIT_HEALTHY_S, WAIT_HEALTHY_S))
-            decision, decode_node = self.route(plan, failed)
+            keys = self.keys(plan)
+            decision, decode_node = self.route(plan, keys, failed)
             self.metrics.decisions.labels(self.policy.name, decision.reason, decision.node_id).inc()
             claim = _Claim(
                 self.backends.prefill[decision.node_id],
                 self.backends.decode[decode_node],
                 len(plan.tokens) - decision.cached_tokens,
+                [k for k in keys if k not in self.backends.prefill[decision.node_id].blocks],
             )
             call = self._decode_call(plan, decision.node_id, decode_node, timeout_s)
             started = False
@@ -207,13 +208,17 @@ class ProxyNode:
 
 
 class _Claim:
-    """What a routed request holds on its nodes: one in-flight request on each, and its prefill
-    work queued on the prefill node until the first token. Released once, as soon as it ends."""
+    """What a routed request holds on its nodes: one in-flight request on each, its prefill work
+    queued on the prefill node until the first token, and the blocks it computes there marked
+    pending until it ends (by then the node has stored them and said so). Released once."""
 
-    def __init__(self, prefill: NodeState, decode: NodeState, work: int) -> None:
+    def __init__(self, prefill: NodeState, decode: NodeState, work: int, computes: Sequence[bytes] = ()) -> None:
         self.prefill, self.decode, self.work, self.held = prefill, decode, work, True
+        self.computes = computes
         prefill.inflight += 1
         decode.inflight += 1
+        for key in computes:
+            prefill.pending[key] = prefill.pending.get(key, 0) + 1
         self._queue(work)
 
     def prefilled(self) -> None:
@@ -225,6 +230,10 @@ class _Claim:
             self.held = False
             self.prefill.inflight -= 1
             self.decode.inflight -= 1
+            pending = self.prefill.pending
+            for key in self.computes:
+                if (left := pending.pop(key) - 1) > 0:
+                    pending[key] = left
             self.prefilled()
 
     def _queue(self, tokens: int) -> None:

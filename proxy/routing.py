@@ -25,6 +25,9 @@ class NodeState:
     node_id: str
     healthy: bool = True
     blocks: set[bytes] = field(default_factory=set)  # cached block keys, from WatchCache
+    # blocks that requests routed here are computing now (key -> how many): a request with the same
+    # new prefix finds them there once those are done, so it should queue behind them, not redo them
+    pending: dict[bytes, int] = field(default_factory=dict)
     inflight: int = 0  # requests routed here and not finished
     claimed_tokens: int = 0  # prefill tokens our own routing sent here and not yet computed
     reported_tokens: int = 0  # the node's last load report (every router's requests); 0 when unknown
@@ -93,11 +96,13 @@ def first_choice(session_id: str, node_ids: Sequence[str]) -> str:
 
 
 def cached_tokens(node: NodeState, request: Request) -> int:
-    """Tokens the node would reuse: its longest run of leading blocks, one token short of the
-    whole prompt (the last prompt token is always computed)."""
+    """Tokens the node would reuse: its longest run of leading blocks (stored, or being computed
+    there for an earlier request), one token short of the whole prompt (the last prompt token is
+    always computed)."""
     n = 0
+    blocks, pending = node.blocks, node.pending
     for key in request.block_keys:
-        if key not in node.blocks:
+        if key not in blocks and key not in pending:
             break
         n += 1
     return min(n * request.block_size, request.prompt_tokens - 1)
@@ -175,8 +180,11 @@ class SessionHashPolicy:
 
 
 class CacheAwarePolicy:
-    """Least estimated time to first token: uncached prompt tokens on that node + tokens queued
-    there, among nodes within the load bound; ties by the session's rendezvous order."""
+    """Least cost among nodes within the load bound: the estimated time to first token there
+    (tokens queued + the prompt's uncached tokens) plus the compute the request adds to that node
+    (its uncached tokens again), so equal waits go where less is recomputed: a session stays on
+    its node unless the queue elsewhere is shorter by more than what moving would recompute, and
+    a request for a prefix that is being computed queues behind it. Ties by rendezvous order."""
 
     name = "cache_aware"
 
@@ -189,9 +197,9 @@ class CacheAwarePolicy:
         # Only a node holding the first block can reuse anything: the rest cost one set lookup
         # (a fleet of hundreds of nodes is a few passes of plain attribute reads per request).
         first = request.block_keys[0] if request.block_keys else None
-        cached = {n.node_id: cached_tokens(n, request) for n in healthy if first in n.blocks}
+        cached = {n.node_id: cached_tokens(n, request) for n in healthy if first in n.blocks or first in n.pending}
         prompt = request.prompt_tokens
-        work = [prompt - cached.get(n.node_id, 0) + n.queued_tokens for n in allowed]
+        work = [2 * (prompt - cached.get(n.node_id, 0)) + n.queued_tokens for n in allowed]
         least = min(work)
         tied = [n.node_id for n, w in zip(allowed, work, strict=True) if w == least]
         chosen = tied[0] if len(tied) == 1 else first_choice(request.session_id, tied)

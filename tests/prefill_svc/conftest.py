@@ -30,12 +30,16 @@ def make_engine(tiny_fp32: ModelFolder, tmp_path: Path) -> Iterator[EngineFactor
     runner = ModelRunner(tiny_fp32, RunnerConfig(threads=1))
 
     def make(
-        path: Path | None = None, budget_bytes: int = 1 << 30, fingerprint: str | None = None, cache: bool = True
+        path: Path | None = None,
+        budget_bytes: int = 1 << 30,
+        fingerprint: str | None = None,
+        cache: bool = True,
+        busy: bool = False,  # the node never quiet: writes wait their longest (a minute)
     ) -> tuple[PrefillEngine, Events]:
         config = StoreConfig(path or tmp_path / "store", budget_bytes=budget_bytes, block_size=BLOCK)
         store = PrefixStore(config, fingerprint or tiny_fp32.fingerprint, runner.layout)
         events = Events()
-        writer = StoreWriter(store, events)
+        writer = StoreWriter(store, events, lambda: not busy, max_wait_s=60.0 if busy else 0.5)
         opened.append((store, writer))
         return PrefillEngine(runner, store, writer, fingerprint or tiny_fp32.fingerprint, cache), events
 

@@ -47,6 +47,16 @@ def test_without_the_prefix_cache_every_prompt_is_computed_whole(make_engine: En
     _same(again, first)
 
 
+def test_a_prefix_still_waiting_to_be_written_is_written_not_recomputed(make_engine: EngineFactory) -> None:
+    engine, events = make_engine(busy=True)
+    first = engine.prefill(PROMPT, GREEDY)
+    assert engine.writer.pending == 1 and events.log == []  # the put waits for a quiet moment
+    again = engine.prefill(PROMPT, GREEDY)  # the same prompt at once: its blocks are written now
+    assert again.cached_tokens == 5 * BLOCK
+    assert events.log[0] == ("stored", engine.keys(PROMPT, b""))
+    _same(again, first)
+
+
 def test_partial_hit_reuses_the_shared_blocks(make_engine: EngineFactory) -> None:
     engine, _ = make_engine()
     engine.prefill(PROMPT, GREEDY)

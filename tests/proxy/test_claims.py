@@ -24,3 +24,19 @@ def test_a_report_counting_our_request_does_not_outlive_it() -> None:
         assert CacheAwarePolicy().choose([cached, other], request).node_id == "cached"
 
     asyncio.run(scenario())
+
+
+def test_a_second_request_for_a_prefix_being_computed_queues_behind_it() -> None:
+    async def scenario() -> None:
+        busy, idle, decode = NodeState("busy"), NodeState("idle"), NodeState("decode")
+        keys = [bytes([i]) * 16 for i in range(8)]  # a new 128-token system prompt, cached nowhere
+        request = Request("second", keys, 130, 16)
+        first = _Claim(busy, decode, work=130, computes=keys)
+        # on `busy` the second request waits for the first (130 queued) and then reuses its blocks;
+        # on `idle` it would compute all 130 tokens again
+        assert CacheAwarePolicy().choose([busy, idle], request).node_id == "busy"
+        first.release()
+        assert busy.pending == {}
+        assert CacheAwarePolicy().choose([busy, idle], Request("third", keys, 130, 16)).cached_tokens == 0
+
+    asyncio.run(scenario())
