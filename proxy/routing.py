@@ -130,7 +130,14 @@ class RandomPolicy:
         self._rng = random.Random(seed)
 
     def choose(self, nodes: Sequence[NodeState], request: Request) -> Decision:
-        node = self._rng.choice(_healthy(nodes))
+        # Draws until a healthy node (uniform over the healthy ones, without a pass over the fleet);
+        # a fleet mostly down falls back to the list of the healthy.
+        for _ in range(8):
+            node = nodes[self._rng.randrange(len(nodes))] if nodes else None
+            if node is not None and node.healthy:
+                break
+        else:
+            node = self._rng.choice(_healthy(nodes))
         return Decision(node.node_id, "random", cached_tokens(node, request))
 
 

@@ -32,7 +32,7 @@ class Scenario:
     nodes: int = 256
     sessions: int = 1_000_000
     rate: float = 0.0  # sessions per second; 0: the rate that loads the fleet to `utilization`
-    utilization: float = 0.6  # of prefill capacity, when rate is 0 (counted with the cache's help)
+    utilization: float = 0.45  # of prefill capacity if every turn found its prefix (rate 0: the rate that does it)
     apps: int = 512  # each with its own system prompt; popularity Zipf(app_skew)
     app_skew: float = 1.1
     system_tokens: int = 2000

@@ -80,13 +80,16 @@ def _outcome(name: str, sc: Scenario, t: Tally, per_node: list[int], wall_s: flo
     )
 
 
-def nodes_needed(name: str, scenario: Scenario, costs: Costs, target_p99_ms: float, rate: float, limit: int) -> int:
-    """The fewest nodes whose TTFT p99 stays within the target at `rate` sessions/s (doubling,
-    then bisection; no failures or additions); -1 when not even `limit` nodes do."""
+def nodes_needed(
+    name: str, scenario: Scenario, costs: Costs, target_ms: float, percentile: int, rate: float, limit: int
+) -> int:
+    """The fewest nodes whose TTFT p50 or p99 (`percentile`) stays within the target at `rate`
+    sessions/s (doubling, then bisection; no failures or additions); -1 when not even `limit` do."""
     base = replace(scenario, rate=rate, fail_at=-1, add_at=-1)
 
     def meets(n: int) -> bool:
-        return run_policy(name, replace(base, nodes=n), costs).ttft_p99_ms <= target_p99_ms
+        outcome = run_policy(name, replace(base, nodes=n), costs)
+        return (outcome.ttft_p50_ms if percentile == 50 else outcome.ttft_p99_ms) <= target_ms
 
     low, high = 0, 1
     while not meets(high):
@@ -111,14 +114,14 @@ ROWS = (
 )
 
 
-def table(outcomes: list[Outcome], needed: dict[str, int]) -> str:
+def table(outcomes: list[Outcome], needed: dict[str, dict[str, int]]) -> str:
     width = max(16, *(len(o.policy) + 2 for o in outcomes))
     lines = [f"{'metric':26}" + "".join(f"{o.policy:>{width}}" for o in outcomes)]
     for label, attr, fmt in ROWS:
         lines.append(f"{label:26}" + "".join(f"{fmt.format(getattr(o, attr)):>{width}}" for o in outcomes))
-    if needed:
-        cells = [_nodes(needed.get(o.policy)) for o in outcomes]
-        lines.append(f"{'nodes for the TTFT target':26}" + "".join(f"{c:>{width}}" for c in cells))
+    for target, by_policy in needed.items():
+        cells = [_nodes(by_policy.get(o.policy)) for o in outcomes]
+        lines.append(f"{'nodes for ' + target:26}" + "".join(f"{c:>{width}}" for c in cells))
     return "\n".join(lines)
 
 
@@ -126,7 +129,9 @@ def _nodes(n: int | None) -> str:
     return "" if n is None else "not met" if n < 0 else str(n)
 
 
-def to_json(scenario: Scenario, costs: Costs, outcomes: list[Outcome], needed: dict[str, Any]) -> dict[str, Any]:
+def to_json(
+    scenario: Scenario, costs: Costs, outcomes: list[Outcome], needed: dict[str, dict[str, int]]
+) -> dict[str, Any]:
     return {
         "scenario": asdict(scenario),
         "costs": asdict(costs),
