@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from kvmesh import cluster
 from kvmesh.cli import main
 from kvmesh.model.convert import convert_gguf
 from kvmesh.model.folder import ModelFolder
@@ -41,3 +42,21 @@ def test_the_cascade_on_one_workload(tiny_2k: ModelFolder, tmp_path: Path, capsy
     for f in ("report.md", "ttft_cdf.png", "prefill_cascade.png", "node_load.png"):
         assert (out / f).stat().st_size > 0
     assert "![ttft_cdf](ttft_cdf.png)" in (out / "report.md").read_text()
+
+
+def test_a_running_endpoint(
+    tiny_2k: ModelFolder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("KVMESH_HOME", str(tmp_path / "home"))
+    procs = cluster.up(cluster.ClusterSpec(prefill=1, decode=1, port=54451, model=str(tiny_2k.path)))
+    try:
+        workload = ["--users", "3", "--apps", "1", "--system-tokens", "200", "--turns", "2", "--user-tokens", "10"]
+        flags = ["--max-tokens", "4", "--rate", "5", "--think-s", "0.1", "--model", str(tiny_2k.path)]
+        out = tmp_path / "out"
+        assert main(["bench", *workload, *flags, "--endpoint", procs[-1].address, "--out", str(out)]) == 0
+    finally:
+        cluster.down(10)
+    (config,) = json.loads((out / "bench.json").read_text())["configs"]
+    assert config["config"] == "endpoint" and config["requests"] == 6 and config["errors"] == 0
+    assert config["cached_tokens"] > 0  # the second session and the second turns reuse the system prompt
+    assert "endpoint" in capsys.readouterr().out
