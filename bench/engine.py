@@ -40,11 +40,13 @@ def _prompts(folder: Path) -> tuple[list[int], list[int]]:
 
 
 def _kvmesh(folder: Path) -> dict[str, Any]:
+    from kvmesh.gc_tuning import tune_for_serving
     from kvmesh.model.folder import ModelFolder
     from kvmesh.model.runner import ModelRunner, RunnerConfig
 
     runner = ModelRunner(ModelFolder.load(folder), RunnerConfig(threads=THREADS, provider="cpu"))
     long, short = _prompts(folder)
+    tune_for_serving()  # as kvmesh's services and `kvmesh generate` run
     runner.prefill(short)  # warm-up
     t = time.perf_counter()
     logits, kv = runner.prefill(long)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 
-from kvmesh import aio, logs
+from kvmesh import aio, gc_tuning, logs
 from kvmesh.generate import Delta
 from kvmesh.generate import generate as run_generate
 from kvmesh.model.folder import ModelFolder
@@ -59,6 +59,7 @@ def generate(args: argparse.Namespace) -> int:
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed, args.max_tokens, tuple(args.stop))
     folder = _folder(args)
     runner, tok = _runner(args, folder), ChatTokenizer(folder)
+    gc_tuning.tune_for_serving()
     prompt = tok.encode(args.prompt) if args.raw else tok.encode_chat(chat_messages(args.prompt, args.system))
     for event in run_generate(runner, tok, prompt, params):
         if isinstance(event, Delta):

@@ -14,6 +14,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from kvmesh import gc_tuning
+
 log = logging.getLogger(__name__)
 GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
 
@@ -71,6 +73,7 @@ async def serve_until_signal(
     """Start, print the banner (with the bound port), run until SIGTERM/SIGINT or `stop`, drain."""
     stop = stop or asyncio.Event()
     await server.start()
+    gc_tuning.tune_for_serving()  # the model is loaded: what lives now lives for the process
     metrics = f", metrics on {server.host.host}:{server.host.metrics_port}" if server.host.metrics_port else ""
     print(f"{banner(server.host)} listening on {server.host.host}:{server.host.port}{metrics}", flush=True)
     loop = asyncio.get_running_loop()
