@@ -1,6 +1,6 @@
 """The local cluster: `kvmesh up` starts P prefill nodes, D decode nodes (or W colocated workers)
-and the proxy as local processes on loopback ports, `kvmesh status` shows them, `kvmesh down` stops them. State (pids,
-addresses) and logs live under $KVMESH_HOME/cluster."""
+and the proxy as local processes on loopback ports, `kvmesh status` shows them, `kvmesh down`
+stops them. State (pids, addresses) and logs live under $KVMESH_HOME/cluster."""
 
 from __future__ import annotations
 

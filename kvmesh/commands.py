@@ -168,18 +168,8 @@ def cluster_chat(args: argparse.Namespace) -> int:
 def cluster_up(args: argparse.Namespace) -> int:
     from kvmesh import cluster
 
-    spec = cluster.ClusterSpec(
-        args.prefill,
-        args.decode,
-        args.workers,
-        args.port,
-        args.policy,
-        args.model,
-        args.pin,
-        args.threads,
-        args.prefix_cache,
-    )
-    procs = cluster.up(spec)
+    names = ("prefill", "decode", "workers", "port", "policy", "model", "pin", "threads", "prefix_cache")
+    procs = cluster.up(cluster.ClusterSpec(**{name: getattr(args, name) for name in names}))
     for p in procs:
         print(f"{p.name:10} {p.address:16} pid {p.pid}  log {p.log}")
     print(f"kvmesh is up: the endpoint is {procs[-1].address} (kvmesh status; kvmesh down)")
@@ -236,7 +226,7 @@ def bench(args: argparse.Namespace) -> int:
     fleet = replace(fleet, model=str(folder.path))  # the clusters run under their own KVMESH_HOME
     print(f"workload: {len(workload.sessions)} sessions, {workload.requests} requests", file=sys.stderr)
     if args.endpoint:
-        summaries = [cascade.run_endpoint(args.endpoint, workload, progress=not args.no_progress)[0]]
+        summaries = [cascade.run_endpoint(args.endpoint, workload, progress=not args.no_progress)]
     else:
         configs = tuple(c.strip() for c in args.configs.split(",") if c.strip())
         for c in configs:

@@ -43,22 +43,28 @@ class PrefillEngine:
     def keys(self, tokens: Sequence[int], salt: bytes) -> list[bytes]:
         return block_keys(root_key(self.fingerprint, self.block_size, salt), tokens, self.block_size)
 
-    def uncached_tokens(self, tokens: Sequence[int], salt: bytes) -> int:
+    def lookup_keys(self, tokens: Sequence[int], salt: bytes) -> list[bytes]:
+        """The keys a prefill looks up and stores (none without the prefix cache)."""
+        return self.keys(tokens, salt) if self.cache else []
+
+    def uncached_tokens(self, tokens: Sequence[int], salt: bytes, keys: list[bytes] | None = None) -> int:
         """What a prefill of `tokens` would compute if run now: the store's prefix is reused, the
-        last prompt token always computed."""
-        if not self.cache:
-            return len(tokens)
-        cached = self.store.cached_blocks(self.keys(tokens, salt)) * self.block_size
+        last prompt token always computed. `keys`: lookup_keys(tokens, salt), if already made."""
+        keys = self.lookup_keys(tokens, salt) if keys is None else keys
+        cached = self.store.cached_blocks(keys) * self.block_size if keys else 0
         return len(tokens) - min(cached, len(tokens) - 1)
 
-    def prefill(self, tokens: Sequence[int], params: SamplingParams, salt: bytes = b"") -> PrefillOutcome:
+    def prefill(
+        self, tokens: Sequence[int], params: SamplingParams, salt: bytes = b"", keys: list[bytes] | None = None
+    ) -> PrefillOutcome:
+        """`keys`: lookup_keys(tokens, salt), if the caller made them already."""
         if not tokens:
             raise InvalidArgument("empty prompt")
         if len(tokens) >= self.runner.max_context:
             raise InvalidArgument(
                 f"prompt of {len(tokens)} tokens does not fit the context of {self.runner.max_context}"
             )
-        keys = self.keys(tokens, salt) if self.cache else []
+        keys = self.lookup_keys(tokens, salt) if keys is None else keys
         start = time.perf_counter()
         past, cached, bad = self._cached_past(keys, len(tokens)) if keys else (None, 0, 0)
         read = time.perf_counter()

@@ -97,7 +97,8 @@ class PrefillNode:
     ) -> PrefillOutcome:
         assert self.engine is not None, "start() first"
         # The queue counts tokens to compute, as the proxy's routing does (cached ones are nearly free).
-        work = self.engine.uncached_tokens(tokens, salt) if tokens else 0
+        keys = self.engine.lookup_keys(tokens, salt)  # hashed once: for the queue here and the prefill
+        work = self.engine.uncached_tokens(tokens, salt, keys) if tokens else 0
         if self._queued + work > self.config.max_queued_tokens:
             raise ResourceExhausted(
                 f"prefill queue full ({self._queued} tokens queued, limit {self.config.max_queued_tokens})"
@@ -108,7 +109,7 @@ class PrefillNode:
         start = time.perf_counter()
         try:
             loop = asyncio.get_running_loop()
-            outcome = await loop.run_in_executor(self._model_thread, self.engine.prefill, tokens, params, salt)
+            outcome = await loop.run_in_executor(self._model_thread, self.engine.prefill, tokens, params, salt, keys)
         finally:
             self._queued -= work
             self._running -= 1

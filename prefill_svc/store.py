@@ -329,10 +329,11 @@ class StoreWriter:
             try:
                 job(store, events)
             finally:
-                if keys:
-                    with self._lock:
-                        self._writing.subtract(keys)
-                        self._writing += Counter()  # drops the zero counts
+                with self._lock:
+                    for key in keys:
+                        self._writing[key] -= 1
+                        if not self._writing[key]:
+                            del self._writing[key]
 
         self._jobs.put((run, time.monotonic() + self._max_wait_s))
 

@@ -47,13 +47,12 @@ class Backends:
                     self._add(kind, spec)
 
     def _add(self, kind: str, address: str) -> None:
-        node = NodeState(address, healthy=False)
         self.channels[address] = grpc.aio.insecure_channel(address, options=OPTIONS)
         self._node_tasks[address] = []
         if kind == "worker":
             self.workers.add(address)
         if kind in ("prefill", "worker"):
-            self.prefill[address] = node
+            node = self.prefill[address] = NodeState(address, healthy=False)
             self._spawn(self._follow_cache, address, node)
             self._spawn(self._follow_health, address, node, "kvmesh.v1.Prefill")
             self._spawn(self._poll_prefill_load, address, node)

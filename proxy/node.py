@@ -120,16 +120,17 @@ class ProxyNode:
         start = time.perf_counter()
         failed: set[str] = set()
         last_error: Upstream | None = None
+        keys = self.keys(plan)
         for attempt in (1, 2):
             await self.backends.wait_healthy(min(timeout_s or WAIT_HEALTHY_S, WAIT_HEALTHY_S))
-            keys = self.keys(plan)
             decision, decode_node = self.route(plan, keys, failed)
             self.metrics.decisions.labels(self.policy.name, decision.reason, decision.node_id).inc()
+            prefill_node = self.backends.prefill[decision.node_id]
             claim = _Claim(
-                self.backends.prefill[decision.node_id],
+                prefill_node,
                 self.backends.decode[decode_node],
                 len(plan.tokens) - decision.cached_tokens,
-                [k for k in keys if k not in self.backends.prefill[decision.node_id].blocks],
+                [k for k in keys if k not in prefill_node.blocks],
             )
             call = self._decode_call(plan, decision.node_id, decode_node, timeout_s)
             started = False

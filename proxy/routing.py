@@ -84,14 +84,9 @@ def rendezvous_scores(session_id: str, node_ids: Sequence[str]) -> np.ndarray:
     return x
 
 
-def rendezvous_order(session_id: str, node_ids: Sequence[str]) -> list[str]:
-    """The session's preference list: nodes by descending score. Removing a node moves only the
-    sessions whose first choice it was."""
-    scores = rendezvous_scores(session_id, node_ids)
-    return [node_ids[i] for i in np.argsort(scores, kind="stable")[::-1]]
-
-
 def first_choice(session_id: str, node_ids: Sequence[str]) -> str:
+    """The session's preferred node: the highest score. Removing a node moves only the sessions
+    whose first choice it was."""
     return node_ids[int(np.argmax(rendezvous_scores(session_id, node_ids)))]
 
 
@@ -130,14 +125,10 @@ class RandomPolicy:
         self._rng = random.Random(seed)
 
     def choose(self, nodes: Sequence[NodeState], request: Request) -> Decision:
-        # Draws until a healthy node (uniform over the healthy ones, without a pass over the fleet);
-        # a fleet mostly down falls back to the list of the healthy.
-        for _ in range(8):
-            node = nodes[self._rng.randrange(len(nodes))] if nodes else None
-            if node is not None and node.healthy:
-                break
-        else:
-            node = self._rng.choice(_healthy(nodes))
+        # A few draws find a healthy node (uniform over the healthy ones) without a pass over the
+        # fleet; a fleet mostly down falls back to the list of the healthy.
+        draws = (nodes[self._rng.randrange(len(nodes))] for _ in range(8 if nodes else 0))
+        node = next((n for n in draws if n.healthy), None) or self._rng.choice(_healthy(nodes))
         return Decision(node.node_id, "random", cached_tokens(node, request))
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from kvmesh import cluster
-from kvmesh.loadgen.driver import Result, run
+from kvmesh.loadgen.driver import run
 from kvmesh.loadgen.summary import Summary, summarize
 from kvmesh.loadgen.workload import Workload
 from kvmesh.settings import doc
@@ -88,10 +88,7 @@ def run_cascade(
     return summaries
 
 
-def run_endpoint(
-    endpoint: str, workload: Workload, label: str = "endpoint", progress: bool = True
-) -> tuple[Summary, list[Result]]:
+def run_endpoint(endpoint: str, workload: Workload, label: str = "endpoint", progress: bool = True) -> Summary:
     """The workload against a running endpoint (its nodes as the requests report them)."""
     results = asyncio.run(run(endpoint, workload, label, progress))
-    nodes = sorted({r.prefill_node for r in results if r.prefill_node})
-    return summarize(label, results, nodes), results
+    return summarize(label, results, sorted({r.prefill_node for r in results if r.prefill_node}))

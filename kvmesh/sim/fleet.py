@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,7 +54,6 @@ class Node:
     lru: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
     busy_until: float = 0.0  # its prefill queue drains then
     requests: int = 0
-    computed: int = 0
 
     def touch(self, keys: list[bytes]) -> None:
         """The prompt's blocks stored (or reused) after its prefill; least recently used go first."""
@@ -132,15 +130,22 @@ MOVE_SAMPLE = 20_000  # sessions asked where they would go, before and after a f
 class Fleet:
     def __init__(self, scenario: Scenario, costs: Costs, policy: Policy) -> None:
         self.sc, self.costs, self.policy = scenario, costs, policy
-        capacity = max(scenario.store_tokens // scenario.block_tokens, 1)
-        self.nodes = [Node(NodeState(f"node-{i}", healthy=True), capacity) for i in range(scenario.nodes)]
-        self.by_id = {n.state.node_id: n for n in self.nodes}
-        self.states = [n.state for n in self.nodes]  # what the policy sees
+        self.nodes: list[Node] = []
+        self.by_id: dict[str, Node] = {}
+        self.states: list[NodeState] = []  # what the policy sees
+        for _ in range(scenario.nodes):
+            self._new_node()
         self.tally = Tally()
         self._heap: list[tuple[float, int, Event]] = []  # (time s, tie-breaker, event)
         self._seq = 0
         self._app_keys: dict[tuple[int, int], bytes] = {}
         self.users = np.zeros((0, 0), np.int64)  # user message tokens per (session, turn), drawn by run()
+
+    def _new_node(self) -> None:
+        node = Node(NodeState(f"node-{len(self.nodes)}"), max(self.sc.store_tokens // self.sc.block_tokens, 1))
+        self.nodes.append(node)
+        self.states.append(node.state)
+        self.by_id[node.state.node_id] = node
 
     def _push(self, t: float, event: Event) -> None:
         self._seq += 1
@@ -161,7 +166,7 @@ class Fleet:
             keys.append(key)
         return keys
 
-    def run(self, on_progress: Callable[[int], None] = lambda _: None) -> Tally:
+    def run(self) -> Tally:
         sc, rng = self.sc, np.random.default_rng(self.sc.seed)
         rate = sc.rate or balanced_rate(sc, self.costs)
         starts = np.cumsum(rng.exponential(1 / rate, sc.sessions))
@@ -172,7 +177,7 @@ class Fleet:
         fail_t = starts[int(sc.fail_at * (sc.sessions - 1))] if sc.fail_at >= 0 else float("inf")
         add_t = starts[int(sc.add_at * (sc.sessions - 1))] if sc.add_at >= 0 else float("inf")
         active: dict[int, Active] = {}
-        next_session, done = 0, 0
+        next_session = 0
         while next_session < sc.sessions or self._heap:
             if next_session < sc.sessions and (not self._heap or starts[next_session] <= self._heap[0][0]):
                 first = TurnSent(next_session, int(apps[next_session]), 0, sc.system_tokens)
@@ -205,10 +210,7 @@ class Fleet:
                     active[s].history = history
                     self._push(t + float(thinks[s, event.turn]), TurnSent(s, event.app, event.turn + 1, history))
                 else:
-                    done += 1
                     active.pop(s, None)
-                    if done % 10_000 == 0:
-                        on_progress(done)
         return self.tally
 
     def _route(self, turn: TurnSent, prompt: int, t: float) -> str:
@@ -224,7 +226,6 @@ class Fleet:
         node.state.inflight += 1
         node.state.claimed_tokens += work
         node.requests += 1
-        node.computed += work
         tally = self.tally
         tally.requests += 1
         tally.prompt_tokens += prompt
@@ -256,11 +257,7 @@ class Fleet:
 
     def _add_one(self, active: dict[int, Active]) -> None:
         before = self._decisions(active)
-        capacity = max(self.sc.store_tokens // self.sc.block_tokens, 1)
-        node = Node(NodeState(f"node-{len(self.nodes)}", healthy=True), capacity)
-        self.nodes.append(node)
-        self.states.append(node.state)
-        self.by_id[node.state.node_id] = node
+        self._new_node()
         after = self._decisions(active)
         self.tally.asked_at_addition += len(before)
         self.tally.moved_by_addition += sum(before[s] != after[s] for s in before)
