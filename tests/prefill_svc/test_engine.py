@@ -162,3 +162,16 @@ def test_a_store_cannot_hold_a_wrong_size_block(make_engine: EngineFactory) -> N
     with pytest.raises(InvalidArgument, match="block value"):
         engine.store.put([b"k" * 16], lambda _: np.zeros(3, np.float32), lambda *_: None)
     assert engine.store.stats() == (0, 0, 0)
+
+
+def test_the_read_buffer_grows_off_the_request_path(make_engine: EngineFactory) -> None:
+    """Once a chain is stored, the buffer a later hit reads it into is already big enough: the
+    writer grew it (and touched its pages), not the request."""
+    engine, _ = make_engine()
+    engine.prefill(PROMPT, GREEDY)
+    _settle(engine)
+    lay = engine.runner.layout
+    grown = engine._past_buffer
+    assert grown.size >= lay.layers * 2 * lay.kv_heads * 5 * BLOCK * lay.head_dim
+    warm = engine.prefill(PROMPT, GREEDY)
+    assert warm.cached_tokens == 5 * BLOCK and engine._past_buffer is grown
