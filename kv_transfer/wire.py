@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,8 +113,9 @@ async def read_header(responses: AsyncIterator[bytes]) -> kv_pb2.KVHeader:
 async def pull(
     responses: AsyncIterator[bytes], pool: KVPool | None = None, header: kv_pb2.KVHeader | None = None
 ) -> Received:
-    """`receive` for grpc.aio: each chunk is checked and copied in a worker thread (both release
-    the GIL) while the event loop reads the next one, at most one chunk behind. `header`: already
+    """`receive` for grpc.aio: each chunk is checked and copied in a thread of the loop's default
+    executor (owned and shut down with the loop; the copy releases the GIL) while the event loop
+    reads the next one, at most one chunk behind; concurrent pulls assemble in parallel. `header`: already
     read from `responses` (read_header), so that `responses` starts at the chunks."""
     loop = asyncio.get_running_loop()
     it = aiter(responses)
@@ -126,10 +126,8 @@ async def pull(
         chunk = _chunk(decode_response(raw))
         if behind is not None:
             await behind
-        behind = loop.run_in_executor(_ASSEMBLY, asm.add, chunk)
+        behind = loop.run_in_executor(None, asm.add, chunk)
     if behind is not None:
         await behind
     return Received(header, asm.finish())
 
-
-_ASSEMBLY = ThreadPoolExecutor(1, thread_name_prefix="kv-assembly")
