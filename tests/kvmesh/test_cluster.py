@@ -4,6 +4,8 @@ policy; and one prefill node killed mid-run."""
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -140,3 +142,21 @@ def test_a_prefill_node_killed_mid_run(long_tiny: ModelFolder, home: Path) -> No
         elif before == victim.address:
             assert after != victim.address
     assert len(errors) <= SESSIONS // 3 + 1
+
+
+def test_kvmesh_chat_keeps_one_session_across_turns(long_tiny: ModelFolder, home: Path) -> None:
+    """`kvmesh chat` as an operator runs it: two turns on stdin, an empty line ends the session;
+    the second turn's prompt holds the first, so the worker's store supplies part of it."""
+    procs = cluster.up(cluster.ClusterSpec(prefill=0, decode=0, workers=1, port=52751, model=str(long_tiny.path)))
+    kvmesh = Path(sys.executable).with_name("kvmesh")
+    args = [str(kvmesh), "chat", "--endpoint", procs[-1].address, "--system", SYSTEMS[0], "--max-tokens", "4"]
+    done = subprocess.run(
+        args, input="First question?\nAnd a second one?\n\n", capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    stats = [line for line in done.stderr.splitlines() if line.startswith("[")]
+    assert len(stats) == 2, done.stderr
+    cached = [int(line.split(" cached")[0].rsplit(" ", 1)[1]) for line in stats]
+    assert cached[0] == 0 and cached[1] > 1000  # the system prompt and the first turn, from the store
+    generated = [int(line.split(" generated")[0].rsplit(" ", 1)[1]) for line in stats]
+    assert all(1 <= g <= 4 for g in generated) and done.stdout.strip()
