@@ -6,7 +6,10 @@ Workload (per precision, SmolLM2-135M-Instruct int4 and fp32, 2 intra-op threads
             (EOS ignored so both engines make exactly 128 tokens); inter-token latency p50/p99
   memory    peak RSS of the process that ran the engine
 Each engine runs in its own subprocess (so RSS is its own), alternating, `--rounds` times; the
-table shows medians and kvmesh / GenAI ratios measured in this same run.
+table shows medians and kvmesh / GenAI ratios measured in this same run. Seconds apart, two
+processes can meet a different machine (this one is shared), so decode is also measured
+interleaved: one more process holds both engines and alternates them every 16 tokens over the
+same 128 greedy tokens, `--rounds` times (rows `*_interleaved`).
 
   python bench/engine.py [--rounds 3] [--precision int4 fp32] [--json out.json]
 """
@@ -97,15 +100,63 @@ def _genai(folder: Path) -> dict[str, Any]:
     return out
 
 
-def worker(engine: str, folder: Path) -> None:
+SEGMENT = 16  # tokens each engine makes before the other takes its turn
+
+
+def _interleaved(folder: Path, rounds: int) -> dict[str, Any]:
+    """Both engines in this process, alternating every SEGMENT tokens; per engine and prompt the
+    step times of every round."""
+    import onnxruntime_genai as og
+
+    from kvmesh.gc_tuning import tune_for_serving
+    from kvmesh.model.folder import ModelFolder
+    from kvmesh.model.runner import ModelRunner, RunnerConfig
+
+    runner = ModelRunner(ModelFolder.load(folder), RunnerConfig(threads=THREADS, provider="cpu"))
+    config = og.Config(str(folder))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": THREADS}}}}))
+    model = og.Model(config)
+    long, short = _prompts(folder)
+    tune_for_serving()
+    out: dict[str, Any] = {}
+    for name, prompt in (("short", short), ("long", long)):
+        for _ in range(rounds):
+            logits, kv = runner.prefill(prompt)
+            decoder, token = runner.decoder(kv, len(prompt) + NEW_TOKENS), int(np.argmax(logits))
+            params = og.GeneratorParams(model)
+            n = len(prompt) + NEW_TOKENS + 1
+            params.set_search_options(max_length=n, min_length=n, do_sample=False)
+            gen = og.Generator(model, params)
+            gen.append_tokens(prompt)
+            gen.generate_next_token()
+            ours, theirs = [], []
+            for _ in range(NEW_TOKENS // SEGMENT):
+                for _ in range(SEGMENT):
+                    t = time.perf_counter()
+                    token = int(np.argmax(decoder.step(token)))
+                    ours.append(time.perf_counter() - t)
+                for _ in range(SEGMENT):
+                    t = time.perf_counter()
+                    gen.generate_next_token()
+                    theirs.append(time.perf_counter() - t)
+            out.setdefault(f"kvmesh_{name}", []).append(ours)
+            out.setdefault(f"genai_{name}", []).append(theirs)
+            del gen
+    return out
+
+
+def worker(engine: str, folder: Path, rounds: int) -> None:
     sys.path.insert(0, str(ROOT))
+    if engine == "both":
+        print(json.dumps(_interleaved(folder, rounds)))
+        return
     result = (_kvmesh if engine == "kvmesh" else _genai)(folder)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
 
 
-def _run(engine: str, folder: Path) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--worker", engine, "--folder", str(folder)]
+def _run(engine: str, folder: Path, rounds: int = 1) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--worker", engine, "--folder", str(folder), "--rounds", str(rounds)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return dict(json.loads(out.strip().splitlines()[-1]))
 
@@ -138,14 +189,14 @@ METRICS = {
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--worker", choices=["kvmesh", "genai"])
+    ap.add_argument("--worker", choices=["kvmesh", "genai", "both"])
     ap.add_argument("--folder", type=Path)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--precision", nargs="+", default=["int4", "fp32"], choices=["int4", "fp32"])
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker, args.folder)
+        worker(args.worker, args.folder, args.rounds)
         return
     sys.path.insert(0, str(ROOT))
     from kvmesh.model.prepare import default_model_dir
@@ -166,6 +217,20 @@ def main() -> None:
             ratio = ours[m] / theirs[m] if higher else theirs[m] / ours[m]
             report[precision]["ratio"][m] = ratio
             print(f"{precision:9} {m:20} {ours[m]:10.2f} {theirs[m]:10.2f} {ratio:7.2f}")
+        both = _run("both", folder, args.rounds)
+        for name in ("short", "long"):
+            rates = {
+                e: statistics.median(NEW_TOKENS / sum(r) for r in both[f"{e}_{name}"]) for e in ("kvmesh", "genai")
+            }
+            p99 = {e: float(np.percentile(np.concatenate(both[f"{e}_{name}"]) * 1000, 99)) for e in rates}
+            rows = {
+                f"decode_{name}_tok_s_interleaved": (rates["kvmesh"], rates["genai"], rates["kvmesh"] / rates["genai"]),
+                f"itl_{name}_p99_ms_interleaved": (p99["kvmesh"], p99["genai"], p99["genai"] / p99["kvmesh"]),
+            }
+            for m, (a, b, ratio) in rows.items():
+                report[precision]["kvmesh"][m], report[precision]["genai"][m] = a, b
+                report[precision]["ratio"][m] = ratio
+                print(f"{precision:9} {m:32} {a:10.2f} {b:10.2f} {ratio:7.2f}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
 
