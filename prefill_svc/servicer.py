@@ -41,6 +41,11 @@ class PrefillServicer:
         self.node = node
 
     async def Prefill(self, request: prefill_pb2.PrefillRequest, context: Context) -> AsyncIterator[bytes]:
+        with self.node.serving():
+            async for message in self._prefill(request, context):
+                yield message
+
+    async def _prefill(self, request: prefill_pb2.PrefillRequest, context: Context) -> AsyncIterator[bytes]:
         try:
             params = sampling_from_pb(request.sampling)
             outcome = await self.node.prefill(list(request.tokens), params, request.cache_salt, request.request_id)
