@@ -6,12 +6,13 @@ prose) + a 200-token user message (a different one per request).
   cold   the store has nothing for this prompt (each cold request uses a fresh cache salt)
   warm   the system prompt's blocks are stored (stored once, then new user messages)
   TTFT   request sent -> header (with the first token) received, at the client
-  stream request sent -> whole KV received, checksummed and reassembled into one array
+  stream request sent -> whole KV received, checksummed and handed out as per-layer arrays
   raw    as many messages of the same size from a bare gRPC server (no model, no checksum, no
          copy), received on the same client stack, right after each warm stream
 Servers and this client run with DESIGN.md's malloc settings (glibc otherwise returns each freed
 MiB to the OS and faults it in again). The client receives as a decode node does (grpc.aio,
-kv_transfer.wire.pull: chunks read in place, checked and copied into a reused buffer). After each
+kv_transfer.wire.pull: each chunk checked, and taken in place as its layer's array; the decode
+node's one copy is into its batch slot). After each
 request the client waits until the node's store writer is idle. Medians over --rounds; the
 per-run TTFT, store read and compute times (from the KV header) go to stderr.
 
@@ -39,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import MALLOC, spawn, stop, with_malloc_settings  # noqa: E402
 from kv_transfer.codec import CHUNK_BYTES  # noqa: E402
-from kv_transfer.wire import KVPool, prefill_method, pull, read_header  # noqa: E402
+from kv_transfer.wire import prefill_method, pull, read_header  # noqa: E402
 from kvmesh import aio  # noqa: E402
 from kvmesh.model.folder import ModelFolder  # noqa: E402
 from kvmesh.model.prepare import default_model_dir  # noqa: E402
@@ -48,7 +49,6 @@ from kvmesh.v1 import kv_pb2, prefill_pb2, prefill_pb2_grpc  # noqa: E402
 
 SYSTEM_TOKENS, USER_TOKENS = 2000, 200
 RAW_METHOD = "/bench.Raw/Stream"
-POOL = KVPool()  # the client reassembles into a reused buffer, as a decode node's KV pool would
 LOOP = asyncio.new_event_loop()
 
 
@@ -91,7 +91,7 @@ def _prefill(channel: grpc.aio.Channel, tokens: list[int], salt: bytes, dtype: i
         it = aiter(call)
         header = await read_header(it)
         ttft = time.perf_counter() - start
-        got = await pull(it, POOL, header)
+        got = await pull(it, header)
         total = time.perf_counter() - start
         load = prefill_pb2_grpc.PrefillStub(channel).GetLoad
         while (await load(prefill_pb2.GetLoadRequest())).store_writes_pending:

@@ -2,9 +2,10 @@
 
 The stream carries one C-order array (layers, 2 [key, value], kv_heads, tokens, head_dim): layer
 0's keys, layer 0's values, layer 1's keys... Each chunk is the next byte range of it, with an
-xxh3_64 checksum. The receiver writes every chunk straight into one preallocated array (the copy
-out of the message is the only copy) and refuses, with DataLoss, a chunk out of order, a wrong
-size, a bad checksum or a stream that ends short: never a wrong KV.
+xxh3_64 checksum; ours never spans two layers' arrays. The receiver takes a chunk that is a whole
+array in place (no copy) and copies any other piece into that array's buffer; it refuses, with
+DataLoss, a chunk out of order, a wrong size, a bad checksum or a stream that ends short: never a
+wrong KV.
 
 CHUNK_BYTES: 4 MiB less 1 KiB, so a chunk and its framing fit gRPC's default 4 MiB message limit
 (any client can read the stream with default settings). Measured with bench/prefix_cache.py
@@ -82,19 +83,20 @@ def chunk_count(layout: Layout, chunk_bytes: int) -> int:
 
 
 class Assembler:
-    """Receives chunks in order into one preallocated array and hands out the KV as views."""
+    """Receives chunks in order and hands out the KV as per-layer arrays. A chunk that is one
+    whole float32 array, aligned in its message (kvmesh's sender makes it so: fastwire), becomes
+    that array in place: no copy here, the receiver's one copy is into wherever it keeps the KV
+    (a decode slot). Other pieces (fp16 on the wire, an array split over chunks, a misaligned
+    message) are copied, converted, into that array's own buffer, allocated once."""
 
-    def __init__(self, layout: Layout, chunk_count: int, out: np.ndarray | None = None) -> None:
-        """out: where to assemble, (layers, 2, kv_heads, tokens, head_dim) float32, e.g. from a
-        receiver's pool of KV buffers; a new array when None."""
+    def __init__(self, layout: Layout, chunk_count: int) -> None:
         if layout.dtype not in WIRE_DTYPES.values():
             raise DataLoss(f"unsupported KV dtype on the wire: {layout.dtype}")
-        if out is not None and (out.shape != layout.shape or out.dtype != np.float32 or not out.flags.c_contiguous):
-            raise InvalidArgument(f"KV buffer must be contiguous float32 {layout.shape}, not {out.dtype} {out.shape}")
         self.layout = layout
         self.chunk_count = chunk_count
-        self._kv = np.empty(layout.shape, dtype=np.float32) if out is None else out
-        self._flat = self._kv.reshape(-1)  # a view: writes land in _kv
+        self._array_bytes = layout.total_bytes // (2 * layout.layers)  # one layer's keys or values
+        self._shape = (1, layout.kv_heads, layout.tokens, layout.head_dim)
+        self._arrays: list[np.ndarray | None] = [None] * (2 * layout.layers)  # keys 0, values 0, keys 1...
         self._next_index = 0
         self._next_offset = 0
 
@@ -109,8 +111,21 @@ class Assembler:
             raise DataLoss(f"KV chunk {chunk.index} has a wrong size ({size} bytes)")
         if xxhash.xxh3_64_intdigest(chunk.data) != chunk.checksum:
             raise DataLoss(f"KV chunk {chunk.index} fails its checksum")
-        start = self._next_offset // item
-        self._flat[start : start + size // item] = np.frombuffer(chunk.data, dtype=self.layout.dtype)
+        data = np.frombuffer(chunk.data, dtype=self.layout.dtype)
+        pos = self._next_offset
+        while data.size:  # the pieces of this chunk, one per array it covers
+            a, within = divmod(pos, self._array_bytes)
+            n = min(data.size, (self._array_bytes - within) // item)
+            piece, data = data[:n], data[n:]
+            whole = within == 0 and piece.nbytes == self._array_bytes
+            if whole and piece.dtype == np.float32 and piece.flags.aligned:
+                self._arrays[a] = piece.reshape(self._shape)  # in place: the message stays alive with it
+            else:
+                target = self._arrays[a]
+                if target is None:
+                    target = self._arrays[a] = np.empty(self._shape, np.float32)
+                target.reshape(-1)[within // item : within // item + n] = piece  # a view: lands in target
+            pos += piece.nbytes
         self._next_index += 1
         self._next_offset += size
 
@@ -120,8 +135,5 @@ class Assembler:
                 f"KV stream ended short: {self._next_offset} of {self.layout.total_bytes} bytes, "
                 f"{self._next_index} of {self.chunk_count} chunks"
             )
-        # (layers, 2, kvh, T, hd) -> per layer (1, kvh, T, hd) views
-        return KVCache(
-            [self._kv[i, 0][None] for i in range(self.layout.layers)],
-            [self._kv[i, 1][None] for i in range(self.layout.layers)],
-        )
+        arrays = [np.empty(self._shape, np.float32) if a is None else a for a in self._arrays]  # None: 0 tokens
+        return KVCache(arrays[0::2], arrays[1::2])

@@ -9,7 +9,10 @@ both directions against the generated classes); headers and every other message 
 generated code.
 
   PrefillResponse { 1: KVHeader header | 2: KVChunk chunk }
-  KVChunk { 1: uint32 index, 2: uint64 offset, 3: bytes data, 4: uint64 checksum }
+  KVChunk { 1: uint32 index, 2: uint64 offset, 3: bytes data, 4: uint64 checksum, 5: bytes align }
+
+We write fields 1, 2, 4, 5, 3 in that order (any order is valid protobuf) with `align` sized so that
+data begins at a multiple of ALIGN bytes into the message.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from kvmesh.errors import DataLoss
 from kvmesh.v1 import kv_pb2, prefill_pb2
 
 _VARINT, _LEN = 0, 2
+ALIGN = 16  # CPython's bytes keep their data 16-byte aligned: so is a chunk's, read in place
 
 
 def _varint(value: int) -> bytes:
@@ -37,13 +41,20 @@ def _tag(field: int, wire_type: int) -> bytes:
 
 
 def encode_chunk_response(chunk: Chunk) -> bytes:
-    """A serialized PrefillResponse{chunk}: one copy of chunk.data (bytes or a memoryview)."""
+    """A serialized PrefillResponse{chunk}: one copy of chunk.data (bytes or a memoryview), which
+    starts ALIGN bytes into the message (an `align` field of padding before it): in place, the
+    receiver's view of it is an aligned array."""
     size = len(chunk.data) if isinstance(chunk.data, bytes) else chunk.data.nbytes
-    head = _tag(1, _VARINT) + _varint(chunk.index) + _tag(2, _VARINT) + _varint(chunk.offset)
-    head += _tag(3, _LEN) + _varint(size)
-    tail = _tag(4, _VARINT) + _varint(chunk.checksum)
-    outer = _tag(2, _LEN) + _varint(len(head) + size + len(tail))
-    return b"".join((outer, head, chunk.data, tail))
+    fields = _tag(1, _VARINT) + _varint(chunk.index) + _tag(2, _VARINT) + _varint(chunk.offset)
+    fields += _tag(4, _VARINT) + _varint(chunk.checksum)
+    data_tag = _tag(3, _LEN) + _varint(size)
+    for pad in range(2 * ALIGN):  # the outer length's varint may grow a byte as the padding does
+        align = _tag(5, _LEN) + _varint(pad) + bytes(pad)
+        inner = len(fields) + len(align) + len(data_tag) + size
+        head = _tag(2, _LEN) + _varint(inner) + fields + align + data_tag
+        if len(head) % ALIGN == 0:
+            break
+    return b"".join((head, chunk.data))
 
 
 def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:

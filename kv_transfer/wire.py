@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -62,35 +61,19 @@ def _chunk(message: kv_pb2.KVHeader | Chunk) -> Chunk:
     return message
 
 
-def _assembler(header: kv_pb2.KVHeader, pool: KVPool | None) -> Assembler:
-    layout = layout_from_pb(header.layout)
-    return Assembler(layout, header.chunk_count, None if pool is None else pool.take(layout.shape))
+def _assembler(header: kv_pb2.KVHeader) -> Assembler:
+    return Assembler(layout_from_pb(header.layout), header.chunk_count)
 
 
-def receive(responses: Iterable[bytes | prefill_pb2.PrefillResponse], pool: KVPool | None = None) -> Received:
+def receive(responses: Iterable[bytes | prefill_pb2.PrefillResponse]) -> Received:
     """A KV stream (a header, then chunks), as serialized or as parsed PrefillResponses,
-    reassembled (into a buffer from `pool` when given); DataLoss when it is not whole and right."""
+    reassembled; DataLoss when it is not whole and right."""
     it = (decode_response(m if isinstance(m, bytes) else m.SerializeToString()) for m in responses)
     header = _header(next(it, None))
-    asm = _assembler(header, pool)
+    asm = _assembler(header)
     for message in it:
         asm.add(_chunk(message))
     return Received(header, asm.finish())
-
-
-class KVPool:
-    """Reusable receive buffers: one flat float32 array, grown to the largest KV seen. For a
-    receiver that is done with each KV before the next arrives (a benchmark, a test); a decode
-    node keeps one per running sequence."""
-
-    def __init__(self) -> None:
-        self._flat = np.empty(0, np.float32)
-
-    def take(self, shape: tuple[int, ...]) -> np.ndarray:
-        size = int(np.prod(shape))
-        if self._flat.size < size:
-            self._flat = np.empty(size, np.float32)
-        return self._flat[:size].reshape(shape)
 
 
 PREFILL_METHOD = "/kvmesh.v1.Prefill/Prefill"
@@ -110,24 +93,15 @@ async def read_header(responses: AsyncIterator[bytes]) -> kv_pb2.KVHeader:
     return _header(None if first is None else decode_response(first))
 
 
-async def pull(
-    responses: AsyncIterator[bytes], pool: KVPool | None = None, header: kv_pb2.KVHeader | None = None
-) -> Received:
-    """`receive` for grpc.aio: each chunk is checked and copied in a thread of the loop's default
-    executor (owned and shut down with the loop; the copy releases the GIL) while the event loop
-    reads the next one, at most one chunk behind; concurrent pulls assemble in parallel. `header`: already
-    read from `responses` (read_header), so that `responses` starts at the chunks."""
-    loop = asyncio.get_running_loop()
+async def pull(responses: AsyncIterator[bytes], header: kv_pb2.KVHeader | None = None) -> Received:
+    """`receive` for grpc.aio. Each chunk is checked and taken on the event loop as it arrives: a
+    whole aligned array costs only its checksum (~80 us per 1.7 MB), less than handing it to a
+    thread (measured: 101 MB in 64-66 ms inline, 71-79 ms through the default executor; fp16, which
+    converts, 108-115 against 127-144). `header`: already read from `responses` (read_header), so
+    that `responses` starts at the chunks."""
     it = aiter(responses)
     header = header or await read_header(it)
-    asm = _assembler(header, pool)
-    behind: asyncio.Future[None] | None = None
+    asm = _assembler(header)
     async for raw in it:
-        chunk = _chunk(decode_response(raw))
-        if behind is not None:
-            await behind
-        behind = loop.run_in_executor(None, asm.add, chunk)
-    if behind is not None:
-        await behind
+        asm.add(_chunk(decode_response(raw)))
     return Received(header, asm.finish())
-

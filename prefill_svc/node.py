@@ -73,9 +73,7 @@ class PrefillNode:
         """Start the writer (its events reach this loop) and prefill the pinned system prompts."""
         self.node_id = self.node_id or node_id
         self.events = CacheEvents(asyncio.get_running_loop())
-        self.writer = StoreWriter(
-            self.store, self._on_store_event, quiet=lambda: not (self._running or self._serving)
-        )
+        self.writer = StoreWriter(self.store, self._on_store_event, quiet=lambda: not (self._running or self._serving))
         self.engine = PrefillEngine(
             self.runner, self.store, self.writer, self.folder.fingerprint, self.config.prefix_cache
         )

@@ -128,6 +128,7 @@ class KVChunk(_message.Message):
     OFFSET_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     CHECKSUM_FIELD_NUMBER: _builtins.int
+    ALIGN_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """0, 1, 2, ... with no gap"""
     offset: _builtins.int
@@ -135,6 +136,10 @@ class KVChunk(_message.Message):
     data: _builtins.bytes
     checksum: _builtins.int
     """xxh3_64 of data"""
+    align: _builtins.bytes
+    """Ignored padding. kvmesh's sender writes it before data so that data starts 16-byte aligned in
+    the serialized message: a receiver can then use data as an array in place.
+    """
     def __init__(
         self,
         *,
@@ -142,10 +147,11 @@ class KVChunk(_message.Message):
         offset: _builtins.int = ...,
         data: _builtins.bytes = ...,
         checksum: _builtins.int = ...,
+        align: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum", b"checksum", "data", b"data", "index", b"index", "offset", b"offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["align", b"align", "checksum", b"checksum", "data", b"data", "index", b"index", "offset", b"offset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,8 +1,10 @@
 import dataclasses
+import itertools
 from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
+import xxhash
 
 from kv_transfer.codec import Assembler, Chunk, chunk_count, encode, layout_of
 from kvmesh.errors import DataLoss
@@ -102,28 +104,45 @@ def test_oversized_chunk_is_data_loss() -> None:
         _receive(kv, chunks)
 
 
-def test_pull_reassembles_an_async_stream_into_a_pooled_buffer() -> None:
+def test_pull_takes_whole_aligned_chunks_in_place() -> None:
     import asyncio
 
-    from kv_transfer.fastwire import encode_chunk_response
-    from kv_transfer.wire import KVPool, layout_to_pb, pull
+    from kv_transfer.fastwire import ALIGN, encode_chunk_response
+    from kv_transfer.wire import layout_to_pb, pull
     from kvmesh.v1 import kv_pb2, prefill_pb2
 
     kv = _kv()
     layout = layout_of(kv, F32)
-    chunks = list(encode(kv, F32, 1000))
+    chunks = list(encode(kv, F32, 1 << 20))  # one chunk per layer's keys or values
+    messages = [encode_chunk_response(c) for c in chunks]
     header = kv_pb2.KVHeader(layout=layout_to_pb(layout), chunk_count=len(chunks), total_bytes=layout.total_bytes)
 
     async def stream(drop: int | None = None) -> AsyncIterator[bytes]:
         yield prefill_pb2.PrefillResponse(header=header).SerializeToString()
-        for c in chunks:
+        for c, m in zip(chunks, messages, strict=True):
             if c.index != drop:
-                yield encode_chunk_response(c)
+                yield m
 
-    pool = KVPool()
-    got = asyncio.run(pull(stream(), pool))
-    np.testing.assert_array_equal(got.kv.values[2], kv.values[2])
-    again = asyncio.run(pull(stream(), pool))  # the same buffer, reused
-    assert np.shares_memory(again.kv.keys[0], got.kv.keys[0])
+    got = asyncio.run(pull(stream()))
+    for a, b, m in zip(got.kv.keys + got.kv.values, kv.keys + kv.values, messages[0::2] + messages[1::2], strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert np.shares_memory(a, np.frombuffer(m, np.uint8))  # the message itself, not a copy
+        assert a.ctypes.data % ALIGN == 0
     with pytest.raises(DataLoss, match="out of order"):
-        asyncio.run(pull(stream(drop=4), pool))
+        asyncio.run(pull(stream(drop=4)))
+
+
+def test_a_chunk_spanning_arrays_or_split_within_one_is_copied_right() -> None:
+    """Another sender may cut the stream anywhere: pieces are copied into each array's buffer."""
+    kv = _kv()
+    layout = layout_of(kv, F32)
+    flat = np.concatenate([np.stack([k[0], v[0]]) for k, v in zip(kv.keys, kv.values, strict=True)]).reshape(-1)
+    raw = flat.view(np.uint8)
+    cuts = [0, 100, 2468, 2472, 5000, raw.size]  # arrays are 2,368 bytes: pieces within one and across
+    asm = Assembler(layout, len(cuts) - 1)
+    for i, (a, b) in enumerate(itertools.pairwise(cuts)):
+        data = raw[a:b].tobytes()
+        asm.add(Chunk(i, a, data, xxhash.xxh3_64_intdigest(data)))
+    out = asm.finish()
+    for a, b in zip(out.keys + out.values, kv.keys + kv.values, strict=True):
+        np.testing.assert_array_equal(a, b)
