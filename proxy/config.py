@@ -22,7 +22,13 @@ class ProxyConfig:
     )
     policy: str = field(default="cache_aware", metadata=doc(f"routing policy: {', '.join(POLICIES)}"))
     load_bound: float = field(default=1.25, metadata=doc("a node above this x the mean load is skipped"))
-    api_keys: tuple[str, ...] = field(default=(), metadata=doc("KEY=TENANT; none: the proxy is open"))
+    api_keys: tuple[str, ...] = field(
+        default=(), metadata=doc("KEY=TENANT; none (and no keys file): the proxy is open")
+    )
+    api_keys_file: Path | None = field(
+        default=None,
+        metadata=doc("a file of KEY=TENANT lines (# comments), e.g. a mounted secret: keys off the command line"),
+    )
     block_size: int = field(default=16, metadata=doc("prefill nodes' block size until they report theirs"))
     metrics_port: int = field(default=-1, metadata=doc("Prometheus port (-1: none, 0: any free port)"))
     drain_seconds: float = field(default=30.0, metadata=doc("on SIGTERM, how long running calls may finish"))
@@ -36,4 +42,19 @@ class ProxyConfig:
             raise InvalidArgument("api keys are KEY=TENANT")
 
     def tenants(self) -> dict[str, str]:
-        return dict(k.split("=", 1) for k in self.api_keys)
+        """API key -> tenant, from --api-keys and the keys file (read now)."""
+        keys = list(self.api_keys)
+        if self.api_keys_file is not None:
+            try:
+                text = self.api_keys_file.read_text()
+            except OSError as e:
+                raise InvalidArgument(f"cannot read the API keys file {self.api_keys_file}: {e.strerror}") from e
+            lines = [line.strip() for line in text.splitlines()]
+            listed = [line for line in lines if line and not line.startswith("#")]
+            if not listed:  # an empty secret must not open the proxy
+                raise InvalidArgument(f"the API keys file {self.api_keys_file} lists no key")
+            keys += listed
+        bad = [i for i, k in enumerate(keys) if "=" not in k or not k.split("=", 1)[0] or not k.split("=", 1)[1]]
+        if bad:
+            raise InvalidArgument(f"API keys are KEY=TENANT lines ({len(bad)} are not)")  # never echo a key
+        return dict(k.split("=", 1) for k in keys)

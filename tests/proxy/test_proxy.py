@@ -1,11 +1,13 @@
 """The proxy over real gRPC on 127.0.0.1: real prefill and decode nodes (tiny model) behind it."""
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 
 from kvmesh.client import Client
+from kvmesh.errors import InvalidArgument
 from kvmesh.generate import Finished, generate
 from kvmesh.model.folder import ModelFolder
 from kvmesh.model.runner import ModelRunner, RunnerConfig
@@ -141,6 +143,24 @@ def test_api_keys_map_to_tenants(cluster: Callable[..., ServerThread]) -> None:
     assert a.chat(messages, session_id="x", max_tokens=2).finished.usage.cached_tokens > 0  # type: ignore[union-attr]
     other = Client(proxy.address, api_key="k-b").chat(messages, session_id="x", max_tokens=2)
     assert other.finished.usage.cached_tokens == 0  # type: ignore[union-attr]
+
+
+def test_api_keys_from_a_file(cluster: Callable[..., ServerThread], tmp_path: Path) -> None:
+    """Keys kept off the command line: a file of KEY=TENANT lines, as a mounted secret."""
+    keys = tmp_path / "keys"
+    keys.write_text("# tenants\nk-file=tenant-f\n\n")
+    proxy = cluster(prefill=1, api_keys_file=keys)
+    assert Client(proxy.address, api_key="k-file").chat([{"role": "user", "content": "hi"}], max_tokens=2).finished
+    with pytest.raises(grpc.RpcError) as err:
+        Client(proxy.address, api_key="k-other").chat([{"role": "user", "content": "hi"}])
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+    for text, problem in (("# none\n", "lists no key"), ("k-secret\n", "KEY=TENANT")):
+        keys.write_text(text)
+        with pytest.raises(InvalidArgument, match=problem) as bad:
+            ProxyConfig(api_keys_file=keys).tenants()
+        assert "k-secret" not in str(bad.value)
+    with pytest.raises(InvalidArgument, match="cannot read"):
+        ProxyConfig(api_keys_file=tmp_path / "missing").tenants()
 
 
 def test_async_client(cluster: Callable[..., ServerThread]) -> None:
