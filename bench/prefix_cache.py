@@ -96,7 +96,6 @@ def _prefill(channel: grpc.aio.Channel, tokens: list[int], salt: bytes, dtype: i
         load = prefill_pb2_grpc.PrefillStub(channel).GetLoad
         while (await load(prefill_pb2.GetLoadRequest())).store_writes_pending:
             await asyncio.sleep(0.05)
-        await asyncio.sleep(0.2)  # the job being written is not counted as pending
         h = got.header
         return {
             "ttft_s": ttft,

@@ -87,6 +87,10 @@ class PrefixStore:
         self.block_shape = (layout.layers, 2, layout.kv_heads, config.block_size, layout.head_dim)
         self.block_bytes = int(np.prod(self.block_shape)) * 4
         config.path.mkdir(parents=True, exist_ok=True)
+        # writemap: a put writes straight into the shared map instead of into malloc'd pages that
+        # the commit then pwrite()s: 96 MB of blocks commit in ~115 ms instead of ~250. The data
+        # file is then as long as the map (sparse: only written pages take disk). Committed
+        # transactions stay intact if the process dies; checksums catch anything else.
         self.env = lmdb.open(
             str(config.path),
             map_size=config.map_bytes,
@@ -94,6 +98,7 @@ class PrefixStore:
             sync=False,
             metasync=False,
             readahead=False,
+            writemap=True,
             max_readers=256,
         )
         self.info, self.blocks, self.meta = (self.env.open_db(n) for n in (b"info", b"blocks", b"meta"))
@@ -314,6 +319,7 @@ class StoreWriter:
         # (job, its deadline to run even if the node is busy); None stops the thread
         self._jobs: queue.Queue[tuple[Callable[[PrefixStore, EventSink], None], float] | None] = queue.Queue()
         self._writing: Counter[bytes] = Counter()  # keys of the queued puts (model thread and writer)
+        self._unfinished = 0  # jobs submitted and not finished
         self._lock = threading.Lock()
         self._urgent = threading.Event()
         self._thread = threading.Thread(target=self._run, name="prefix-store-writer", daemon=True)
@@ -330,11 +336,14 @@ class StoreWriter:
                 job(store, events)
             finally:
                 with self._lock:
+                    self._unfinished -= 1
                     for key in keys:
                         self._writing[key] -= 1
                         if not self._writing[key]:
                             del self._writing[key]
 
+        with self._lock:
+            self._unfinished += 1
         self._jobs.put((run, time.monotonic() + self._max_wait_s))
 
     def write_now(self, key: bytes) -> bool:
@@ -351,8 +360,8 @@ class StoreWriter:
 
     @property
     def pending(self) -> int:
-        """Jobs queued and not started (what a quiet moment looks like: 0)."""
-        return self._jobs.qsize()
+        """Jobs submitted and not finished, the one being written included (quiet: 0)."""
+        return self._unfinished
 
     def flush(self) -> None:
         """Wait until every job submitted so far has run."""

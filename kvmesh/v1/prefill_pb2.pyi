@@ -221,7 +221,7 @@ class LoadReport(_message.Message):
     store_blocks: _builtins.int
     pinned_blocks: _builtins.int
     store_writes_pending: _builtins.int
-    """store writes queued behind the request path"""
+    """store writes not finished: queued behind the request path, or being written"""
     lookup_tokens: _builtins.int
     """prompt tokens this node was asked to prefill, since it started"""
     hit_tokens: _builtins.int
