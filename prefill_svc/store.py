@@ -171,19 +171,19 @@ class PrefixStore:
         value_of: Callable[[int], np.ndarray],
         events: EventSink,
         parent: bytes | None = None,
-    ) -> None:
+    ) -> bool:
         """Store a chain of blocks below `parent` (None: the chain's root); value_of(i) gives block
         i's KV, asked only for blocks not stored yet. Blocks already there are touched; a chain
-        whose parent is gone is not stored (never an orphan)."""
+        whose parent is gone is not stored (never an orphan). -> whether the chain is all stored."""
         now = time.time_ns()
         with self.env.begin(write=True) as txn:
             if parent is not None and txn.get(parent, db=self.meta) is None:
-                return
+                return False
             new = {k for k in keys if txn.get(k, db=self.meta) is None}
             need = self.block_bytes * len(new)
             self._evict(txn, need, exclude={*keys, *([parent] if parent else [])}, events=events)
             if self._total(txn) + need > self.config.budget_bytes:
-                return  # what is left is pinned or this chain's own ancestors
+                return False  # what is left is pinned or this chain's own ancestors
             self._touch(txn, [k for k in keys if k not in new], now)
             prev = parent
             for i, key in enumerate(keys):
@@ -192,6 +192,7 @@ class PrefixStore:
                 prev = key
         if new:
             events("stored", [k for k in keys if k in new])
+        return True
 
     def _insert(self, txn: lmdb.Transaction, parent: bytes | None, key: bytes, value: np.ndarray, now: int) -> None:
         data = np.ascontiguousarray(value, dtype=np.float32).reshape(-1).view(np.uint8)
@@ -320,6 +321,7 @@ class StoreWriter:
         self._jobs: queue.Queue[tuple[Callable[[PrefixStore, EventSink], None], float] | None] = queue.Queue()
         self._writing: Counter[bytes] = Counter()  # keys of the queued puts (model thread and writer)
         self._unfinished = 0  # jobs submitted and not finished
+        self._deadline = 0.0  # the running job's
         self._lock = threading.Lock()
         self._urgent = threading.Event()
         self._thread = threading.Thread(target=self._run, name="prefix-store-writer", daemon=True)
@@ -375,11 +377,16 @@ class StoreWriter:
         self._jobs.put(None)
         self._thread.join()
 
+    def pause(self) -> None:
+        """Inside a job, between two of its transactions: let requests that came meanwhile run
+        first, within the job's own deadline."""
+        while not self._quiet() and time.monotonic() < self._deadline and not self._urgent.is_set():
+            time.sleep(0.005)
+
     def _run(self) -> None:
         while (item := self._jobs.get()) is not None:
-            job, deadline = item
-            while not self._quiet() and time.monotonic() < deadline and not self._urgent.is_set():
-                time.sleep(0.005)
+            job, self._deadline = item
+            self.pause()
             try:
                 job(self.store, self.events)
             except lmdb.Error:

@@ -5,8 +5,8 @@ import pytest
 
 from kvmesh.errors import InvalidArgument, ModelError
 from kvmesh.sampling import SamplingParams
-from prefill_svc.engine import PrefillEngine, PrefillOutcome
-from prefill_svc.store import Meta
+from prefill_svc.engine import PUT_BATCH, PrefillEngine, PrefillOutcome
+from prefill_svc.store import Meta, StoreWriter
 from tests.prefill_svc.conftest import BLOCK, EngineFactory
 
 PROMPT = [int(t) for t in np.random.default_rng(5).integers(0, 256, 44)]  # 5 full blocks + 4
@@ -175,3 +175,39 @@ def test_the_read_buffer_grows_off_the_request_path(make_engine: EngineFactory) 
     assert grown.size >= lay.layers * 2 * lay.kv_heads * 5 * BLOCK * lay.head_dim
     warm = engine.prefill(PROMPT, GREEDY)
     assert warm.cached_tokens == 5 * BLOCK and engine._past_buffer is grown
+
+
+def test_a_long_prompt_is_stored_in_batches_as_one_chain(make_engine: EngineFactory) -> None:
+    """More blocks than one transaction holds: stored batch by batch, each below the last."""
+    engine, events = make_engine()
+    long = [int(t) for t in np.random.default_rng(9).integers(0, 256, (PUT_BATCH + 5) * BLOCK + 3)]
+    cold = engine.prefill(long, GREEDY)
+    _settle(engine)
+    keys = engine.keys(long, b"")
+    stored = [k for kind, batch in events.log if kind == "stored" for k in batch]
+    assert stored == keys and len([kind for kind, _ in events.log if kind == "stored"]) == 2
+    _assert_no_orphans(engine)
+    warm = engine.prefill(long, GREEDY)
+    assert warm.cached_tokens == len(keys) * BLOCK
+    _same(warm, cold)
+
+
+def test_a_write_pauses_between_transactions_while_requests_run() -> None:
+    """StoreWriter.pause inside a job waits while the node is busy, and no longer than the job's
+    deadline."""
+    import time
+
+    busy = [False]
+    writer = StoreWriter(None, lambda *_: None, lambda: not busy[0], max_wait_s=0.3)  # type: ignore[arg-type]
+    waited: list[float] = []
+
+    def job(_store: object, _events: object) -> None:
+        busy[0] = True  # a request arrives during the first transaction
+        start = time.monotonic()
+        writer.pause()
+        waited.append(time.monotonic() - start)
+
+    writer.submit(job)
+    writer.flush()
+    writer.close()
+    assert 0.15 < waited[0] < 0.6  # held back by the busy node until its deadline
