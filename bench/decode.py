@@ -6,10 +6,11 @@ Workload: SmolLM2-135M-Instruct int4, 2 threads, a prefill node and a decode nod
 after the first request, + 16 tokens of its own), 128 new tokens (greedy, ignore_eos). Streams of a
 round start together; aggregate tokens/s = tokens received while all N streams decode (from the
 moment the last stream got its second token to the moment the first one finished) / that time.
-Inter-token latency = gaps between a stream's tokens at the client. One warm-up round first.
+Inter-token latency = gaps between a stream's tokens at the client. One warm-up, then --rounds
+rounds of every concurrency; medians, and "x 1 stream" pairs each round with its own 1 stream.
 --model takes another folder, e.g. one prepared with --decode-accuracy-level 4.
 
-  python bench/decode.py [--concurrency 1 4 8 16] [--model DIR] [--json out.json]
+  python bench/decode.py [--concurrency 1 4 8 16] [--rounds 3] [--model DIR] [--json out.json]
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -42,7 +44,7 @@ def prompts(n: int) -> list[list[int]]:
     return [[*shared, *text[7 * i : 7 * i + PROMPT_TOKENS - SHARED]] for i in range(n)]
 
 
-async def round_(decode: str, prefill: str, n: int) -> dict[str, float]:
+async def round_(decode: str, prefill: str, n: int) -> dict[str, Any]:
     async with grpc.aio.insecure_channel(decode) as channel:
         stub = decode_pb2_grpc.DecodeStub(channel)
         params = decode_pb2.GenerationParams(max_tokens=NEW_TOKENS, ignore_eos=True)
@@ -54,18 +56,13 @@ async def round_(decode: str, prefill: str, n: int) -> dict[str, float]:
     # Steady state: from the moment every stream is decoding to the moment the first one ends.
     start, end = max(s.arrivals[1] for s in streams), min(s.arrivals[-1] for s in streams)
     in_window = sum(1 for s in streams for t in s.arrivals if start < t <= end)
-    gaps = [g * 1000 for s in streams for g in s.gaps]
-    return {
-        "streams": n,
-        "tokens_per_s": in_window / (end - start),
-        "itl_p50_ms": pct(gaps, 50),
-        "itl_p99_ms": pct(gaps, 99),
-    }
+    return {"tokens_per_s": in_window / (end - start), "gaps_ms": [g * 1000 for s in streams for g in s.gaps]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
+    ap.add_argument("--rounds", type=int, default=3, help="each concurrency once per round; medians")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--model", type=Path, help="model folder (default: the prepared SmolLM2 int4)")
     args = ap.parse_args()
@@ -79,12 +76,25 @@ def main() -> None:
         try:
             target = (f"127.0.0.1:{dport}", f"127.0.0.1:{pport}")
             asyncio.run(round_(*target, 2))  # warm-up: caches the shared prefix, loads kernels
-            rows = [asyncio.run(round_(*target, n)) for n in args.concurrency]
+            # Every concurrency once per round, rounds repeated: a ratio pairs N streams with the
+            # first concurrency of the same round (this machine drifts within minutes).
+            runs = [[asyncio.run(round_(*target, n)) for n in args.concurrency] for _ in range(args.rounds)]
         finally:
             stop(prefill, decode)
-    base = rows[0]["tokens_per_s"]
-    for r in rows:
-        r["ratio_to_1"] = r["tokens_per_s"] / base
+    rows, bases = [], [run[0]["tokens_per_s"] for run in runs]
+    for i, n in enumerate(args.concurrency):
+        mine = [run[i] for run in runs]
+        gaps = [g for r in mine for g in r["gaps_ms"]]
+        rows.append(
+            {
+                "streams": n,
+                "tokens_per_s": statistics.median(r["tokens_per_s"] for r in mine),
+                "ratio_to_1": statistics.median(r["tokens_per_s"] / base for r, base in zip(mine, bases, strict=True)),
+                "itl_p50_ms": pct(gaps, 50),
+                "itl_p99_ms": pct(gaps, 99),
+                "rounds": [r["tokens_per_s"] for r in mine],
+            }
+        )
     table(
         ["streams", "tokens/s", "x 1 stream", "ITL p50 ms", "ITL p99 ms"],
         [[r["streams"], r["tokens_per_s"], r["ratio_to_1"], r["itl_p50_ms"], r["itl_p99_ms"]] for r in rows],
