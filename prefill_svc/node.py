@@ -53,7 +53,9 @@ class PrefillNode:
         self.config = config
         self.folder = runner.folder if runner else ModelFolder.load(config.model or default_model_dir("int4"))
         provider = cast(Provider, config.provider)
-        self.runner = runner or ModelRunner(self.folder, RunnerConfig(threads=config.threads, provider=provider))
+        self.runner = runner or ModelRunner(
+            self.folder, RunnerConfig(threads=config.threads, provider=provider, stop_spinning=True)
+        )
         store_config = StoreConfig(
             config.store or kvmesh_home() / "prefix-store", config.store_budget_bytes, config.block_size
         )
