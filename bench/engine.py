@@ -9,7 +9,9 @@ Each engine runs in its own subprocess (so RSS is its own), alternating, `--roun
 table shows medians and kvmesh / GenAI ratios measured in this same run. Seconds apart, two
 processes can meet a different machine (this one is shared), so decode is also measured
 interleaved: one more process holds both engines and alternates them every 16 tokens over the
-same 128 greedy tokens, `--rounds` times (rows `*_interleaved`).
+same 128 greedy tokens, `--rounds` times (rows `*_interleaved`). Both pay for the switch: the other
+engine's ORT worker spins on a core for a while after its turn (absolute figures run lower than
+in the separate processes; the ratio is the point).
 
   python bench/engine.py [--rounds 3] [--precision int4 fp32] [--json out.json]
 """
