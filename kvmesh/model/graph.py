@@ -50,11 +50,11 @@ class _Graph:
             return self.op("MatMul", [x, self.init(f"{name}.weight", w.w.T)])[0]
         acc = self.accuracy_level if accuracy_level is None else accuracy_level
         if w.bits == 4:
-            return self._linear4(x, w, name, acc)
+            return self._nbits(x, w, name, acc)
         if acc == 4:
             # int8 activations: ORT's 8-bit kernel is the fast one (SmolLM2's head, 8 rows x 49152:
             # 1.7 ms against 2.9 for the two 4-bit halves below, on 2 cores).
-            return self._linear8(x, w, name)
+            return self._nbits(x, w, name, acc)
         # 8-bit with fp32 activations: ORT's 8-bit kernel is slow (~70 ms for that head), and int8
         # activations lose too much on the output projection to be the default. Code c = 16*hi + lo,
         # so d*(c - z) = 16d*(hi - 8) + d*(lo - 8) + d*(136 - z): two exact 4-bit matmuls and a
@@ -62,27 +62,18 @@ class _Graph:
         codes, eights = w.codes(), np.full(w.scales.shape, 8.0, np.float32)
         hi = BlockQuant(4, pack4(codes >> 4), 16 * w.scales, eights)
         lo = BlockQuant(4, pack4(codes & 0x0F), w.scales, eights)
-        y = self.op("Add", [self._linear4(x, hi, f"{name}.hi", acc), self._linear4(x, lo, f"{name}.lo", acc)])[0]
+        y = self.op("Add", [self._nbits(x, hi, f"{name}.hi", acc), self._nbits(x, lo, f"{name}.lo", acc)])[0]
         return self._correct(x, y, w.scales * (136.0 - w.zeros.astype(np.float32)), name)
 
-    def _linear4(self, x: str, w: BlockQuant, name: str, acc: int) -> str:
-        """ORT's fast 4-bit kernels want integer zero points; a float zero point z (Q4_1: -m/d)
-        becomes the nearest integer zp plus an exact per-block correction d*(zp - z)."""
+    def _nbits(self, x: str, w: BlockQuant, name: str, acc: int) -> str:
+        """One MatMulNBits. ORT's fast kernels want integer zero points (4-bit ones packed two to a
+        byte); a float zero point z (Q4_1: -m/d) becomes the nearest integer zp plus an exact
+        per-block correction d*(zp - z). Q8_0's 128 is exact."""
         n, k = w.shape
-        zp = np.clip(np.rint(w.zeros), 0, 15).astype(np.uint8)
+        zp = np.clip(np.rint(w.zeros.astype(np.float32)), 0, (1 << w.bits) - 1).astype(np.uint8)
         inputs = [x, self.init(f"{name}.qweight", w.packed), self.init(f"{name}.scales", w.scales)]
-        inputs.append(self.init(f"{name}.zero_points", pack4(zp)))
-        attrs = {"K": k, "N": n, "bits": 4, "block_size": BLOCK, "accuracy_level": acc}
-        y = self.op("MatMulNBits", inputs, domain=MS, **attrs)[0]
-        return self._correct(x, y, w.scales * (zp - w.zeros.astype(np.float32)), name)
-
-    def _linear8(self, x: str, w: BlockQuant, name: str) -> str:
-        """One 8-bit MatMulNBits (uint8 codes and zero points: Q8_0's 128 is exact)."""
-        n, k = w.shape
-        zp = np.clip(np.rint(w.zeros.astype(np.float32)), 0, 255).astype(np.uint8)
-        inputs = [x, self.init(f"{name}.qweight8", w.packed), self.init(f"{name}.scales8", w.scales)]
-        inputs.append(self.init(f"{name}.zero_points8", zp))
-        attrs = {"K": k, "N": n, "bits": 8, "block_size": BLOCK, "accuracy_level": 4}
+        inputs.append(self.init(f"{name}.zero_points", pack4(zp) if w.bits == 4 else zp))
+        attrs = {"K": k, "N": n, "bits": w.bits, "block_size": BLOCK, "accuracy_level": acc}
         y = self.op("MatMulNBits", inputs, domain=MS, **attrs)[0]
         return self._correct(x, y, w.scales * (zp - w.zeros.astype(np.float32)), name)
 
