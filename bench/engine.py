@@ -44,12 +44,36 @@ def _prompts(folder: Path) -> tuple[list[int], list[int]]:
     return long, tok.encode_chat(chat_messages("Tell me a long story about a lighthouse keeper."))
 
 
-def _kvmesh(folder: Path) -> dict[str, Any]:
-    from kvmesh.gc_tuning import tune_for_serving
+def _runner(folder: Path) -> Any:
     from kvmesh.model.folder import ModelFolder
     from kvmesh.model.runner import ModelRunner, RunnerConfig
 
-    runner = ModelRunner(ModelFolder.load(folder), RunnerConfig(threads=THREADS, provider="cpu"))
+    return ModelRunner(ModelFolder.load(folder), RunnerConfig(threads=THREADS, provider="cpu"))
+
+
+def _genai_model(folder: Path) -> Any:
+    import onnxruntime_genai as og
+
+    config = og.Config(str(folder))
+    threads = {"intra_op_num_threads": THREADS, "inter_op_num_threads": 1}
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": threads}}}))
+    return og.Model(config)
+
+
+def _generator(model: Any, prompt: list[int]) -> Any:
+    """A greedy GenAI generator that makes exactly NEW_TOKENS after `prompt` (not yet appended)."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    n = len(prompt) + NEW_TOKENS + 1
+    params.set_search_options(max_length=n, min_length=n, do_sample=False)
+    return og.Generator(model, params)
+
+
+def _kvmesh(folder: Path) -> dict[str, Any]:
+    from kvmesh.gc_tuning import tune_for_serving
+
+    runner = _runner(folder)
     long, short = _prompts(folder)
     tune_for_serving()  # as kvmesh's services and `kvmesh generate` run
     runner.prefill(short)  # warm-up
@@ -69,28 +93,15 @@ def _kvmesh(folder: Path) -> dict[str, Any]:
 
 
 def _genai(folder: Path) -> dict[str, Any]:
-    import onnxruntime_genai as og
-
-    config = og.Config(str(folder))
-    threads = {"intra_op_num_threads": THREADS, "inter_op_num_threads": 1}
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": threads}}}))
-    model = og.Model(config)
+    model = _genai_model(folder)
     long, short = _prompts(folder)
-
-    def generator(prompt: list[int]) -> Any:
-        params = og.GeneratorParams(model)
-        n = len(prompt) + NEW_TOKENS + 1
-        params.set_search_options(max_length=n, min_length=n, do_sample=False)
-        gen = og.Generator(model, params)
-        return gen
-
-    generator(short).append_tokens(short)  # warm-up
-    gen = generator(long)
+    _generator(model, short).append_tokens(short)  # warm-up
+    gen = _generator(model, long)
     t = time.perf_counter()
     gen.append_tokens(long)
     out: dict[str, Any] = {"prefill_s": time.perf_counter() - t}
     for name, prompt in (("short", short), ("long", long)):
-        gen = generator(prompt)
+        gen = _generator(model, prompt)
         gen.append_tokens(prompt)
         gen.generate_next_token()  # samples from the prompt's logits: no model run
         gaps = []
@@ -108,16 +119,9 @@ SEGMENT = 16  # tokens each engine makes before the other takes its turn
 def _interleaved(folder: Path, rounds: int) -> dict[str, Any]:
     """Both engines in this process, alternating every SEGMENT tokens; per engine and prompt the
     step times of every round."""
-    import onnxruntime_genai as og
-
     from kvmesh.gc_tuning import tune_for_serving
-    from kvmesh.model.folder import ModelFolder
-    from kvmesh.model.runner import ModelRunner, RunnerConfig
 
-    runner = ModelRunner(ModelFolder.load(folder), RunnerConfig(threads=THREADS, provider="cpu"))
-    config = og.Config(str(folder))
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": THREADS}}}}))
-    model = og.Model(config)
+    runner, model = _runner(folder), _genai_model(folder)
     long, short = _prompts(folder)
     tune_for_serving()
     out: dict[str, Any] = {}
@@ -125,10 +129,7 @@ def _interleaved(folder: Path, rounds: int) -> dict[str, Any]:
         for _ in range(rounds):
             logits, kv = runner.prefill(prompt)
             decoder, token = runner.decoder(kv, len(prompt) + NEW_TOKENS), int(np.argmax(logits))
-            params = og.GeneratorParams(model)
-            n = len(prompt) + NEW_TOKENS + 1
-            params.set_search_options(max_length=n, min_length=n, do_sample=False)
-            gen = og.Generator(model, params)
+            gen = _generator(model, prompt)
             gen.append_tokens(prompt)
             gen.generate_next_token()
             ours, theirs = [], []
