@@ -83,11 +83,11 @@ def chunk_count(layout: Layout, chunk_bytes: int) -> int:
 
 
 class Assembler:
-    """Receives chunks in order and hands out the KV as per-layer arrays. A chunk that is one
-    whole float32 array, aligned in its message (kvmesh's sender makes it so: fastwire), becomes
-    that array in place: no copy here, the receiver's one copy is into wherever it keeps the KV
-    (a decode slot). Other pieces (fp16 on the wire, an array split over chunks, a misaligned
-    message) are copied, converted, into that array's own buffer, allocated once."""
+    """Receives chunks in order and hands out the KV as per-layer arrays of the wire's dtype (the
+    receiver's one copy, into wherever it keeps the KV, a decode slot, converts if its model's KV
+    type differs). A chunk that is one whole array, aligned in its message (kvmesh's sender makes
+    it so: fastwire), becomes that array in place. Other pieces (an array split over chunks, a
+    misaligned message) are copied into that array's own buffer, allocated once."""
 
     def __init__(self, layout: Layout, chunk_count: int) -> None:
         if layout.dtype not in WIRE_DTYPES.values():
@@ -118,12 +118,12 @@ class Assembler:
             n = min(data.size, (self._array_bytes - within) // item)
             piece, data = data[:n], data[n:]
             whole = within == 0 and piece.nbytes == self._array_bytes
-            if whole and piece.dtype == np.float32 and piece.flags.aligned:
+            if whole and piece.flags.aligned:
                 self._arrays[a] = piece.reshape(self._shape)  # in place: the message stays alive with it
             else:
                 target = self._arrays[a]
                 if target is None:
-                    target = self._arrays[a] = np.empty(self._shape, np.float32)
+                    target = self._arrays[a] = np.empty(self._shape, self.layout.dtype)
                 target.reshape(-1)[within // item : within // item + n] = piece  # a view: lands in target
             pos += piece.nbytes
         self._next_index += 1
@@ -135,5 +135,5 @@ class Assembler:
                 f"KV stream ended short: {self._next_offset} of {self.layout.total_bytes} bytes, "
                 f"{self._next_index} of {self.chunk_count} chunks"
             )
-        arrays = [np.empty(self._shape, np.float32) if a is None else a for a in self._arrays]  # None: 0 tokens
+        arrays = [np.empty(self._shape, self.layout.dtype) if a is None else a for a in self._arrays]  # None: 0 tokens
         return KVCache(arrays[0::2], arrays[1::2])

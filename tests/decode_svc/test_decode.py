@@ -53,16 +53,20 @@ def _decode(address: str, prompt: list[int], prefill: str, **params: object) -> 
     return tokens, finished
 
 
-def test_disaggregated_greedy_equals_one_process(tiny_fp32: ModelFolder, servers: MakeServer) -> None:
-    p, d = servers("prefill", tiny_fp32), servers("decode", tiny_fp32)
+@pytest.mark.parametrize("variant", ["fp32", "int4_f16"])  # int4_f16: the CUDA graph (float16 KV on the wire)
+def test_disaggregated_greedy_equals_one_process(
+    variant: str, servers: MakeServer, request: pytest.FixtureRequest
+) -> None:
+    folder: ModelFolder = request.getfixturevalue(f"tiny_{variant}")
+    p, d = servers("prefill", folder), servers("decode", folder)
     for prompt in PROMPTS:
         tokens, finished = _decode(d.address, prompt, p.address, max_tokens=20)
-        assert tokens == _alone(tiny_fp32, prompt, SamplingParams(max_tokens=20))
+        assert tokens == _alone(folder, prompt, SamplingParams(max_tokens=20))
         assert finished.usage.prompt_tokens == len(prompt) and finished.usage.completion_tokens == len(tokens)
-        assert finished.timings.kv_bytes > 0
+        assert finished.timings.kv_bytes == len(prompt) * ModelRunner(folder).layout.bytes_per_token
     again, finished = _decode(d.address, PROMPTS[1], p.address, max_tokens=20)
     assert finished.usage.cached_tokens == 39  # its 5 stored blocks, less the last token (recomputed for logits)
-    assert again == _alone(tiny_fp32, PROMPTS[1], SamplingParams(max_tokens=20))
+    assert again == _alone(folder, PROMPTS[1], SamplingParams(max_tokens=20))
 
 
 def test_batch_mates_do_not_change_anyones_tokens(tiny_fp32: ModelFolder, servers: MakeServer) -> None:

@@ -1,12 +1,16 @@
 """The prefix store under the prefill engine, on the tiny model and a real LMDB in a temp dir."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from kvmesh.errors import InvalidArgument, ModelError
+from kvmesh.model.folder import ModelFolder
+from kvmesh.model.runner import ModelRunner, RunnerConfig
 from kvmesh.sampling import SamplingParams
 from prefill_svc.engine import PUT_BATCH, PrefillEngine, PrefillOutcome
-from prefill_svc.store import Meta, StoreWriter
+from prefill_svc.store import Meta, PrefixStore, StoreConfig, StoreWriter
 from tests.prefill_svc.conftest import BLOCK, EngineFactory
 
 PROMPT = [int(t) for t in np.random.default_rng(5).integers(0, 256, 44)]  # 5 full blocks + 4
@@ -218,3 +222,24 @@ def test_a_write_pauses_between_transactions_while_requests_run() -> None:
     never.flush()  # returns: the deadline lets the job and its pause through
     never.close()
     assert ran == [True]
+
+
+def test_a_float16_model_stores_its_kv_as_float16(tiny_int4_f16: ModelFolder, tmp_path: Path) -> None:
+    """The CUDA graph's KV (float16) is stored and read back bit for bit, at half the bytes."""
+    runner = ModelRunner(tiny_int4_f16, RunnerConfig(threads=1))
+    store = PrefixStore(StoreConfig(tmp_path / "store", block_size=BLOCK), tiny_int4_f16.fingerprint, runner.layout)
+    writer = StoreWriter(store, lambda kind, keys: None, lambda: True, max_wait_s=0.5)
+    try:
+        engine = PrefillEngine(runner, store, writer, tiny_int4_f16.fingerprint)
+        assert store.block_bytes == runner.layout.bytes_per_token * BLOCK
+        cold = engine.prefill(PROMPT, GREEDY)
+        _settle(engine)
+        warm = engine.prefill(PROMPT, GREEDY)
+        assert warm.cached_tokens == 5 * BLOCK and warm.kv.keys[0].dtype == np.float16
+        stored = warm.kv.prefix(5 * BLOCK)
+        for x, y in zip(stored.keys + stored.values, cold.kv.keys + cold.kv.values, strict=False):
+            np.testing.assert_array_equal(x, y[:, :, : 5 * BLOCK])
+        assert warm.first_token == cold.first_token
+    finally:
+        writer.close()
+        store.close()

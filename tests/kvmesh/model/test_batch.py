@@ -14,10 +14,19 @@ PROMPTS = [
 ]
 
 
-@pytest.mark.parametrize("variant", ["fp32", "int4", "int4_dec4"])
-def test_mixed_lengths_joining_and_leaving_match_single_runs(variant: str, request: pytest.FixtureRequest) -> None:
+@pytest.mark.parametrize(
+    ("variant", "on_device"),
+    [("fp32", False), ("int4", False), ("int4_dec4", False), ("int4_f16", False), ("fp32", True), ("int4_f16", True)],
+)
+def test_mixed_lengths_joining_and_leaving_match_single_runs(
+    variant: str, on_device: bool, request: pytest.FixtureRequest
+) -> None:
+    """on_device: the slots as a CUDA session keeps them (ORT allocations bound by address, copies
+    through the Identity graph), here on host memory."""
     folder: ModelFolder = request.getfixturevalue(f"tiny_{variant}")
     runner = ModelRunner(folder, RunnerConfig(threads=1))
+    if runner.device != "cpu" and not on_device:
+        pytest.skip("a CUDA session keeps its slots on the device")
     alone = []
     for p in PROMPTS:  # each sequence alone: 12 greedy tokens
         logits, kv = runner.prefill(p)
@@ -25,7 +34,7 @@ def test_mixed_lengths_joining_and_leaving_match_single_runs(variant: str, reque
         for _ in range(12):
             toks.append(int(np.argmax(dec.step(toks[-1]))))
         alone.append(toks)
-    batch = SlotBatch(runner, slots=3, capacity=100)
+    batch = SlotBatch(runner, slots=3, capacity=100, on_device=on_device)
     got: dict[int, list[int]] = {}
     slot_of: dict[int, int] = {}  # sequence -> slot
     waiting = list(range(len(PROMPTS)))
@@ -35,6 +44,9 @@ def test_mixed_lengths_joining_and_leaving_match_single_runs(variant: str, reque
             s = waiting.pop(0)
             logits, kv = runner.prefill(PROMPTS[s])
             slot_of[s], got[s] = batch.add(kv), [int(np.argmax(logits))]
+            held = batch.read(slot_of[s])
+            for a, b in zip(held.keys + held.values, kv.keys + kv.values, strict=True):
+                np.testing.assert_array_equal(a, b)
 
     join()
     while slot_of:

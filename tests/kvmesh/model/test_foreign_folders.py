@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from kvmesh.generate import Finished, generate
+from kvmesh.model.batch import SharedBufferDecoder
 from kvmesh.model.folder import ModelFolder
 from kvmesh.model.reference import ReferenceLlama
-from kvmesh.model.runner import ConcatDecoder, KVCache, ModelRunner, RunnerConfig, SharedBufferDecoder
+from kvmesh.model.runner import ConcatDecoder, KVCache, ModelRunner, RunnerConfig
 from kvmesh.model.tokenizer import ChatTokenizer, chat_messages
 from kvmesh.sampling import SamplingParams
 

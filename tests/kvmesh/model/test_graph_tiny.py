@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from kvmesh.errors import ResourceExhausted
+from kvmesh.model.batch import SharedBufferDecoder
 from kvmesh.model.folder import ModelFolder
 from kvmesh.model.reference import KV, ReferenceLlama
-from kvmesh.model.runner import ConcatDecoder, KVCache, ModelRunner, RunnerConfig, SharedBufferDecoder
+from kvmesh.model.runner import ConcatDecoder, KVCache, ModelRunner, RunnerConfig
 
 PROMPT = [258, 72, 101, 108, 108, 111, 260, 44, 32, 119, 111, 114, 108, 100, 33, 257, 10, 261, 262, 263]
 TOL = 1e-4
@@ -73,13 +74,30 @@ def test_serving_graph_gives_the_last_logits_of_the_full_graph(variant: str, req
     np.testing.assert_array_equal(kv.keys[-1], kv_all.keys[-1])
 
 
+def test_float16_graph_follows_the_reference_within_half_precision(
+    tiny_int4_f16: ModelFolder, tiny_gguf_q4: Path
+) -> None:
+    """The CUDA graph (float16 activations and KV), run here on CPU: same weights, same ops."""
+    ref, runner = ReferenceLlama(tiny_gguf_q4), _runner(tiny_int4_f16)
+    assert runner.layout.dtype == np.float16
+    ref_logits, ref_kv = ref.forward(PROMPT)
+    logits, kv = runner.forward(np.array([PROMPT]), KVCache.empty(runner.layout))
+    assert logits.dtype == np.float32 and kv.keys[0].dtype == np.float16
+    scale = np.abs(ref_logits).max()
+    assert np.abs(logits[0] - ref_logits).max() <= 0.01 * scale  # measured: ~0.2%
+    assert (logits[0].argmax(-1) == ref_logits.argmax(-1)).all()
+    for i, (k, v) in enumerate(ref_kv):
+        np.testing.assert_allclose(kv.keys[i][0], ref.key_in_hf_order(k), atol=0.02, rtol=0.01)
+        np.testing.assert_allclose(kv.values[i][0], v, atol=0.02, rtol=0.01)
+
+
 def test_layout_is_read_from_the_graph(tiny_fp32: ModelFolder) -> None:
     layout = _runner(tiny_fp32).layout
     assert (layout.layers, layout.kv_heads, layout.head_dim) == (2, 2, 16)
     assert layout.bytes_per_token == 2 * 2 * 2 * 16 * 4
 
 
-@pytest.mark.parametrize("variant", ["fp32", "int4"])
+@pytest.mark.parametrize("variant", ["fp32", "int4", "int4_f16"])
 def test_shared_buffer_decoder_equals_feeding_present_back(variant: str, request: pytest.FixtureRequest) -> None:
     folder: ModelFolder = request.getfixturevalue(f"tiny_{variant}")
     runner = _runner(folder, all_logits=False)
