@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The CUDA execution-provider checks, on a machine with an NVIDIA GPU and onnxruntime-gpu (not
+# run by CI, which has no GPU):
+#
+#   bash scripts/cuda_check.sh OUT_DIR [GGUF]
+#
+# 1. the tests that run on CUDA there (the float16 tiny model; the float32 ones stay on the CPU
+#    as everywhere), with the rest of the model, prefill-engine and decode-service tests;
+# 2. the default model (or GGUF) prepared with float16 activations, one real answer on CUDA;
+# 3. bench/decode.py and bench/prefix_cache.py on that model.
+# Logs and the benchmarks' JSON go to OUT_DIR; the model folder to a temporary directory.
+set -uo pipefail  # every step runs (bounded) even if one before it failed; the exit status says if any did
+out=${1:?usage: cuda_check.sh OUT_DIR [GGUF]}
+gguf=${2:-}
+py=${PYTHON:-python3}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+model=$(mktemp -d)/smollm2-int4-f16
+status=0
+step() { echo "== $1"; }
+
+step "device"
+nvidia-smi -L
+"$py" -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
+
+step "tests"
+timeout 240 "$py" -m pytest -q -p no:cacheprovider -rs tests/kvmesh/model tests/prefill_svc/test_engine.py \
+  tests/decode_svc/test_decode.py 2>&1 | tee "$out/tests.log" | tail -25 || status=1
+
+step "prepare (float16 activations)"
+timeout 120 "$py" -m kvmesh.cli model prepare --precision int4 --activations float16 ${gguf:+--gguf "$gguf"} --out "$model" \
+  || exit 1
+timeout 120 "$py" -m kvmesh.cli generate --model "$model" --provider cuda --max-tokens 48 \
+  "What is the capital of France? Answer in one sentence." || status=1
+
+step "bench/decode.py"
+timeout 240 "$py" bench/decode.py --model "$model" --concurrency 1 4 8 16 32 64 --rounds 3 --json "$out/decode.json" \
+  2>&1 | tee "$out/decode.log" || status=1
+
+step "bench/prefix_cache.py"
+timeout 180 "$py" bench/prefix_cache.py --model "$model" --rounds 3 --json "$out/prefix_cache.json" \
+  2>&1 | tee "$out/prefix_cache.log" || status=1
+exit $status
