@@ -6,7 +6,9 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,8 +43,20 @@ def spawn(args: Sequence[str], cores: set[int] | None = None) -> tuple[subproces
     assert proc.stdout is not None
     for line in proc.stdout:
         if m := re.search(r"listening on [\d.]+:(\d+)", line):
+            # Keep reading its log: a pipe nobody reads fills (64 KiB) and the service blocks on
+            # its next log line. The last lines go to stderr if it dies.
+            threading.Thread(target=_drain, args=(proc, " ".join(args[:1])), daemon=True).start()
             return proc, int(m.group(1))
     raise RuntimeError(f"{' '.join(args)} exited before listening")
+
+
+def _drain(proc: subprocess.Popen[str], name: str) -> None:
+    assert proc.stdout is not None
+    tail: deque[str] = deque(maxlen=20)
+    for line in proc.stdout:
+        tail.append(line)
+    if proc.wait() not in (0, -15):  # not stopped by stop()
+        print(f"{name} exited with {proc.returncode}; its last lines:\n{''.join(tail)}", file=sys.stderr)
 
 
 def stop(*procs: subprocess.Popen[str]) -> None:
@@ -73,7 +87,7 @@ class Stream:
 async def decode_stream(stub: object, request: object) -> Stream:
     s = Stream(time.perf_counter())
     try:
-        async for ev in stub.Decode(request):  # type: ignore[attr-defined]
+        async for ev in stub.Decode(request, timeout=300):  # type: ignore[attr-defined]
             if ev.HasField("token") and ev.token.token_id >= 0:
                 s.arrivals.append(time.perf_counter())
             elif ev.HasField("finished"):

@@ -78,7 +78,12 @@ def main() -> None:
             asyncio.run(round_(*target, 2))  # warm-up: caches the shared prefix, loads kernels
             # Every concurrency once per round, rounds repeated: a ratio pairs N streams with the
             # first concurrency of the same round (this machine drifts within minutes).
-            runs = [[asyncio.run(round_(*target, n)) for n in args.concurrency] for _ in range(args.rounds)]
+            runs = []
+            for r in range(args.rounds):
+                runs.append([])
+                for n in args.concurrency:
+                    runs[-1].append(asyncio.run(round_(*target, n)))
+                    print(f"round {r}: {n} streams {runs[-1][-1]['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
         finally:
             stop(prefill, decode)
     rows, bases = [], [run[0]["tokens_per_s"] for run in runs]

@@ -34,10 +34,10 @@ timeout 120 "$py" -m kvmesh.cli generate --model "$model" --provider cuda --max-
   "What is the capital of France? Answer in one sentence." || status=1
 
 step "bench/decode.py"
-timeout 240 "$py" bench/decode.py --model "$model" --concurrency 1 4 8 16 32 64 --rounds 3 --json "$out/decode.json" \
+timeout 170 "$py" bench/decode.py --model "$model" --concurrency 1 4 8 16 32 64 --rounds 2 --json "$out/decode.json" \
   2>&1 | tee "$out/decode.log" || status=1
 
 step "bench/prefix_cache.py"
-timeout 180 "$py" bench/prefix_cache.py --model "$model" --rounds 3 --json "$out/prefix_cache.json" \
+timeout 120 "$py" bench/prefix_cache.py --model "$model" --rounds 3 --json "$out/prefix_cache.json" \
   2>&1 | tee "$out/prefix_cache.log" || status=1
 exit $status

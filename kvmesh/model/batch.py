@@ -145,6 +145,7 @@ class SlotBatch:
             on_device = device != "cpu"
         if not on_device and device != "cpu":
             raise InvalidArgument(f"a {device} session keeps its decode slots in device memory")
+        self._on_device = device != "cpu"  # host inputs are then copied across when bound
         self.kv = (
             DeviceSlots(runner, slots, capacity, device) if on_device else HostSlots(runner.layout, slots, capacity)
         )
@@ -204,6 +205,11 @@ class SlotBatch:
         self._mask[np.arange(b), self.lengths[:b]] = 1  # each row's new position
         self.lengths[:b] += 1
         self._ids[:b, 0] = tokens
+        if self._on_device:
+            # A host input of a CUDA session is copied to the device when it is bound, not when the
+            # session runs: bound once, every step would see the first step's ids and mask.
+            self._io.bind_cpu_input("input_ids", self._ids[:b])
+            self._io.bind_cpu_input("attention_mask", self._mask[:b])
         self.runner.decode_session.run_with_iobinding(self._io)
         return self._logits[:b, 0]
 

@@ -29,10 +29,13 @@ def test_foreign_decoder_matches_reference(exporter: str, decoder: type, tiny_gg
     ref_logits, ref_kv = ref.forward(IDS)
     _, head = runner.forward(np.array([IDS[:5]]), KVCache.empty(runner.layout))  # prefill with past
     logits, kv = runner.forward(np.array([IDS[5:]]), head)
-    np.testing.assert_allclose(logits[0], ref_logits[5:], atol=1e-4)
+    # On CUDA (the Optimum export has no GroupQueryAttention, so it runs there) float32 matmuls
+    # round through TF32, ORT's CUDA default: measured 2.7e-3 on an H100.
+    tol = 1e-4 if runner.device == "cpu" else 1e-2
+    np.testing.assert_allclose(logits[0], ref_logits[5:], atol=tol)
     steps = runner.decoder(kv, len(IDS) + 2)
     assert isinstance(steps, decoder)
-    np.testing.assert_allclose(steps.step(7), ref.forward([7], ref_kv)[0][0], atol=1e-4)
+    np.testing.assert_allclose(steps.step(7), ref.forward([7], ref_kv)[0][0], atol=tol)
 
 
 @pytest.mark.parametrize("exporter", ["optimum", "genai"])
