@@ -1,5 +1,6 @@
 """The CLI as a user runs it: a real subprocess; bad input ends in one clear line, no traceback."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -83,3 +84,10 @@ def test_prepare_is_idempotent(tiny_gguf_f32: Path, tmp_path: Path) -> None:
     again = kvmesh(*args)
     assert again.returncode == 0 and "up to date" in again.stdout
     assert (out / "model.onnx.data").stat().st_mtime_ns == stamp
+    # Another float type is another conversion, whose KV (and so its fingerprint) differs.
+    fp32 = ModelFolder.load(out).fingerprint
+    f16 = kvmesh(*args, "--activations", "float16")
+    assert f16.returncode == 0 and "up to date" not in f16.stdout
+    assert json.loads((out / "kvmesh.json").read_text())["layout"]["dtype"] == "float16"
+    assert ModelFolder.load(out).fingerprint != fp32
+    assert "up to date" in kvmesh(*args, "--activations", "float16").stdout
