@@ -152,6 +152,13 @@ class ModelRunner:
         vocab = next(o for o in self.session.get_outputs() if o.name == "logits").shape[-1]
         self.vocab_size = vocab if isinstance(vocab, int) else 0
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        if self.config.provider == "cuda" and self.device != "cuda":
+            # ORT falls back to the CPU when the CUDA provider fails to start (no driver in a
+            # container, missing CUDA or cuDNN libraries): asked for CUDA, that is an error.
+            raise ModelError(
+                "CUDA was asked for but ONNX Runtime could not start it (its log above says why: "
+                "the NVIDIA driver, CUDA 13 or cuDNN 9 libraries)"
+            )
         # Decode steps bind past and present to one buffer per layer and GQA writes in place.
         nodes = onnx.load(str(self.graph), load_external_data=False).graph.node
         self.shares_buffers = self.vocab_size > 0 and any(n.op_type == "GroupQueryAttention" for n in nodes)
