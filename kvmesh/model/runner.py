@@ -89,20 +89,23 @@ class KVCache:
         )
 
 
-def _cuda_unfit(graph: Path) -> bool:
-    """ORT's CUDA GroupQueryAttention takes 16-bit floats only: a float32 graph of ours would run
-    every layer's attention on the CPU, its inputs copied there and back. Read without the weights."""
+def _gqa_kv_type(graph: Path) -> int | None:
+    """The ONNX element type of a GroupQueryAttention graph's KV inputs (None: no GQA), read
+    without loading the weights."""
     g = onnx.load(str(graph), load_external_data=False).graph
     past = [i for i in g.input if _PAST.match(i.name)]
-    gqa = any(n.op_type == "GroupQueryAttention" for n in g.node)
-    return gqa and bool(past) and past[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    if not past or not any(n.op_type == "GroupQueryAttention" for n in g.node):
+        return None
+    return int(past[0].type.tensor_type.elem_type)
 
 
-def providers(choice: str, graph: Path) -> list[str]:
+def providers(choice: str, graph: Path, kv_type: int | None) -> list[str]:
     available = ort.get_available_providers()
     if choice == "cuda" and "CUDAExecutionProvider" not in available:
         raise ModelError("CUDA requested but this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
-    if choice in ("auto", "cuda") and "CUDAExecutionProvider" in available and _cuda_unfit(graph):
+    if choice in ("auto", "cuda") and "CUDAExecutionProvider" in available and kv_type == onnx.TensorProto.FLOAT:
+        # ORT's CUDA GroupQueryAttention takes 16-bit floats only: a float32 graph of ours would
+        # run every layer's attention on the CPU, its inputs copied there and back.
         if choice == "cuda":
             raise ModelError(
                 f"{graph}: a float32 graph does not run on CUDA (GroupQueryAttention there is float16 only); "
@@ -130,9 +133,12 @@ class ModelRunner:
             opts.add_session_config_entry("session.force_spinning_stop", "1")
         try:
             self.graph = folder.graph if self.config.all_logits or folder.last_graph is None else folder.last_graph
+            kv_type = _gqa_kv_type(self.graph)
             self.session = ort.InferenceSession(
-                str(self.graph), opts, providers=providers(self.config.provider, self.graph)
+                str(self.graph), opts, providers=providers(self.config.provider, self.graph, kv_type)
             )
+        except ModelError:
+            raise
         except Exception as e:  # ORT raises its own untyped errors for unreadable graphs
             raise ModelError(f"{folder.graph}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from e
         self.decode_session = self.session
@@ -160,8 +166,7 @@ class ModelRunner:
                 "the NVIDIA driver, CUDA 13 or cuDNN 9 libraries)"
             )
         # Decode steps bind past and present to one buffer per layer and GQA writes in place.
-        nodes = onnx.load(str(self.graph), load_external_data=False).graph.node
-        self.shares_buffers = self.vocab_size > 0 and any(n.op_type == "GroupQueryAttention" for n in nodes)
+        self.shares_buffers = self.vocab_size > 0 and kv_type is not None
         self.max_context = folder.context_length or 1 << 30
 
     def _read_layout(self) -> KVLayout:
