@@ -7,6 +7,7 @@ GenAI's), runs a prompt with or without past KV, and decode steps. KV is per lay
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import onnxruntime as ort
 from kvmesh.errors import InvalidArgument, ModelError, ResourceExhausted
 from kvmesh.model.folder import ModelFolder
 
+log = logging.getLogger(__name__)
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -111,6 +113,7 @@ def providers(choice: str, graph: Path, kv_type: int | None) -> list[str]:
                 f"{graph}: a float32 graph does not run on CUDA (GroupQueryAttention there is float16 only); "
                 "prepare the model with --activations float16"
             )
+        log.warning("%s: a float32 graph runs on the CPU here; for CUDA prepare it with --activations float16", graph)
         return ["CPUExecutionProvider"]
     if choice in ("auto", "cuda") and "CUDAExecutionProvider" in available:
         # onnxruntime-gpu >= 1.21 finds the CUDA and cuDNN libraries installed as pip wheels
