@@ -78,12 +78,13 @@ def main() -> None:
             asyncio.run(round_(*target, 2))  # warm-up: caches the shared prefix, loads kernels
             # Every concurrency once per round, rounds repeated: a ratio pairs N streams with the
             # first concurrency of the same round (this machine drifts within minutes).
-            runs = []
+            runs: list[list[dict[str, Any]]] = []
             for r in range(args.rounds):
-                runs.append([])
+                run: list[dict[str, Any]] = []
+                runs.append(run)
                 for n in args.concurrency:
-                    runs[-1].append(asyncio.run(round_(*target, n)))
-                    print(f"round {r}: {n} streams {runs[-1][-1]['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+                    run.append(asyncio.run(round_(*target, n)))
+                    print(f"round {r}: {n} streams {run[-1]['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
         finally:
             stop(prefill, decode)
     rows, bases = [], [run[0]["tokens_per_s"] for run in runs]

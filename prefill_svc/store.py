@@ -85,8 +85,8 @@ class PrefixStore:
         self.config = config
         self.layout = layout
         self.block_shape = (layout.layers, 2, layout.kv_heads, config.block_size, layout.head_dim)
-        self.dtype = layout.dtype  # the model's own KV type: float32, or float16 (a CUDA graph)
-        self.block_bytes = int(np.prod(self.block_shape)) * self.dtype.itemsize
+        # blocks hold the model's own KV type: float32, or float16 (a CUDA graph)
+        self.block_bytes = int(np.prod(self.block_shape)) * layout.dtype.itemsize
         config.path.mkdir(parents=True, exist_ok=True)
         # writemap: a put writes straight into the shared map instead of into malloc'd pages that
         # the commit then pwrite()s: 96 MB of blocks commit in ~115 ms instead of ~250. The data
@@ -113,7 +113,7 @@ class PrefixStore:
                 "fingerprint": fingerprint,
                 "block_size": self.config.block_size,
                 "block_shape": self.block_shape,
-                "dtype": self.dtype.name,
+                "dtype": self.layout.dtype.name,
             },
             sort_keys=True,
         ).encode()
@@ -152,7 +152,7 @@ class PrefixStore:
                     return i, []
                 if len(value) != self.block_bytes or xxhash.xxh3_64_intdigest(value) != Meta.unpack(raw_meta).checksum:
                     return i, [key]
-                out[:, :, :, i * b : (i + 1) * b] = np.frombuffer(value, self.dtype).reshape(self.block_shape)
+                out[:, :, :, i * b : (i + 1) * b] = np.frombuffer(value, self.layout.dtype).reshape(self.block_shape)
         return len(keys), []
 
     def keys(self) -> Iterator[bytes]:
@@ -196,7 +196,7 @@ class PrefixStore:
         return True
 
     def _insert(self, txn: lmdb.Transaction, parent: bytes | None, key: bytes, value: np.ndarray, now: int) -> None:
-        data = np.ascontiguousarray(value, dtype=self.dtype).reshape(-1).view(np.uint8)
+        data = np.ascontiguousarray(value, dtype=self.layout.dtype).reshape(-1).view(np.uint8)
         if data.size != self.block_bytes:
             raise InvalidArgument(f"a block value must be {self.block_bytes} bytes, not {data.size}")
         meta = Meta(parent or _NO_PARENT, data.size, now, xxhash.xxh3_64_intdigest(data.data), False)

@@ -82,7 +82,7 @@ class DeviceSlots:
 
     def __init__(self, runner: ModelRunner, slots: int, capacity: int, device: str) -> None:
         lay = runner.layout
-        self.device, self.dtype, self.capacity = device, lay.dtype, capacity
+        self.device, self.dtype = device, lay.dtype
         self.slot_shape = [1, lay.kv_heads, capacity, lay.head_dim]
         self.slot_bytes = lay.kv_heads * capacity * lay.head_dim * lay.dtype.itemsize
         shape = [slots, *self.slot_shape[1:]]
@@ -145,7 +145,7 @@ class SlotBatch:
             on_device = device != "cpu"
         if not on_device and device != "cpu":
             raise InvalidArgument(f"a {device} session keeps its decode slots in device memory")
-        self._on_device = device != "cpu"  # host inputs are then copied across when bound
+        self._rebind_inputs = device != "cpu"  # host inputs are copied to the device when bound
         self.kv = (
             DeviceSlots(runner, slots, capacity, device) if on_device else HostSlots(runner.layout, slots, capacity)
         )
@@ -205,7 +205,7 @@ class SlotBatch:
         self._mask[np.arange(b), self.lengths[:b]] = 1  # each row's new position
         self.lengths[:b] += 1
         self._ids[:b, 0] = tokens
-        if self._on_device:
+        if self._rebind_inputs:
             # A host input of a CUDA session is copied to the device when it is bound, not when the
             # session runs: bound once, every step would see the first step's ids and mask.
             self._io.bind_cpu_input("input_ids", self._ids[:b])

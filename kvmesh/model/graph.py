@@ -55,11 +55,10 @@ class _Graph:
         if isinstance(w, Dense):
             return self.op("MatMul", [x, self.float_init(f"{name}.weight", w.w.T)])[0]
         acc = self.accuracy_level if accuracy_level is None else accuracy_level
-        if w.bits == 4:
-            return self._nbits(x, w, name, acc)
-        if acc == 4:
-            # int8 activations: ORT's 8-bit kernel is the fast one (SmolLM2's head, 8 rows x 49152:
-            # 1.7 ms against 2.9 for the two 4-bit halves below, on 2 cores).
+        if w.bits == 4 or acc == 4:
+            # One MatMulNBits: 4-bit weights, or 8-bit with int8 activations, where ORT's 8-bit kernel
+            # is the fast one (SmolLM2's head, 8 rows x 49152: 1.7 ms against 2.9 for the two 4-bit
+            # halves below, on 2 cores).
             return self._nbits(x, w, name, acc)
         # 8-bit with fp32 activations: ORT's 8-bit kernel is slow (~70 ms for that head), and int8
         # activations lose too much on the output projection to be the default. Code c = 16*hi + lo,
@@ -87,9 +86,7 @@ class _Graph:
         """y + blocksum(x) @ per_block.T: per_block (N, K/32); blocksum(x) (B, S, K/32)."""
         if not per_block.any():
             return y
-        fix = self.op(
-            "MatMul", [self._block_sums(x), self.float_init(f"{name}.block_offsets", per_block.T.astype(np.float32))]
-        )[0]
+        fix = self.op("MatMul", [self._block_sums(x), self.float_init(f"{name}.block_offsets", per_block.T)])[0]
         return self.op("Add", [y, fix])[0]
 
     def _block_sums(self, x: str) -> str:

@@ -59,11 +59,12 @@ def test_disaggregated_greedy_equals_one_process(
 ) -> None:
     folder: ModelFolder = request.getfixturevalue(f"tiny_{variant}")
     p, d = servers("prefill", folder), servers("decode", folder)
+    kv_per_token = ModelRunner(folder).layout.bytes_per_token
     for prompt in PROMPTS:
         tokens, finished = _decode(d.address, prompt, p.address, max_tokens=20)
         assert tokens == _alone(folder, prompt, SamplingParams(max_tokens=20))
         assert finished.usage.prompt_tokens == len(prompt) and finished.usage.completion_tokens == len(tokens)
-        assert finished.timings.kv_bytes == len(prompt) * ModelRunner(folder).layout.bytes_per_token
+        assert finished.timings.kv_bytes == len(prompt) * kv_per_token
     again, finished = _decode(d.address, PROMPTS[1], p.address, max_tokens=20)
     assert finished.usage.cached_tokens == 39  # its 5 stored blocks, less the last token (recomputed for logits)
     assert again == _alone(folder, PROMPTS[1], SamplingParams(max_tokens=20))

@@ -11,7 +11,7 @@ from kvmesh.errors import ModelError
 from kvmesh.model.batch import DeviceSlots, SlotBatch
 from kvmesh.model.folder import ModelFolder
 from kvmesh.model.reference import ReferenceLlama
-from kvmesh.model.runner import KVCache, ModelRunner, RunnerConfig
+from kvmesh.model.runner import ConcatDecoder, KVCache, ModelRunner, RunnerConfig
 
 pytestmark = pytest.mark.skipif(
     "CUDAExecutionProvider" not in ort.get_available_providers(), reason="no CUDA execution provider here"
@@ -42,8 +42,8 @@ def test_decode_slots_live_on_the_device(tiny_int4_f16: ModelFolder) -> None:
     logits, kv = runner.prefill(PROMPT)
     batch.add(kv)
     token = int(np.argmax(logits))
-    alone = runner.decoder(kv, 64)
-    for _ in range(8):  # the batch of one and the decoder agree step for step
+    alone = ConcatDecoder(runner, kv, 64)  # host KV fed back each step: none of the slot code
+    for _ in range(8):  # the device slots and the plain decoder agree step for step
         a, b = batch.step(np.array([token]))[0], alone.step(token)
         np.testing.assert_allclose(a, b, atol=1e-3)
         token = int(np.argmax(a))
