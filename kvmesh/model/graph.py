@@ -62,13 +62,14 @@ class _Graph:
             return self._nbits(x, w, name, acc)
         # 8-bit with fp32 activations: ORT's 8-bit kernel is slow (~70 ms for that head), and int8
         # activations lose too much on the output projection to be the default. Code c = 16*hi + lo,
-        # so d*(c - z) = 16d*(hi - 8) + d*(lo - 8) + d*(136 - z): two exact 4-bit matmuls and a
-        # per-block correction.
-        codes, eights = w.codes(), np.full(w.scales.shape, 8.0, np.float32)
-        hi = BlockQuant(4, pack4(codes >> 4), 16 * w.scales, eights)
-        lo = BlockQuant(4, pack4(codes & 0x0F), w.scales, eights)
+        # so d*(c - z) = 16d*(hi - 8) + d*(lo - 0) + d*(128 - z): two exact 4-bit matmuls, and a
+        # per-block correction only where z is not 128 (Q8_0's is: none; it would read a float
+        # (K/32, N) matrix every step, 3.5 MB for SmolLM2's head).
+        codes = w.codes()
+        hi = BlockQuant(4, pack4(codes >> 4), 16 * w.scales, np.full(w.scales.shape, 8.0, np.float32))
+        lo = BlockQuant(4, pack4(codes & 0x0F), w.scales, np.zeros(w.scales.shape, np.float32))
         y = self.op("Add", [self._nbits(x, hi, f"{name}.hi", acc), self._nbits(x, lo, f"{name}.lo", acc)])[0]
-        return self._correct(x, y, w.scales * (136.0 - w.zeros.astype(np.float32)), name)
+        return self._correct(x, y, w.scales * (128.0 - w.zeros.astype(np.float32)), name)
 
     def _nbits(self, x: str, w: BlockQuant, name: str, acc: int) -> str:
         """One MatMulNBits. ORT's fast kernels want integer zero points (4-bit ones packed two to a
