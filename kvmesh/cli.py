@@ -168,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     except KvmeshError as e:
         print(f"kvmesh: error: {e}", file=sys.stderr)
         return 2
+    except commands.grpc.RpcError as e:  # a call to a kvmesh endpoint failed: its status and message
+        print(f"kvmesh: error: {commands.rpc_error(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -22,6 +22,13 @@ from kvmesh.settings import build
 from kvmesh.v1 import decode_pb2, generation_pb2
 
 
+def rpc_error(e: grpc.RpcError) -> str:
+    """A failed call in one line: its status and the server's message (not the call object's repr)."""
+    if isinstance(e, grpc.Call):
+        return f"{e.code().name}: {e.details()}"
+    return str(e)
+
+
 def model_prepare(args: argparse.Namespace) -> int:
     precisions: list[Precision] = ["int4", "fp32"] if args.precision == "all" else [args.precision]
     if args.out and len(precisions) > 1:
@@ -135,9 +142,10 @@ def remote_generate(args: argparse.Namespace) -> int:
                 first = first or time.perf_counter() - start
                 sys.stdout.write(event.token.text)
                 sys.stdout.flush()
-    except grpc.RpcError as e:
-        print(f"\nkvmesh: error: {e}", file=sys.stderr)
-        return 2
+    except grpc.RpcError:
+        if first:
+            print(file=sys.stderr)  # the error on a line of its own, after the text so far
+        raise
     print("\n" + _stats(reply.finished, reply.started, first), file=sys.stderr)
     return 0
 
@@ -206,7 +214,7 @@ def health(args: argparse.Namespace) -> int:
                 health_pb2.HealthCheckRequest(service=args.service), timeout=3
             )
     except grpc.RpcError as e:
-        print(f"{args.address}: {e}", file=sys.stderr)
+        print(f"{args.address}: {rpc_error(e)}", file=sys.stderr)
         return 1
     print(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,13 @@ def test_generate_streams_text_and_reports(tiny_fp32: ModelFolder) -> None:
     r = kvmesh("generate", "hello", "--model", str(tiny_fp32.path), "--max-tokens", "8", "--threads", "1")
     assert r.returncode == 0, r.stderr
     assert "prompt tokens" in r.stderr and "finish:" in r.stderr
+
+
+def test_an_endpoint_nobody_serves() -> None:
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _clear_error(kvmesh("generate", "hi", "--endpoint", f"127.0.0.1:{port}"), "UNAVAILABLE")
 
 
 def test_missing_model_folder(tmp_path: Path) -> None:

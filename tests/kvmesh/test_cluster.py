@@ -160,3 +160,13 @@ def test_kvmesh_chat_keeps_one_session_across_turns(long_tiny: ModelFolder, home
     assert cached[0] == 0 and cached[1] > 1000  # the system prompt and the first turn, from the store
     generated = [int(line.split(" generated")[0].rsplit(" ", 1)[1]) for line in stats]
     assert all(1 <= g <= 4 for g in generated) and done.stdout.strip()
+    # A request the proxy refuses reaches the operator as one line: the status and the reason.
+    too_long = " ".join(str(i) for i in range(2048))
+    refused = subprocess.run(
+        [str(kvmesh), "generate", "--endpoint", procs[-1].address, "--raw", too_long],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1].startswith("kvmesh: error: INVALID_ARGUMENT: prompt of ")
