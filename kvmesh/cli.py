@@ -145,6 +145,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    import grpc
+
     from kvmesh import commands  # heavy imports (onnxruntime) only once the flags parse
 
     try:
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     except KvmeshError as e:
         print(f"kvmesh: error: {e}", file=sys.stderr)
         return 2
-    except commands.grpc.RpcError as e:  # a call to a kvmesh endpoint failed: its status and message
+    except grpc.RpcError as e:  # a call to a kvmesh endpoint failed: its status and message
         print(f"kvmesh: error: {commands.rpc_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
