@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from kvmesh.errors import KvmeshError
@@ -13,6 +14,20 @@ from kvmesh.settings import add_flags
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(f"KVMESH_{name}", default)
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= low (the wire's fields are unsigned; a bad value is a usage
+    error, not a traceback from protobuf)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, not {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its message for an unparsable value
+    return parse
 
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
@@ -74,10 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--system", help="system message (default: the chat template's own)")
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-k", type=_at_least(0), default=0, help="0: all tokens")
     gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int)
-    gen.add_argument("--max-tokens", type=int, default=256)
+    gen.add_argument("--seed", type=_at_least(0))
+    gen.add_argument("--max-tokens", type=_at_least(1), default=256)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--endpoint", help="a kvmesh proxy HOST:PORT (default: run the model in this process)")
     gen.add_argument("--session", default="", help="session id (sticky routing through a proxy)")
@@ -86,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="talk to a kvmesh endpoint, multi-turn, under one session id")
     chat.add_argument("--endpoint", default="127.0.0.1:50051")
     chat.add_argument("--system", help="system message")
-    chat.add_argument("--max-tokens", type=int, default=256)
+    chat.add_argument("--max-tokens", type=_at_least(1), default=256)
     chat.add_argument("--api-key", default=os.environ.get("KVMESH_API_KEY"), help="API key (KVMESH_API_KEY)")
     cluster_up = sub.add_parser("up", help="start a local cluster: proxy, prefill and decode nodes")
     cluster_up.add_argument("--prefill", type=int, default=2, help="prefill nodes")

@@ -42,6 +42,13 @@ def test_an_endpoint_nobody_serves() -> None:
     _clear_error(kvmesh("generate", "hi", "--endpoint", f"127.0.0.1:{port}"), "UNAVAILABLE")
 
 
+@pytest.mark.parametrize("flag", [["--top-k", "-3"], ["--seed", "-1"], ["--max-tokens", "0"]])
+def test_a_sampling_flag_out_of_range_is_a_usage_error(flag: list[str]) -> None:
+    r = kvmesh("generate", "hi", "--endpoint", "127.0.0.1:1", *flag)  # refused before any call
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"argument {flag[0]}: must be an integer >=" in r.stderr.strip().splitlines()[-1]
+
+
 def test_missing_model_folder(tmp_path: Path) -> None:
     _clear_error(kvmesh("generate", "hi", "--model", str(tmp_path / "nope")), "does not exist")
 
