@@ -133,7 +133,7 @@ class ProxyNode:
                 [k for k in keys if k not in prefill_node.blocks],
             )
             call = self._decode_call(plan, decision.node_id, decode_node, timeout_s)
-            started = False
+            started, relayed = False, 0
             try:
                 async for event in call:
                     if not started:
@@ -156,6 +156,7 @@ class ProxyNode:
                         claim.release()  # before the client hears it: its next request sees the load as it is
                         yield generation_pb2.GenerateEvent(finished=event.finished)
                     else:
+                        relayed += 1
                         yield generation_pb2.GenerateEvent(token=event.token)
                 return
             except grpc.aio.AioRpcError as e:
@@ -171,7 +172,10 @@ class ProxyNode:
                         "error": e.details(),
                     },
                 )
-                if started or e.code() in NO_RETRY:
+                if started:  # the client has tokens: no retry, but say where the stream broke
+                    where = f"the stream broke after {relayed} tokens from decode node {decode_node}"
+                    raise Upstream(e.code().name, f"{where}: {e.details() or e.code().name}") from e
+                if e.code() in NO_RETRY:
                     raise last_error from e
                 failed.update({decision.node_id, decode_node})  # the next candidate, not these again
             finally:

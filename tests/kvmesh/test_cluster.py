@@ -1,6 +1,6 @@
 """The local cluster as processes (kvmesh up): 3 prefill and 2 decode nodes behind the proxy, the
 tiny model with a 2,048-token context; 20 sessions x 4 turns over 2 system prompts, per routing
-policy; and one prefill node killed mid-run."""
+policy; one prefill node killed mid-run; one decode node killed mid-stream."""
 
 import os
 import signal
@@ -170,3 +170,26 @@ def test_kvmesh_chat_keeps_one_session_across_turns(long_tiny: ModelFolder, home
     )
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert refused.stderr.strip().splitlines()[-1].startswith("kvmesh: error: INVALID_ARGUMENT: prompt of ")
+
+
+def test_a_decode_node_killed_mid_stream(long_tiny: ModelFolder, home: Path) -> None:
+    """The client has tokens already: the call ends at once in UNAVAILABLE naming the decode node and
+    how far the stream got; the other decode node serves the next request."""
+    procs = cluster.up(cluster.ClusterSpec(prefill=1, decode=2, port=52851, model=str(long_tiny.path)))
+    client = Client(procs[-1].address)
+    events = client.generate(prompt="Once upon a time", max_tokens=2000, ignore_eos=True, timeout=60)
+    started = next(events).started
+    tokens = [next(events) for _ in range(5)]
+    assert all(e.HasField("token") for e in tokens)
+    victim = next(p for p in procs if p.address == started.decode_node)
+    os.kill(victim.pid, signal.SIGKILL)
+    with pytest.raises(grpc.RpcError) as failed:
+        for _ in events:
+            pass
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    details = failed.value.details()  # type: ignore[attr-defined]
+    assert f"from decode node {victim.address}" in details and "the stream broke after " in details
+    assert int(details.split("after ")[1].split(" ")[0]) >= 5
+    reply = client.chat([{"role": "user", "content": "Still there?"}], max_tokens=4, timeout=60)
+    assert reply.finished is not None and reply.started is not None
+    assert reply.started.decode_node != victim.address
