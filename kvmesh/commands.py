@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -20,6 +22,9 @@ from kvmesh.model.tokenizer import ChatTokenizer, chat_messages
 from kvmesh.sampling import SamplingParams
 from kvmesh.settings import build
 from kvmesh.v1 import decode_pb2, generation_pb2
+
+if TYPE_CHECKING:
+    from kvmesh.client import Reply
 
 
 def rpc_error(e: grpc.RpcError) -> str:
@@ -134,9 +139,17 @@ def remote_generate(args: argparse.Namespace) -> int:
         "stop": args.stop,
         **({"seed": args.seed} if args.seed is not None else {}),
     }
-    reply, start, first = Reply(), time.perf_counter(), 0.0
+    reply, start = Reply(), time.perf_counter()
+    first = _stream(client.generate(messages, "" if messages else args.prompt, args.session, **params), reply, start)
+    print("\n" + _stats(reply.finished, reply.started, first), file=sys.stderr)
+    return 0
+
+
+def _stream(events: Iterator[generation_pb2.GenerateEvent], reply: Reply, start: float) -> float:
+    """Write the text to stdout as it comes. -> seconds to the first token (0: none)."""
+    first = 0.0
     try:
-        for event in client.generate(messages, "" if messages else args.prompt, args.session, **params):
+        for event in events:
             reply.add(event)
             if event.WhichOneof("kind") == "token":
                 first = first or time.perf_counter() - start
@@ -146,8 +159,7 @@ def remote_generate(args: argparse.Namespace) -> int:
         if first:
             print(file=sys.stderr)  # the error on a line of its own, after the text so far
         raise
-    print("\n" + _stats(reply.finished, reply.started, first), file=sys.stderr)
-    return 0
+    return first
 
 
 def cluster_chat(args: argparse.Namespace) -> int:
@@ -161,13 +173,8 @@ def cluster_chat(args: argparse.Namespace) -> int:
     print(f"session {session}; an empty line ends it", file=sys.stderr)
     while line := input("> ").strip():
         messages.append({"role": "user", "content": line})
-        reply, start, first = Reply(), time.perf_counter(), 0.0
-        for event in client.generate(messages, session_id=session, max_tokens=args.max_tokens):
-            reply.add(event)
-            if event.WhichOneof("kind") == "token":
-                first = first or time.perf_counter() - start
-                sys.stdout.write(event.token.text)
-                sys.stdout.flush()
+        reply, start = Reply(), time.perf_counter()
+        first = _stream(client.generate(messages, session_id=session, max_tokens=args.max_tokens), reply, start)
         print("\n" + _stats(reply.finished, reply.started, first), file=sys.stderr)
         messages.append({"role": "assistant", "content": reply.text})
     return 0
