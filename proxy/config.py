@@ -38,11 +38,10 @@ class ProxyConfig:
             raise InvalidArgument(f"routing policy must be one of {', '.join(POLICIES)}, not {self.policy!r}")
         if self.load_bound <= 1.0:
             raise InvalidArgument("load_bound must be > 1")
-        if any("=" not in k for k in self.api_keys):
-            raise InvalidArgument("api keys are KEY=TENANT")
 
     def tenants(self) -> dict[str, str]:
-        """API key -> tenant, from --api-keys and the keys file (read now)."""
+        """API key -> tenant, from --api-keys and the keys file (read now), every key checked here:
+        the proxy calls it before it serves."""
         keys = list(self.api_keys)
         if self.api_keys_file is not None:
             try:

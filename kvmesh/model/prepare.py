@@ -52,7 +52,7 @@ def is_current(
     precision: str,
     accuracy_level: int,
     decode_accuracy_level: int,
-    activations: str = "float32",
+    activations: str,
 ) -> bool:
     """True when `folder` was converted from this very file, at this precision, by this format."""
     meta_path = folder / KVMESH_JSON
