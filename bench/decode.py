@@ -8,7 +8,7 @@ round start together; aggregate tokens/s = tokens received while all N streams d
 moment the last stream got its second token to the moment the first one finished) / that time.
 Inter-token latency = gaps between a stream's tokens at the client. One warm-up, then --rounds
 rounds of every concurrency; medians, and "x 1 stream" pairs each round with its own 1 stream.
---model takes another folder, e.g. one prepared with --decode-accuracy-level 4.
+--model takes another folder, e.g. one prepared with --exact-decode.
 
   python bench/decode.py [--concurrency 1 4 8 16] [--rounds 3] [--model DIR] [--json out.json]
 """

@@ -18,6 +18,10 @@ class DecodeConfig:
     threads: int = field(default=2, metadata=doc("ONNX Runtime intra-op threads"))
     provider: str = field(default="auto", metadata=doc("execution provider: auto, cpu, cuda"))
     metrics_port: int = field(default=-1, metadata=doc("Prometheus port (-1: none, 0: any free port)"))
+    exact_decode: bool = field(
+        default=False,
+        metadata=doc("decode steps with fp32 activations (the exact graph) instead of the default int8 activations"),
+    )
     slots: int = field(default=16, metadata=doc("sequences decoded together at most (the batch)"))
     slot_tokens: int = field(default=2560, metadata=doc("prompt + completion tokens one sequence may hold"))
     max_waiting: int = field(

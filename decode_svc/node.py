@@ -71,8 +71,12 @@ class DecodeNode:
     def __init__(self, config: DecodeConfig) -> None:
         self.config = config
         self.folder = ModelFolder.load(config.model or default_model_dir("int4"))
-        runner_config = RunnerConfig(threads=config.threads, provider=cast(Provider, config.provider))
+        provider = cast(Provider, config.provider)
+        runner_config = RunnerConfig(
+            threads=config.threads, provider=provider, use_decode_graph=not config.exact_decode
+        )
         self.runner = ModelRunner(self.folder, runner_config)
+        log.info("decode numerics: %s", self.runner.decode_numerics)
         self.tokenizer = ChatTokenizer(self.folder)
         self.capacity = min(config.slot_tokens, self.runner.max_context)
         self.metrics = DecodeMetrics()

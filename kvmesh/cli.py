@@ -46,6 +46,11 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         default=_env("PROVIDER", "auto"),
         help="execution provider (KVMESH_PROVIDER)",
     )
+    p.add_argument(
+        "--exact-decode",
+        action="store_true",
+        help="decode steps with fp32 activations (the exact graph) instead of the folder's int8-activation one",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,11 +74,11 @@ def _parser() -> argparse.ArgumentParser:
         "(faster decode, small drift)",
     )
     prep.add_argument(
-        "--decode-accuracy-level",
-        type=int,
-        choices=[0, 1, 2, 3, 4],
-        help="int4: also write model_decode.onnx at this level for decode steps (4: ~1.7x batched decode "
-        "throughput on 2 cores, small drift); prefill and all stored or sent KV keep --accuracy-level",
+        "--exact-decode",
+        action="store_true",
+        help="int4: no model_decode.onnx, decode steps run the exact graph (fp32 activations) as prefill does; by "
+        "default they run int8 activations (llama.cpp's own numerics for Q4_1, ~1.4x decode on 2 cores) while "
+        "prefill and all stored or sent KV stay exact",
     )
     prep.add_argument(
         "--activations",

@@ -42,8 +42,7 @@ def model_prepare(args: argparse.Namespace) -> int:
     gguf = args.gguf or find_default_gguf()
     for p in precisions:
         out = args.out or (default_model_dir(p) if args.gguf is None else Path(f"{gguf.stem}-{p}"))
-        decode_level = args.decode_accuracy_level if p == "int4" else None
-        prepare(gguf, out, p, args.accuracy_level, args.force, decode_level, args.activations)
+        prepare(gguf, out, p, args.accuracy_level, args.force, args.exact_decode, args.activations)
         print(out)
     return 0
 
@@ -53,7 +52,8 @@ def _folder(args: argparse.Namespace) -> ModelFolder:
 
 
 def _runner(args: argparse.Namespace, folder: ModelFolder) -> ModelRunner:
-    return ModelRunner(folder, RunnerConfig(threads=args.threads, provider=args.provider))
+    config = RunnerConfig(threads=args.threads, provider=args.provider, use_decode_graph=not args.exact_decode)
+    return ModelRunner(folder, config)
 
 
 def model_info(args: argparse.Namespace) -> int:
@@ -63,8 +63,16 @@ def model_info(args: argparse.Namespace) -> int:
     print(f"folder       {folder.path}\ngraph        {runner.graph}")
     print(f"layout       {lay.layers} layers x {lay.kv_heads} KV heads x {lay.head_dim} head_dim, {lay.dtype}")
     print(f"KV bytes     {lay.bytes_per_token} per token\ncontext      {folder.context_length}")
+    print(f"decode       {runner.decode_numerics}\nprefill      {_prefill_numerics(folder)}")
     print(f"providers    {', '.join(runner.session.get_providers())}\nfingerprint  {folder.fingerprint}")
     return 0
+
+
+def _prefill_numerics(folder: ModelFolder) -> str:
+    """Prefill (the first token and every stored or sent KV byte) runs the folder's main graph."""
+    if folder.meta.get("accuracy_level", 0) == 4:
+        return "int8 activations (--accuracy-level 4)"
+    return f"exact ({folder.meta.get('activations', 'float32')} activations)"
 
 
 def generate(args: argparse.Namespace) -> int:

@@ -54,7 +54,9 @@ class PrefillNode:
         self.folder = runner.folder if runner else ModelFolder.load(config.model or default_model_dir("int4"))
         provider = cast(Provider, config.provider)
         self.runner = runner or ModelRunner(
-            self.folder, RunnerConfig(threads=config.threads, provider=provider, stop_spinning=True)
+            # no decode graph: a prefill node runs no decode step (and so holds no second session)
+            self.folder,
+            RunnerConfig(threads=config.threads, provider=provider, stop_spinning=True, use_decode_graph=False),
         )
         store_config = StoreConfig(
             config.store or kvmesh_home() / "prefix-store", config.store_budget_bytes, config.block_size

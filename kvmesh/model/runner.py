@@ -36,7 +36,8 @@ class RunnerConfig:
     # Logits for every position (tests, scoring); serving needs the last one only, which a
     # folder's model_last.onnx computes ~20% faster on long prompts.
     all_logits: bool = False
-    # Decode steps on the folder's model_decode.onnx when it has one (int8 activations).
+    # Decode steps on the folder's model_decode.onnx when it has one (int8 activations, the
+    # default numerics of decode); False: the exact graph (fp32 activations), as prefill runs.
     use_decode_graph: bool = True
     # Park ONNX Runtime's worker threads as soon as a run ends instead of letting them spin for
     # the next one: for a process that works between runs (a prefill node streams the KV right
@@ -125,6 +126,16 @@ def providers(choice: str, graph: Path, kv_type: int | None) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def _numerics(decode: ort.InferenceSession, prefill: ort.InferenceSession, folder: ModelFolder) -> str:
+    """What decode steps compute with, in words for logs and `kvmesh model info`."""
+    if decode is prefill:
+        level = folder.meta.get("accuracy_level", 0)
+        return "int8 activations (the prefill graph's own)" if level == 4 else "exact (fp32 activations)"
+    level = folder.meta.get("decode_accuracy_level", 4)
+    name = folder.decode_graph.name if folder.decode_graph else "?"
+    return f"int8 activations ({name}, MatMulNBits accuracy level {level})" if level == 4 else f"{name}, level {level}"
+
+
 class ModelRunner:
     def __init__(self, folder: ModelFolder, config: RunnerConfig | None = None) -> None:
         self.folder = folder
@@ -154,6 +165,7 @@ class ModelRunner:
                 raise ModelError(
                     f"{folder.decode_graph}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})"
                 ) from e
+        self.decode_numerics = _numerics(self.decode_session, self.session, folder)
         self.layout = self._read_layout()
         names = {i.name for i in self.session.get_inputs()}
         self._has_positions = "position_ids" in names

@@ -106,3 +106,28 @@ def test_prepare_is_idempotent(tiny_gguf_f32: Path, tmp_path: Path) -> None:
     assert json.loads((out / "kvmesh.json").read_text())["layout"]["dtype"] == "float16"
     assert ModelFolder.load(out).fingerprint != fp32
     assert "up to date" in kvmesh(*args, "--activations", "float16").stdout
+
+
+def test_prepare_writes_the_int8_decode_graph_by_default_and_exact_decode_on_request(
+    tiny_gguf_q4: Path, tmp_path: Path
+) -> None:
+    """Decode numerics are the decode graph's alone: switching them converts again (an older folder
+    is upgraded) but keeps the fingerprint, so a prefix store stays valid."""
+    out = tmp_path / "m"
+    args = ("model", "prepare", "--gguf", str(tiny_gguf_q4), "--precision", "int4", "--out", str(out))
+    assert kvmesh(*args, "--exact-decode").returncode == 0
+    exact = ModelFolder.load(out)
+    assert exact.decode_graph is None
+    info = kvmesh("model", "info", "--model", str(out), "--threads", "1")
+    assert "decode       exact (fp32 activations)" in info.stdout, info.stderr
+    upgraded = kvmesh(*args)
+    assert upgraded.returncode == 0 and "up to date" not in upgraded.stdout
+    default = ModelFolder.load(out)
+    assert default.decode_graph is not None and default.meta["decode_accuracy_level"] == 4
+    assert default.meta["accuracy_level"] == 0 and default.fingerprint == exact.fingerprint
+    info = kvmesh("model", "info", "--model", str(out), "--threads", "1")
+    assert "decode       int8 activations (model_decode.onnx" in info.stdout
+    assert "prefill      exact" in info.stdout
+    forced = kvmesh("model", "info", "--model", str(out), "--threads", "1", "--exact-decode")
+    assert "decode       exact (fp32 activations)" in forced.stdout
+    assert "up to date" in kvmesh(*args).stdout
