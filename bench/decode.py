@@ -8,6 +8,8 @@ round start together; aggregate tokens/s = tokens received while all N streams d
 moment the last stream got its second token to the moment the first one finished) / that time.
 Inter-token latency = gaps between a stream's tokens at the client. One warm-up, then --rounds
 rounds of every concurrency; medians, and "x 1 stream" pairs each round with its own 1 stream.
+Two decode nodes share the prefill node, one per decode numerics (--numerics): the default
+(int8 activations) and exact (fp32 activations, --exact-decode), each concurrency on both in turn.
 --model takes another folder, e.g. one prepared with --exact-decode.
 
   python bench/decode.py [--concurrency 1 4 8 16] [--rounds 3] [--model DIR] [--json out.json]
@@ -33,21 +35,23 @@ from kvmesh.model.prepare import default_model_dir
 from kvmesh.model.tokenizer import ChatTokenizer
 from kvmesh.v1 import decode_pb2, decode_pb2_grpc
 
-PROMPT_TOKENS, SHARED, NEW_TOKENS = 512, 496, 128
+SIZES = {"prompt_tokens": 512, "shared_tokens": 496, "new_tokens": 128}
 MODEL = [default_model_dir("int4")]
+# decode node flags per numerics: the folder's default (int8 activations), and exact (fp32)
+NUMERICS = {"default": [], "exact": ["--exact-decode"]}
 
 
 def prompts(n: int) -> list[list[int]]:
     tok = ChatTokenizer(ModelFolder.load(MODEL[0]))
     text = tok.encode((Path(__file__).resolve().parents[1] / "tests" / "data" / "english.txt").read_text())
-    shared = (text * 2)[:SHARED]
-    return [[*shared, *text[7 * i : 7 * i + PROMPT_TOKENS - SHARED]] for i in range(n)]
+    shared = (text * 2)[: SIZES["shared_tokens"]]
+    return [[*shared, *text[7 * i : 7 * i + SIZES["prompt_tokens"] - SIZES["shared_tokens"]]] for i in range(n)]
 
 
 async def round_(decode: str, prefill: str, n: int) -> dict[str, Any]:
     async with grpc.aio.insecure_channel(decode) as channel:
         stub = decode_pb2_grpc.DecodeStub(channel)
-        params = decode_pb2.GenerationParams(max_tokens=NEW_TOKENS, ignore_eos=True)
+        params = decode_pb2.GenerationParams(max_tokens=SIZES["new_tokens"], ignore_eos=True)
         requests = [decode_pb2.DecodeRequest(tokens=p, prefill_node=prefill, params=params) for p in prompts(n)]
         streams = await asyncio.gather(*(decode_stream(stub, r) for r in requests))
     errors = [s.error for s in streams if s.error]
@@ -63,51 +67,68 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--rounds", type=int, default=3, help="each concurrency once per round; medians")
+    ap.add_argument("--numerics", nargs="+", choices=NUMERICS, default=list(NUMERICS), help="decode nodes to run")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--model", type=Path, help="model folder (default: the prepared SmolLM2 int4)")
+    for name, value in SIZES.items():
+        ap.add_argument("--" + name.replace("_", "-"), type=int, default=value)
     args = ap.parse_args()
+    SIZES.update({name: getattr(args, name) for name in SIZES})
     with_malloc_settings()
     MODEL[0] = args.model or MODEL[0]
+    runs = measure(args)
+    rows = []
+    for numerics in args.numerics:
+        bases = [run[numerics, args.concurrency[0]]["tokens_per_s"] for run in runs]
+        for n in args.concurrency:
+            mine = [run[numerics, n] for run in runs]
+            gaps = [g for r in mine for g in r["gaps_ms"]]
+            ratios = [r["tokens_per_s"] / base for r, base in zip(mine, bases, strict=True)]
+            rows.append(
+                {
+                    "numerics": numerics,
+                    "streams": n,
+                    "tokens_per_s": statistics.median(r["tokens_per_s"] for r in mine),
+                    "ratio_to_1": statistics.median(ratios),
+                    "itl_p50_ms": pct(gaps, 50),
+                    "itl_p99_ms": pct(gaps, 99),
+                    "rounds": [r["tokens_per_s"] for r in mine],
+                }
+            )
+    keys = ["numerics", "streams", "tokens_per_s", "ratio_to_1", "itl_p50_ms", "itl_p99_ms"]
+    table(
+        ["numerics", "streams", "tokens/s", "x 1 stream", "ITL p50 ms", "ITL p99 ms"],
+        [[r[k] for k in keys] for r in rows],
+    )
+    report: dict[str, Any] = {"workload": dict(SIZES), "rows": rows}
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def measure(args: argparse.Namespace) -> list[dict[tuple[str, int], dict[str, Any]]]:
+    """One prefill node, one decode node per numerics; every (numerics, concurrency) once per round."""
     with tempfile.TemporaryDirectory() as tmp:
         model = ["--model", str(MODEL[0])]
         prefill, pport = spawn(["prefill", *model, "--store", f"{tmp}/store", "--threads", "2"])
         slots = ["--slots", str(max(args.concurrency)), "--slot-tokens", "1024"]
-        decode, dport = spawn(["decode", *model, "--threads", "2", *slots])
+        decodes = {n: spawn(["decode", *model, "--threads", "2", *slots, *NUMERICS[n]]) for n in args.numerics}
         try:
-            target = (f"127.0.0.1:{dport}", f"127.0.0.1:{pport}")
-            asyncio.run(round_(*target, 2))  # warm-up: caches the shared prefix, loads kernels
+            targets = {n: (f"127.0.0.1:{port}", f"127.0.0.1:{pport}") for n, (_, port) in decodes.items()}
+            for target in targets.values():
+                asyncio.run(round_(*target, 2))  # warm-up: caches the shared prefix, loads kernels
             # Every concurrency once per round, rounds repeated: a ratio pairs N streams with the
             # first concurrency of the same round (this machine drifts within minutes).
-            runs: list[list[dict[str, Any]]] = []
+            runs: list[dict[tuple[str, int], dict[str, Any]]] = []
             for r in range(args.rounds):
-                run: list[dict[str, Any]] = []
+                run: dict[tuple[str, int], dict[str, Any]] = {}
                 runs.append(run)
                 for n in args.concurrency:
-                    run.append(asyncio.run(round_(*target, n)))
-                    print(f"round {r}: {n} streams {run[-1]['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+                    for numerics, target in targets.items():
+                        run[numerics, n] = res = asyncio.run(round_(*target, n))
+                        print(f"round {r}: {numerics} {n} streams {res['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
         finally:
-            stop(prefill, decode)
-    rows, bases = [], [run[0]["tokens_per_s"] for run in runs]
-    for i, n in enumerate(args.concurrency):
-        mine = [run[i] for run in runs]
-        gaps = [g for r in mine for g in r["gaps_ms"]]
-        rows.append(
-            {
-                "streams": n,
-                "tokens_per_s": statistics.median(r["tokens_per_s"] for r in mine),
-                "ratio_to_1": statistics.median(r["tokens_per_s"] / base for r, base in zip(mine, bases, strict=True)),
-                "itl_p50_ms": pct(gaps, 50),
-                "itl_p99_ms": pct(gaps, 99),
-                "rounds": [r["tokens_per_s"] for r in mine],
-            }
-        )
-    table(
-        ["streams", "tokens/s", "x 1 stream", "ITL p50 ms", "ITL p99 ms"],
-        [[r["streams"], r["tokens_per_s"], r["ratio_to_1"], r["itl_p50_ms"], r["itl_p99_ms"]] for r in rows],
-    )
-    report: dict[str, Any] = {"workload": {"prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS}, "rows": rows}
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+            stop(prefill, *(p for p, _ in decodes.values()))
+    return runs
 
 
 if __name__ == "__main__":

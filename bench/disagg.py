@@ -32,14 +32,17 @@ from kvmesh.model.prepare import default_model_dir
 from kvmesh.model.tokenizer import ChatTokenizer, chat_messages
 from kvmesh.v1 import decode_pb2, decode_pb2_grpc
 
-BACKGROUND, BACKGROUND_TOKENS, LONG, LONG_PROMPT, LONG_TOKENS, GAP_S = 4, 200, 4, 1500, 16, 1.0
+BACKGROUND, LONG, LONG_TOKENS, GAP_S = 4, 4, 16, 1.0
+SIZES = {"background_tokens": 200, "long_prompt_tokens": 1500}
 
 
 def _prompts() -> tuple[list[list[int]], list[list[int]]]:
     tok = ChatTokenizer(ModelFolder.load(default_model_dir("int4")))
     text = tok.encode((Path(__file__).resolve().parents[1] / "tests" / "data" / "english.txt").read_text())
     short = [tok.encode_chat(chat_messages(f"Tell story number {i} about a lighthouse.")) for i in range(BACKGROUND)]
-    long = [[1000 + i, *(text * 4)[i * 11 : i * 11 + LONG_PROMPT - 1]] for i in range(LONG)]  # distinct from token 0
+    long = [
+        [1000 + i, *(text * 4)[i * 11 : i * 11 + SIZES["long_prompt_tokens"] - 1]] for i in range(LONG)
+    ]  # distinct from token 0
     return short, long
 
 
@@ -52,7 +55,7 @@ async def workload(decode: str, prefill: str, salt: bytes) -> tuple[list[Stream]
             params = decode_pb2.GenerationParams(max_tokens=n, ignore_eos=True)
             return decode_pb2.DecodeRequest(tokens=tokens, prefill_node=prefill, params=params, cache_salt=salt)
 
-        background = [asyncio.create_task(decode_stream(stub, request(p, BACKGROUND_TOKENS))) for p in short]
+        background = [asyncio.create_task(decode_stream(stub, request(p, SIZES["background_tokens"]))) for p in short]
         await asyncio.sleep(0.5)
         arrivals = []
         for p in long:
@@ -80,7 +83,10 @@ def _summary(name: str, background: list[Stream], long: list[Stream]) -> dict[st
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path)
+    for name, value in SIZES.items():
+        ap.add_argument("--" + name.replace("_", "-"), type=int, default=value)
     args = ap.parse_args()
+    SIZES.update({name: getattr(args, name) for name in SIZES})
     with_malloc_settings()
     results = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPT_TOKENS, NEW_TOKENS, THREADS = 2000, 128, 2
+THREADS = 2
+SIZES = {"prompt_tokens": 2200, "new_tokens": 128}  # --prompt-tokens, --new-tokens (workers get them too)
 
 
 def _prompts(folder: Path) -> tuple[list[int], list[int]]:
@@ -40,15 +41,17 @@ def _prompts(folder: Path) -> tuple[list[int], list[int]]:
 
     tok = ChatTokenizer(ModelFolder.load(folder))
     text = (ROOT / "tests" / "data" / "english.txt").read_text()
-    long = (tok.encode(text) * (PROMPT_TOKENS // 400 + 1))[:PROMPT_TOKENS]
+    long = (tok.encode(text) * (SIZES["prompt_tokens"] // 400 + 1))[: SIZES["prompt_tokens"]]
     return long, tok.encode_chat(chat_messages("Tell me a long story about a lighthouse keeper."))
 
 
-def _runner(folder: Path) -> Any:
+def _runner(folder: Path, exact: bool = False) -> Any:
+    """exact: decode steps on the exact graph (fp32 activations) instead of the folder's default."""
     from kvmesh.model.folder import ModelFolder
     from kvmesh.model.runner import ModelRunner, RunnerConfig
 
-    return ModelRunner(ModelFolder.load(folder), RunnerConfig(threads=THREADS, provider="cpu"))
+    config = RunnerConfig(threads=THREADS, provider="cpu", use_decode_graph=not exact)
+    return ModelRunner(ModelFolder.load(folder), config)
 
 
 def _genai_model(folder: Path) -> Any:
@@ -61,19 +64,19 @@ def _genai_model(folder: Path) -> Any:
 
 
 def _generator(model: Any, prompt: list[int]) -> Any:
-    """A greedy GenAI generator that makes exactly NEW_TOKENS after `prompt` (not yet appended)."""
+    """A greedy GenAI generator that makes exactly SIZES["new_tokens"] after `prompt` (not yet appended)."""
     import onnxruntime_genai as og
 
     params = og.GeneratorParams(model)
-    n = len(prompt) + NEW_TOKENS + 1
+    n = len(prompt) + SIZES["new_tokens"] + 1
     params.set_search_options(max_length=n, min_length=n, do_sample=False)
     return og.Generator(model, params)
 
 
-def _kvmesh(folder: Path) -> dict[str, Any]:
+def _kvmesh(folder: Path, exact: bool = False) -> dict[str, Any]:
     from kvmesh.gc_tuning import tune_for_serving
 
-    runner = _runner(folder)
+    runner = _runner(folder, exact)
     long, short = _prompts(folder)
     tune_for_serving()  # as kvmesh's services and `kvmesh generate` run
     runner.prefill(short)  # warm-up
@@ -82,9 +85,9 @@ def _kvmesh(folder: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"prefill_s": time.perf_counter() - t}
     for name, prompt in (("short", short), ("long", long)):
         logits, kv = runner.prefill(prompt)
-        decoder = runner.decoder(kv, len(prompt) + NEW_TOKENS)
+        decoder = runner.decoder(kv, len(prompt) + SIZES["new_tokens"])
         gaps = []
-        for _ in range(NEW_TOKENS):
+        for _ in range(SIZES["new_tokens"]):
             t = time.perf_counter()
             logits = decoder.step(int(np.argmax(logits)))
             gaps.append(time.perf_counter() - t)
@@ -105,7 +108,7 @@ def _genai(folder: Path) -> dict[str, Any]:
         gen.append_tokens(prompt)
         gen.generate_next_token()  # samples from the prompt's logits: no model run
         gaps = []
-        for _ in range(NEW_TOKENS):
+        for _ in range(SIZES["new_tokens"]):
             t = time.perf_counter()
             gen.generate_next_token()  # one model run for the previous token, then argmax
             gaps.append(time.perf_counter() - t)
@@ -128,12 +131,12 @@ def _interleaved(folder: Path, rounds: int) -> dict[str, Any]:
     for name, prompt in (("short", short), ("long", long)):
         for _ in range(rounds):
             logits, kv = runner.prefill(prompt)
-            decoder, token = runner.decoder(kv, len(prompt) + NEW_TOKENS), int(np.argmax(logits))
+            decoder, token = runner.decoder(kv, len(prompt) + SIZES["new_tokens"]), int(np.argmax(logits))
             gen = _generator(model, prompt)
             gen.append_tokens(prompt)
             gen.generate_next_token()
             ours, theirs = [], []
-            for _ in range(NEW_TOKENS // SEGMENT):
+            for _ in range(SIZES["new_tokens"] // SEGMENT):
                 for _ in range(SEGMENT):
                     t = time.perf_counter()
                     token = int(np.argmax(decoder.step(token)))
@@ -153,22 +156,23 @@ def worker(engine: str, folder: Path, rounds: int) -> None:
     if engine == "both":
         print(json.dumps(_interleaved(folder, rounds)))
         return
-    result = (_kvmesh if engine == "kvmesh" else _genai)(folder)
+    result = _genai(folder) if engine == "genai" else _kvmesh(folder, exact=engine == "kvmesh-exact")
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
 
 
 def _run(engine: str, folder: Path, rounds: int = 1) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", engine, "--folder", str(folder), "--rounds", str(rounds)]
+    cmd += ["--prompt-tokens", str(SIZES["prompt_tokens"]), "--new-tokens", str(SIZES["new_tokens"])]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return dict(json.loads(out.strip().splitlines()[-1]))
 
 
 def _summary(runs: list[dict[str, Any]]) -> dict[str, float]:
-    s: dict[str, float] = {"prefill_tok_s": statistics.median(PROMPT_TOKENS / r["prefill_s"] for r in runs)}
+    s: dict[str, float] = {"prefill_tok_s": statistics.median(SIZES["prompt_tokens"] / r["prefill_s"] for r in runs)}
     for name in ("short", "long"):
         gaps = np.concatenate([r[f"itl_{name}"] for r in runs]) * 1000
-        s[f"decode_{name}_tok_s"] = statistics.median(NEW_TOKENS / sum(r[f"itl_{name}"]) for r in runs)
+        s[f"decode_{name}_tok_s"] = statistics.median(SIZES["new_tokens"] / sum(r[f"itl_{name}"]) for r in runs)
         s[f"itl_{name}_p50_ms"], s[f"itl_{name}_p99_ms"] = (
             float(np.percentile(gaps, 50)),
             float(np.percentile(gaps, 99)),
@@ -192,50 +196,100 @@ METRICS = {
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--worker", choices=["kvmesh", "genai", "both"])
+    ap.add_argument("--worker", choices=["kvmesh", "kvmesh-exact", "genai", "both"])
     ap.add_argument("--folder", type=Path)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--precision", nargs="+", default=["int4", "fp32"], choices=["int4", "fp32"])
     ap.add_argument("--json", type=Path, help="write the figures here")
+    ap.add_argument("--prompt-tokens", type=int, default=SIZES["prompt_tokens"], help="the long prompt")
+    ap.add_argument("--new-tokens", type=int, default=SIZES["new_tokens"])
+    ap.add_argument("--model", type=Path, help="the int4 folder (default: the prepared SmolLM2 int4)")
     args = ap.parse_args()
+    SIZES.update(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
     if args.worker:
         worker(args.worker, args.folder, args.rounds)
         return
     sys.path.insert(0, str(ROOT))
     from kvmesh.model.prepare import default_model_dir
 
-    report: dict[str, Any] = {
-        "workload": {"prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "threads": THREADS}
-    }
-    print(f"{'precision':9} {'metric':20} {'kvmesh':>10} {'genai':>10} {'ratio':>7}  (ratio > 1: kvmesh better)")
+    report: dict[str, Any] = {"workload": {**SIZES, "threads": THREADS}}
+    print(f"{'precision':9} {'metric':32} {'kvmesh':>10} {'genai':>10} {'ratio':>7}  (ratio > 1: kvmesh better)")
+    print("  kvmesh: decode steps in the folder's default numerics (int4: int8 activations); kvmesh-exact: fp32")
     for precision in args.precision:
-        folder = default_model_dir(precision)
-        runs: dict[str, list[dict[str, Any]]] = {"kvmesh": [], "genai": []}
+        folder = args.model if args.model and precision == "int4" else default_model_dir(precision)
+        engines = (
+            ["kvmesh", "kvmesh-exact", "genai"] if (folder / "model_decode.onnx").is_file() else ["kvmesh", "genai"]
+        )
+        runs: dict[str, list[dict[str, Any]]] = {e: [] for e in engines}
         for _ in range(args.rounds):
-            for engine in runs:
+            for engine in engines:
                 runs[engine].append(_run(engine, folder))
-        ours, theirs = _summary(runs["kvmesh"]), _summary(runs["genai"])
-        report[precision] = {"kvmesh": ours, "genai": theirs, "ratio": {}}
-        for m, higher in METRICS.items():
-            ratio = ours[m] / theirs[m] if higher else theirs[m] / ours[m]
-            report[precision]["ratio"][m] = ratio
-            print(f"{precision:9} {m:20} {ours[m]:10.2f} {theirs[m]:10.2f} {ratio:7.2f}")
-        both = _run("both", folder, args.rounds)
-        for name in ("short", "long"):
-            rates = {
-                e: statistics.median(NEW_TOKENS / sum(r) for r in both[f"{e}_{name}"]) for e in ("kvmesh", "genai")
-            }
-            p99 = {e: float(np.percentile(np.concatenate(both[f"{e}_{name}"]) * 1000, 99)) for e in rates}
-            rows = {
-                f"decode_{name}_tok_s_interleaved": (rates["kvmesh"], rates["genai"], rates["kvmesh"] / rates["genai"]),
-                f"itl_{name}_p99_ms_interleaved": (p99["kvmesh"], p99["genai"], p99["genai"] / p99["kvmesh"]),
-            }
-            for m, (a, b, ratio) in rows.items():
-                report[precision]["kvmesh"][m], report[precision]["genai"][m] = a, b
-                report[precision]["ratio"][m] = ratio
-                print(f"{precision:9} {m:32} {a:10.2f} {b:10.2f} {ratio:7.2f}")
+        summaries = {e: _summary(r) for e, r in runs.items()}
+        report[precision] = {e: summaries[e] for e in engines} | {"ratio": {}}
+        for e in engines[:-1]:
+            for m, higher in METRICS.items():
+                a, b = summaries[e][m], summaries["genai"][m]
+                ratio = a / b if higher else b / a
+                report[precision]["ratio"][f"{e}/{m}"] = ratio
+                print(f"{precision:9} {e + ' ' + m:32} {a:10.2f} {b:10.2f} {ratio:7.2f}")
+        _interleaved_rows(precision, folder, args.rounds, report)
+        if precision == "int4":
+            report["step_budget"] = step_budget(folder, summaries)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _interleaved_rows(precision: str, folder: Path, rounds: int, report: dict[str, Any]) -> None:
+    both = _run("both", folder, rounds)
+    for name in ("short", "long"):
+        n = SIZES["new_tokens"]
+        rates = {e: statistics.median(n / sum(r) for r in both[f"{e}_{name}"]) for e in ("kvmesh", "genai")}
+        p99 = {e: float(np.percentile(np.concatenate(both[f"{e}_{name}"]) * 1000, 99)) for e in rates}
+        rows = {
+            f"decode_{name}_tok_s_interleaved": (rates["kvmesh"], rates["genai"], rates["kvmesh"] / rates["genai"]),
+            f"itl_{name}_p99_ms_interleaved": (p99["kvmesh"], p99["genai"], p99["genai"] / p99["kvmesh"]),
+        }
+        for m, (a, b, ratio) in rows.items():
+            report[precision]["kvmesh"][m], report[precision]["genai"][m] = a, b
+            report[precision]["ratio"][f"kvmesh/{m}"] = ratio
+            print(f"{precision:9} {'kvmesh ' + m:32} {a:10.2f} {b:10.2f} {ratio:7.2f}")
+
+
+def step_budget(folder: Path, summaries: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """A decode step's floor: the bytes it must read (weights of the decode graph, and the KV of
+    the context) over this machine's measured read bandwidth, against the measured step time."""
+    from bench.budget import graph_weight_bytes, read_bandwidth
+
+    bandwidth = read_bandwidth()
+    rows: dict[str, Any] = {"read_gb_s": bandwidth / 1e9}
+    print(f"\nstep budget (read bandwidth {bandwidth / 1e9:.1f} GB/s, {THREADS} threads, numpy sum over 1 GiB)")
+    print(
+        f"{'numerics':13} {'context':>7} {'weights MB':>10} {'KV MB':>7} {'floor ms':>8} {'step ms':>8} {'x floor':>7}"
+    )
+    lay = json.loads((folder / "kvmesh.json").read_text())["layout"]  # SmolLM2 fp32: 46,080 B a token
+    kv_per_token = lay["layers"] * 2 * lay["kv_heads"] * lay["head_dim"] * np.dtype(lay["dtype"]).itemsize
+    for engine in [e for e in ("kvmesh", "kvmesh-exact") if e in summaries]:
+        graph = folder / ("model_decode.onnx" if engine == "kvmesh" else "model_last.onnx")
+        if not graph.is_file():
+            graph = folder / "model_last.onnx"
+        weights = graph_weight_bytes(graph)
+        for name, context in (("short", 40), ("long", SIZES["prompt_tokens"])):
+            step_ms = 1000 / summaries[engine][f"decode_{name}_tok_s"]
+            kv = context * kv_per_token
+            floor_ms = (weights + kv) / bandwidth * 1000
+            label = "int8 act." if engine == "kvmesh" else "exact"
+            print(
+                f"{label:13} {context:7} {weights / 1e6:10.1f} {kv / 1e6:7.1f} {floor_ms:8.2f} {step_ms:8.2f} "
+                f"{step_ms / floor_ms:7.2f}"
+            )
+            rows[f"{engine}_{name}"] = {
+                "context": context,
+                "weight_bytes": weights,
+                "kv_bytes": kv,
+                "floor_ms": floor_ms,
+                "step_ms": step_ms,
+            }
+    return rows
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ from kvmesh.model.prepare import default_model_dir  # noqa: E402
 from kvmesh.model.tokenizer import ChatTokenizer  # noqa: E402
 from kvmesh.v1 import kv_pb2, prefill_pb2, prefill_pb2_grpc  # noqa: E402
 
-SYSTEM_TOKENS, USER_TOKENS = 2000, 200
+SIZES = {"system_tokens": 2000, "user_tokens": 200}
 RAW_METHOD = "/bench.Raw/Stream"
 LOOP = asyncio.new_event_loop()
 
@@ -79,8 +79,8 @@ async def raw_server(port_file: Path) -> None:
 def _prompts(folder: Path, rounds: int) -> tuple[list[int], list[list[int]]]:
     tok = ChatTokenizer(ModelFolder.load(folder))
     text = tok.encode((ROOT / "tests" / "data" / "english.txt").read_text())
-    system = (text * 5)[:SYSTEM_TOKENS]
-    users = [(text * 2)[i * 37 : i * 37 + USER_TOKENS] for i in range(2 * rounds + 2)]
+    system = (text * 5)[: SIZES["system_tokens"]]
+    users = [(text * 2)[i * 37 : i * 37 + SIZES["user_tokens"]] for i in range(2 * rounds + 2)]
     return system, users
 
 
@@ -141,7 +141,10 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help="model folder (default: the prepared SmolLM2 int4)")
     ap.add_argument("--chunk-bytes", type=int, default=CHUNK_BYTES, help="the prefill node's KV chunk size")
     ap.add_argument("--raw-server", type=Path, help=argparse.SUPPRESS)
+    for name, value in SIZES.items():
+        ap.add_argument("--" + name.replace("_", "-"), type=int, default=value)
     args = ap.parse_args()
+    SIZES.update({name: getattr(args, name) for name in SIZES})
     if args.raw_server:
         aio.run(raw_server(args.raw_server))
         return
@@ -200,7 +203,12 @@ def _measure(
     kv_s, kv16_s = med("warm", "stream_s"), med("warm_fp16", "stream_s")
     dtype = "fp16" if runs["warm"][0]["fp16"] else "fp32"
     report = {
-        "workload": {"system_tokens": SYSTEM_TOKENS, "user_tokens": USER_TOKENS, "rounds": rounds, "kv_bytes": total},
+        "workload": {
+            "system_tokens": SIZES["system_tokens"],
+            "user_tokens": SIZES["user_tokens"],
+            "rounds": rounds,
+            "kv_bytes": total,
+        },
         "ttft_cold_ms": ttft_cold * 1000,
         "ttft_warm_ms": ttft_warm * 1000,
         "warm_over_cold": ttft_warm / ttft_cold,
@@ -216,7 +224,7 @@ def _measure(
         ("TTFT cold (ms)", report["ttft_cold_ms"], ""),
         ("TTFT warm (ms)", report["ttft_warm_ms"], ""),
         ("warm / cold", report["warm_over_cold"], "target <= 0.12"),
-        ("cached tokens (warm)", report["cached_tokens_warm"], f"of {SYSTEM_TOKENS + USER_TOKENS}"),
+        ("cached tokens (warm)", report["cached_tokens_warm"], f"of {SIZES['system_tokens'] + SIZES['user_tokens']}"),
         ("KV stream (MB/s)", report["kv_stream_mb_s"], f"{total / 1e6:.1f} MB {dtype}"),
         ("raw gRPC stream (MB/s)", report["raw_stream_mb_s"], f"same bytes, {count} messages"),
         ("KV / raw", report["kv_over_raw"], "median of per-round ratios; target >= 0.8"),

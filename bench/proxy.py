@@ -33,7 +33,7 @@ from kvmesh.model.prepare import default_model_dir
 from kvmesh.model.tokenizer import ChatTokenizer, chat_messages
 from kvmesh.v1 import decode_pb2, decode_pb2_grpc, generation_pb2_grpc
 
-NEW_TOKENS = 64
+SIZES = {"new_tokens": 64}
 QUESTION = "Describe a lighthouse at night."
 
 
@@ -43,8 +43,8 @@ class _Proxied:
     def __init__(self, stub: generation_pb2_grpc.GenerationStub) -> None:
         self.stub = stub
 
-    def Decode(self, request: object) -> object:
-        return self.stub.Generate(request)
+    def Decode(self, request: object, timeout: float | None = None) -> object:
+        return self.stub.Generate(request, timeout=timeout)
 
 
 async def run(
@@ -52,9 +52,9 @@ async def run(
 ) -> tuple[list[Stream], list[Stream], list[tuple[Stream, Stream]]]:
     tok = ChatTokenizer(ModelFolder.load(default_model_dir("int4")))
     tokens = tok.encode_chat(chat_messages(QUESTION))
-    params = decode_pb2.GenerationParams(max_tokens=NEW_TOKENS, ignore_eos=True)
+    params = decode_pb2.GenerationParams(max_tokens=SIZES["new_tokens"], ignore_eos=True)
     direct_req = decode_pb2.DecodeRequest(tokens=tokens, prefill_node=prefill, params=params)
-    proxy_req = generate_request(chat_messages(QUESTION), "", "bench", max_tokens=NEW_TOKENS, ignore_eos=True)
+    proxy_req = generate_request(chat_messages(QUESTION), "", "bench", max_tokens=SIZES["new_tokens"], ignore_eos=True)
     async with grpc.aio.insecure_channel(decode) as dch, grpc.aio.insecure_channel(proxy) as pch:
         direct_stub, proxied = decode_pb2_grpc.DecodeStub(dch), _Proxied(generation_pb2_grpc.GenerationStub(pch))
         for _ in range(3):  # warm-up: caches the prompt, connects everything
@@ -89,7 +89,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=30)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--new-tokens", type=int, default=SIZES["new_tokens"])
     args = ap.parse_args()
+    SIZES["new_tokens"] = args.new_tokens
     with_malloc_settings()
     with tempfile.TemporaryDirectory() as tmp:
         prefill, pport = spawn(["prefill", "--threads", "1", "--store", f"{tmp}/store"])
@@ -107,7 +109,7 @@ def main() -> None:
     added = event_delays(pairs)
     ttft_d, ttft_p = [s.ttft * 1000 for s in direct], [s.ttft * 1000 for s in through]
     report = {
-        "workload": {"requests": args.requests, "new_tokens": NEW_TOKENS, "paired_events": len(added)},
+        "workload": {"requests": args.requests, "new_tokens": SIZES["new_tokens"], "paired_events": len(added)},
         "ttft_direct_p50_ms": pct(ttft_d, 50),
         "ttft_proxy_p50_ms": pct(ttft_p, 50),
         "ttft_direct_p99_ms": pct(ttft_d, 99),

@@ -108,15 +108,21 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="system message")
     chat.add_argument("--max-tokens", type=_at_least(1), default=256)
     chat.add_argument("--api-key", default=os.environ.get("KVMESH_API_KEY"), help="API key (KVMESH_API_KEY)")
-    cluster_up = sub.add_parser("up", help="start a local cluster: proxy, prefill and decode nodes")
-    cluster_up.add_argument("--prefill", type=int, default=2, help="prefill nodes")
-    cluster_up.add_argument("--decode", type=int, default=2, help="decode nodes")
+    cluster_up = sub.add_parser(
+        "up",
+        help="start a local cluster: proxy and nodes, in the shape measured best for this machine's cores",
+        description="Without --prefill/--decode/--workers/--threads, the shape is chosen for the machine's "
+        "cores (printed with the reason); any of them sets the shape by hand. The proxy listens on --port; "
+        "prefill nodes take port+10.., decode nodes port+20.., colocated workers port+30..",
+    )
+    cluster_up.add_argument("--prefill", type=int, help="prefill nodes")
+    cluster_up.add_argument("--decode", type=int, help="decode nodes")
     cluster_up.add_argument("--port", type=int, default=50051, help="the proxy's port; nodes use the next ones")
     cluster_up.add_argument("--policy", default="cache_aware", help="routing policy")
     cluster_up.add_argument("--model", help="model folder (default: the prepared SmolLM2 int4)")
-    cluster_up.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per node")
+    cluster_up.add_argument("--threads", type=int, help="ONNX Runtime threads per node")
     cluster_up.add_argument("--pin", action="store_true", help="prefill nodes on half the cores, decode on the rest")
-    cluster_up.add_argument("--workers", type=int, default=0, help="colocated workers (with --prefill 0 --decode 0)")
+    cluster_up.add_argument("--workers", type=int, help="colocated workers (prefill and decode in one process)")
     cluster_up.add_argument(
         "--prefix-cache", action=argparse.BooleanOptionalAction, default=True, help="prefill nodes reuse prefixes"
     )
@@ -163,8 +169,12 @@ def _parser() -> argparse.ArgumentParser:
     return root
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    return _parser().parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse(argv)
     import grpc
 
     from kvmesh import commands  # heavy imports (onnxruntime) only once the flags parse

@@ -44,6 +44,44 @@ class ClusterSpec:
     prefix_cache: bool = True
 
 
+# Hand-set shapes fill what they leave out from these (the pools of the first builds).
+HAND = {"prefill": 2, "decode": 2, "workers": 0, "threads": 1}
+
+
+def shape_for(
+    cores: int, prefill: int | None, decode: int | None, workers: int | None, threads: int | None
+) -> tuple[dict[str, int | bool], str]:
+    """The nodes `kvmesh up` starts on `cores` cores, and why. Any count given: that shape by hand.
+    Measured on 2 cores (bench/peer.py, docs/results/2026-12-01): one colocated worker with both
+    cores decodes fastest and answers first: separate pools there split 2 cores between 4
+    single-threaded processes, each decode step runs on one core, and the KV crosses a process.
+    From 4 cores on, prefill and decode get pools of their own (2 threads a node, pinned apart),
+    so a long prompt's prefill never takes a core from the running decode steps (not measured on
+    this kind of machine, which has 2 cores)."""
+    if any(v is not None for v in (prefill, decode, workers, threads)):
+        colocated = workers is not None and prefill is None and decode is None
+        shape = {
+            "prefill": 0 if colocated else HAND["prefill"] if prefill is None else prefill,
+            "decode": 0 if colocated else HAND["decode"] if decode is None else decode,
+            "workers": HAND["workers"] if workers is None else workers,
+            "threads": HAND["threads"] if threads is None else threads,
+        }
+        return dict(shape), "set by hand"
+    if cores < 4:
+        why = f"{cores} cores: one process with every core decodes fastest (separate pools would split them)"
+        return {"prefill": 0, "decode": 0, "workers": 1, "threads": cores}, why
+    pools = cores // 4
+    why = f"{cores} cores: prefill and decode pools of {pools} node(s) x 2 threads, pinned apart"
+    return {"prefill": pools, "decode": pools, "workers": 0, "threads": 2, "pin": True}, why
+
+
+def describe(spec: ClusterSpec) -> str:
+    parts = [f"{n} {kind}" for kind, n in (("prefill", spec.prefill), ("decode", spec.decode)) if n]
+    parts += [f"{spec.workers} colocated worker{'s' if spec.workers > 1 else ''}"] if spec.workers else []
+    pinned = ", pinned" if spec.pin else ""
+    return f"{' + '.join(parts) or 'no nodes'}, {spec.threads} thread{'s' if spec.threads > 1 else ''} each{pinned}"
+
+
 @dataclass
 class Process:
     name: str

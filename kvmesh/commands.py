@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from kvmesh import aio, gc_tuning, logs
+from kvmesh import aio, cluster, gc_tuning, logs
 from kvmesh.generate import Delta
 from kvmesh.generate import generate as run_generate
 from kvmesh.model.folder import ModelFolder
@@ -188,11 +189,18 @@ def cluster_chat(args: argparse.Namespace) -> int:
     return 0
 
 
-def cluster_up(args: argparse.Namespace) -> int:
-    from kvmesh import cluster
+def up_spec(args: argparse.Namespace) -> tuple[cluster.ClusterSpec, str]:
+    """The cluster `kvmesh up ARGS` starts, and why that shape."""
+    shape, why = cluster.shape_for(len(os.sched_getaffinity(0)), args.prefill, args.decode, args.workers, args.threads)
+    shape["pin"] = bool(args.pin or shape.get("pin", False))
+    rest = {name: getattr(args, name) for name in ("port", "policy", "model", "prefix_cache")}
+    return cluster.ClusterSpec(**shape, **rest), why  # type: ignore[arg-type]
 
-    names = ("prefill", "decode", "workers", "port", "policy", "model", "pin", "threads", "prefix_cache")
-    procs = cluster.up(cluster.ClusterSpec(**{name: getattr(args, name) for name in names}))
+
+def cluster_up(args: argparse.Namespace) -> int:
+    spec, why = up_spec(args)
+    print(f"shape: {cluster.describe(spec)} ({why})")
+    procs = cluster.up(spec)
     for p in procs:
         print(f"{p.name:10} {p.address:16} pid {p.pid}  log {p.log}")
     print(f"kvmesh is up: the endpoint is {procs[-1].address} (kvmesh status; kvmesh down)")
@@ -200,8 +208,6 @@ def cluster_up(args: argparse.Namespace) -> int:
 
 
 def cluster_status(args: argparse.Namespace) -> int:
-    from kvmesh import cluster
-
     rows = cluster.status()
     if not rows:
         print("no cluster is up (kvmesh up)")
@@ -213,8 +219,6 @@ def cluster_status(args: argparse.Namespace) -> int:
 
 
 def cluster_down(args: argparse.Namespace) -> int:
-    from kvmesh import cluster
-
     print(f"stopped {cluster.down()} processes")
     return 0
 

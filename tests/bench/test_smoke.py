@@ -1,0 +1,77 @@
+"""Every benchmark runs end to end at its smallest setting (seconds, the real model, real
+services as processes), prints its table and writes its JSON, so none of them rots. Figures are
+not checked: a test never asserts a wall-clock time."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvmesh.model.folder import ModelFolder
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _bench(script: str, tmp_path: Path, *args: str) -> tuple[str, dict[str, object]]:
+    out = tmp_path / "out.json"
+    cmd = [sys.executable, str(ROOT / "bench" / script), *args, "--json", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=420, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r.stdout, json.loads(out.read_text())
+
+
+def test_engine(real_int4: ModelFolder, tmp_path: Path) -> None:
+    args = ("--rounds", "1", "--precision", "int4", "--prompt-tokens", "64", "--new-tokens", "16")
+    stdout, report = _bench("engine.py", tmp_path, *args)
+    assert "kvmesh-exact decode_short_tok_s" in stdout and "step budget" in stdout
+    assert set(report["int4"]) >= {"kvmesh", "kvmesh-exact", "genai", "ratio"}  # type: ignore[arg-type]
+    assert report["step_budget"]["kvmesh_long"]["context"] == 64  # type: ignore[index]
+
+
+def test_decode(real_int4: ModelFolder, tmp_path: Path) -> None:
+    sizes = ("--prompt-tokens", "48", "--shared-tokens", "32", "--new-tokens", "24")
+    stdout, report = _bench("decode.py", tmp_path, "--concurrency", "1", "2", "--rounds", "1", *sizes)
+    rows = report["rows"]
+    assert {(r["numerics"], r["streams"]) for r in rows} == {  # type: ignore[attr-defined]
+        (n, s) for n in ("default", "exact") for s in (1, 2)
+    }
+    assert "x 1 stream" in stdout
+
+
+def test_prefix_cache(real_int4: ModelFolder, tmp_path: Path) -> None:
+    sizes = ("--system-tokens", "64", "--user-tokens", "16")
+    stdout, report = _bench("prefix_cache.py", tmp_path, "--rounds", "1", *sizes)
+    assert "warm / cold" in stdout
+    assert report["cached_tokens_warm"] == 64
+
+
+def test_disagg(real_int4: ModelFolder, tmp_path: Path) -> None:
+    stdout, report = _bench("disagg.py", tmp_path, "--background-tokens", "24", "--long-prompt-tokens", "48")
+    assert [r["setup"] for r in report["results"]] == ["colocated", "disaggregated"]  # type: ignore[index]
+    assert "disagg/coloc" in stdout
+
+
+def test_proxy(real_int4: ModelFolder, tmp_path: Path) -> None:
+    stdout, report = _bench("proxy.py", tmp_path, "--requests", "2", "--new-tokens", "16")
+    assert "token event p50 ms (added)" in stdout
+    assert report["workload"]["requests"] == 2  # type: ignore[index]
+
+
+@pytest.mark.parametrize("shape", ["", "--prefill 1 --decode 1 --threads 1"])
+def test_peer_kvmesh_side(real_int4: ModelFolder, tmp_path: Path, shape: str) -> None:
+    """Without the peer (building llama-server takes ~10 minutes, never in CI): kvmesh's side of
+    bench/peer.py through `kvmesh up`'s chosen shape, and a shape given by hand."""
+    sizes = ("--new-tokens", "12", "--long-prompt-tokens", "64", "--batch-prompt-tokens", "32", "--streams", "2")
+    stdout, report = _bench(
+        "peer.py", tmp_path, "--no-peer", "--rounds", "1", *sizes, *(["--shape", shape] if shape else [])
+    )
+    assert {(r["workload"], r["metric"]) for r in report["rows"]} >= {  # type: ignore[attr-defined]
+        ("short", "tok_s"),
+        ("long", "tok_s"),
+        ("batch", "itl_p99_ms"),
+    }
+    assert "colocated" in str(report["shape"]) if not shape else "1 prefill + 1 decode" in str(report["shape"])
