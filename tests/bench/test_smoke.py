@@ -66,7 +66,7 @@ def test_peer_kvmesh_side(real_int4: ModelFolder, tmp_path: Path, shape: str) ->
     """Without the peer (building llama-server takes ~10 minutes, never in CI): kvmesh's side of
     bench/peer.py through `kvmesh up`'s chosen shape, and a shape given by hand."""
     sizes = ("--new-tokens", "12", "--long-prompt-tokens", "64", "--batch-prompt-tokens", "32", "--streams", "2")
-    stdout, report = _bench(
+    _, report = _bench(
         "peer.py", tmp_path, "--no-peer", "--rounds", "1", *sizes, *(["--shape", shape] if shape else [])
     )
     assert {(r["workload"], r["metric"]) for r in report["rows"]} >= {  # type: ignore[attr-defined]
