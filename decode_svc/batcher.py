@@ -3,6 +3,7 @@ samples each, and lets finished or cancelled ones leave, every step (continuous 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -14,6 +15,7 @@ import numpy as np
 
 from kvmesh.model.batch import make_batch
 from kvmesh.model.runner import KVCache, ModelRunner
+from kvmesh.model.turns import Turns
 from kvmesh.sampling import Sampler
 
 log = logging.getLogger(__name__)
@@ -35,8 +37,17 @@ class Sequence:
 
 
 class Batcher:
-    def __init__(self, runner: ModelRunner, slots: int, capacity: int, on_step: Callable[[int, float], None]) -> None:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        slots: int,
+        capacity: int,
+        on_step: Callable[[int, float], None],
+        turns: Turns | None = None,
+    ) -> None:
+        """turns: a colocated worker's, shared with its prefill (steps and prefill chunks alternate)."""
         self.batch = make_batch(runner, slots, capacity)
+        self._turns = turns
         self._on_step = on_step  # (batch size, step seconds), for metrics
         self._joins: queue.SimpleQueue[tuple[Sequence, KVCache]] = queue.SimpleQueue()
         self._running: list[Sequence] = []  # index == slot
@@ -101,8 +112,10 @@ class Batcher:
             self._leave(seq)
 
     def _step(self) -> None:
-        start = time.perf_counter()
-        logits = self.batch.step(np.array([s.last_token for s in self._running]))
+        tokens = np.array([s.last_token for s in self._running])
+        with self._turns.turn("decode") if self._turns else contextlib.nullcontext():
+            start = time.perf_counter()
+            logits = self.batch.step(tokens)
         done = []
         for seq, (token, logprob) in zip(self._running, _sample_all(self._running, logits), strict=True):
             seq.remaining -= 1

@@ -20,6 +20,7 @@ from kvmesh.model.folder import ModelFolder
 from kvmesh.model.prepare import default_model_dir
 from kvmesh.model.runner import ModelRunner, Provider, RunnerConfig
 from kvmesh.model.tokenizer import ChatTokenizer, StreamDecoder
+from kvmesh.model.turns import Turns
 from kvmesh.sampling import Sampler, SamplingParams, StopMatcher
 from prefill_svc.config import PrefillConfig
 from prefill_svc.node import PrefillNode
@@ -80,7 +81,9 @@ class DecodeNode:
         self.tokenizer = ChatTokenizer(self.folder)
         self.capacity = min(config.slot_tokens, self.runner.max_context)
         self.metrics = DecodeMetrics()
-        self.batcher = Batcher(self.runner, config.slots, self.capacity, self.metrics.on_step)
+        # a colocated worker's prefill chunks and decode steps take turns on the shared model
+        turns = Turns() if config.colocated and config.prefill_chunk_tokens else None
+        self.batcher = Batcher(self.runner, config.slots, self.capacity, self.metrics.on_step, turns)
         self.node_id = config.node_id
         self._reserved = 0
         self._admitted = 0
@@ -96,7 +99,9 @@ class DecodeNode:
                 prefix_cache=config.prefix_cache,
                 node_id=config.node_id,
             )
-            self.prefill_node = PrefillNode(prefill_config, self.runner, self.metrics.registry)
+            self.prefill_node = PrefillNode(
+                prefill_config, self.runner, self.metrics.registry, turns, config.prefill_chunk_tokens
+            )
             self.source = LocalPrefill(self.prefill_node)
 
     def load(self) -> Load:

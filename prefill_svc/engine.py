@@ -12,6 +12,7 @@ import numpy as np
 from kvmesh.blockhash import block_keys, root_key
 from kvmesh.errors import InvalidArgument
 from kvmesh.model.runner import KVCache, ModelRunner
+from kvmesh.model.turns import Turns
 from kvmesh.sampling import Sampler, SamplingParams
 from prefill_svc.store import EventSink, PrefixStore, StoreWriter
 
@@ -31,9 +32,19 @@ class PrefillOutcome:
 
 class PrefillEngine:
     def __init__(
-        self, runner: ModelRunner, store: PrefixStore, writer: StoreWriter, fingerprint: str, cache: bool = True
+        self,
+        runner: ModelRunner,
+        store: PrefixStore,
+        writer: StoreWriter,
+        fingerprint: str,
+        cache: bool = True,
+        turns: Turns | None = None,
+        chunk_tokens: int = 0,
     ) -> None:
+        """turns: a colocated worker's (the model is shared with its decode batch): the prompt runs
+        in chunks of `chunk_tokens`, each one between two decode steps."""
         self.runner, self.store, self.writer = runner, store, writer
+        self.turns, self.chunk_tokens = turns, chunk_tokens
         self.cache = cache  # off: no lookups, no writes (the no-prefix-cache baseline)
         self.fingerprint = fingerprint
         self.block_size = store.config.block_size
@@ -71,7 +82,7 @@ class PrefillEngine:
         start = time.perf_counter()
         past, cached, bad = self._cached_past(keys, len(tokens)) if keys else (None, 0, 0)
         read = time.perf_counter()
-        logits, kv = self.runner.prefill(tokens[cached:], past)
+        logits, kv = self._run(tokens[cached:], past)
         token, logprob = Sampler(params).sample(logits)
         if keys:
 
@@ -91,6 +102,23 @@ class PrefillEngine:
 
             self.writer.submit(store_blocks, keys)
         return PrefillOutcome(kv, cached, token, logprob, bad, read - start, time.perf_counter() - read)
+
+    def _run(self, tokens: Sequence[int], past: KVCache | None) -> tuple[np.ndarray, KVCache]:
+        """The model over `tokens` after `past`: at once, or chunk by chunk taking turns with the
+        decode steps. A chunk of 2 or more tokens after a past gives the logits and KV of one run
+        (a last chunk of 1 would take another kernel path: it joins the one before)."""
+        if self.turns is None:
+            return self.runner.prefill(tokens, past)
+        size = self.chunk_tokens or len(tokens)
+        bounds = list(range(0, len(tokens), size))
+        if len(bounds) > 1 and len(tokens) - bounds[-1] == 1:
+            bounds.pop()
+        for i, start in enumerate(bounds):
+            end = bounds[i + 1] if i + 1 < len(bounds) else len(tokens)
+            with self.turns.turn("prefill"):
+                logits, past = self.runner.prefill(tokens[start:end], past)
+        assert past is not None
+        return logits, past
 
     def _cached_past(self, keys: list[bytes], prompt_len: int) -> tuple[KVCache | None, int, int]:
         """KV of the longest stored prefix, capped one token short of the prompt: the last prompt

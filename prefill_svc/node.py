@@ -21,6 +21,7 @@ from kvmesh.model.folder import ModelFolder
 from kvmesh.model.prepare import default_model_dir, kvmesh_home
 from kvmesh.model.runner import ModelRunner, Provider, RunnerConfig
 from kvmesh.model.tokenizer import ChatTokenizer
+from kvmesh.model.turns import Turns
 from kvmesh.sampling import SamplingParams
 from prefill_svc.config import PrefillConfig
 from prefill_svc.engine import PrefillEngine, PrefillOutcome
@@ -48,9 +49,16 @@ class PrefillNode:
     """`runner` given: a colocated worker's, shared with its decode side; `registry`: its metrics."""
 
     def __init__(
-        self, config: PrefillConfig, runner: ModelRunner | None = None, registry: CollectorRegistry | None = None
+        self,
+        config: PrefillConfig,
+        runner: ModelRunner | None = None,
+        registry: CollectorRegistry | None = None,
+        turns: Turns | None = None,
+        chunk_tokens: int = 0,
     ) -> None:
+        """turns, chunk_tokens: a colocated worker's, see PrefillEngine."""
         self.config = config
+        self._turns, self._chunk_tokens = turns, chunk_tokens
         self.folder = runner.folder if runner else ModelFolder.load(config.model or default_model_dir("int4"))
         provider = cast(Provider, config.provider)
         self.runner = runner or ModelRunner(
@@ -79,7 +87,13 @@ class PrefillNode:
         self.events = CacheEvents(asyncio.get_running_loop())
         self.writer = StoreWriter(self.store, self._on_store_event, quiet=lambda: not (self._running or self._serving))
         self.engine = PrefillEngine(
-            self.runner, self.store, self.writer, self.folder.fingerprint, self.config.prefix_cache
+            self.runner,
+            self.store,
+            self.writer,
+            self.folder.fingerprint,
+            self.config.prefix_cache,
+            self._turns,
+            self._chunk_tokens,
         )
         tok = ChatTokenizer(self.folder)
         for text in self.config.pin_system:

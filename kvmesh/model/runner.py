@@ -136,15 +136,23 @@ def _numerics(decode: ort.InferenceSession, prefill: ort.InferenceSession, folde
     return f"int8 activations ({name}, MatMulNBits accuracy level {level})" if level == 4 else f"{name}, level {level}"
 
 
+def _session_options(threads: int, stop_spinning: bool) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    if stop_spinning:
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
+    return opts
+
+
 class ModelRunner:
     def __init__(self, folder: ModelFolder, config: RunnerConfig | None = None) -> None:
         self.folder = folder
         self.config = config or RunnerConfig()
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.config.threads
-        opts.inter_op_num_threads = 1
-        if self.config.stop_spinning:
-            opts.add_session_config_entry("session.force_spinning_stop", "1")
+        separate_decode = bool(folder.decode_graph and self.config.use_decode_graph and not self.config.all_logits)
+        # With a decode session of its own, the prefill session's workers park after each run:
+        # spinning on, they took the cores of the decode steps that follow (a colocated worker).
+        opts = _session_options(self.config.threads, self.config.stop_spinning or separate_decode)
         try:
             self.graph = folder.graph if self.config.all_logits or folder.last_graph is None else folder.last_graph
             kv_type = _gqa_kv_type(self.graph)
@@ -156,10 +164,12 @@ class ModelRunner:
         except Exception as e:  # ORT raises its own untyped errors for unreadable graphs
             raise ModelError(f"{folder.graph}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from e
         self.decode_session = self.session
-        if folder.decode_graph is not None and self.config.use_decode_graph and not self.config.all_logits:
+        if folder.decode_graph is not None and separate_decode:
             try:
                 self.decode_session = ort.InferenceSession(
-                    str(folder.decode_graph), opts, providers=self.session.get_providers()
+                    str(folder.decode_graph),
+                    _session_options(self.config.threads, self.config.stop_spinning),
+                    providers=self.session.get_providers(),
                 )
             except Exception as e:
                 raise ModelError(

@@ -5,6 +5,7 @@ import pytest
 
 from kvmesh.model.folder import ModelFolder
 from kvmesh.model.runner import ModelRunner, RunnerConfig
+from kvmesh.model.turns import Turns
 from prefill_svc.engine import PrefillEngine
 from prefill_svc.store import PrefixStore, StoreConfig, StoreWriter
 
@@ -35,13 +36,16 @@ def make_engine(tiny_fp32: ModelFolder, tmp_path: Path) -> Iterator[EngineFactor
         fingerprint: str | None = None,
         cache: bool = True,
         busy: bool = False,  # the node never quiet: writes wait their longest (a minute)
+        turns: Turns | None = None,
+        chunk_tokens: int = 0,
     ) -> tuple[PrefillEngine, Events]:
         config = StoreConfig(path or tmp_path / "store", budget_bytes=budget_bytes, block_size=BLOCK)
         store = PrefixStore(config, fingerprint or tiny_fp32.fingerprint, runner.layout)
         events = Events()
         writer = StoreWriter(store, events, lambda: not busy, max_wait_s=60.0 if busy else 0.5)
         opened.append((store, writer))
-        return PrefillEngine(runner, store, writer, fingerprint or tiny_fp32.fingerprint, cache), events
+        engine = PrefillEngine(runner, store, writer, fingerprint or tiny_fp32.fingerprint, cache, turns, chunk_tokens)
+        return engine, events
 
     yield make
     for store, writer in opened:

@@ -243,3 +243,56 @@ def test_a_float16_model_stores_its_kv_as_float16(tiny_int4_f16: ModelFolder, tm
     finally:
         writer.close()
         store.close()
+
+
+@pytest.mark.parametrize("chunk", [5, 8, 16])
+def test_a_prompt_run_in_chunks_taking_turns_gives_the_one_run_prefill(make_engine: EngineFactory, chunk: int) -> None:
+    """A colocated worker's prefill in chunks between decode steps: the same first token and KV,
+    and every chunk ran as a turn (a last chunk of one token joins the one before it)."""
+    from kvmesh.model.turns import Turns
+
+    class Counting(Turns):
+        def __init__(self) -> None:
+            super().__init__()
+            self.turns: list[str] = []
+
+        def turn(self, side):  # type: ignore[no-untyped-def, override]
+            self.turns.append(side)
+            return super().turn(side)
+
+    prompt = [int(t) for t in np.random.default_rng(9).integers(0, 200, 41)]
+    whole, _ = make_engine(cache=False)
+    turns = Counting()
+    chunked, _ = make_engine(
+        path=whole.store.config.path.parent / "other", cache=False, turns=turns, chunk_tokens=chunk
+    )
+    a, b = whole.prefill(prompt, SamplingParams()), chunked.prefill(prompt, SamplingParams())
+    assert a.first_token == b.first_token
+    for x, y in zip(a.kv.keys + a.kv.values, b.kv.keys + b.kv.values, strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+    assert turns.turns == ["prefill"] * (41 // chunk if 41 % chunk == 1 else -(-41 // chunk))
+
+
+def test_turns_alternate_when_both_sides_wait() -> None:
+    import threading
+
+    from kvmesh.model.turns import Turns
+
+    turns, order = Turns(), []
+    hold = threading.Event()
+
+    def side(name: str, n: int) -> None:
+        for _ in range(n):
+            with turns.turn(name):  # type: ignore[arg-type]
+                order.append(name)
+                hold.wait(0.002)
+
+    with turns.turn("decode"):  # both queue behind a running step
+        threads = [threading.Thread(target=side, args=(s, 4)) for s in ("prefill", "decode")]
+        for t in threads:
+            t.start()
+        while sum(turns._waiting.values()) < 2:
+            hold.wait(0.001)
+    for t in threads:
+        t.join(10)
+    assert order == ["prefill", "decode"] * 4
