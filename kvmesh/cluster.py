@@ -79,7 +79,9 @@ def describe(spec: ClusterSpec) -> str:
     parts = [f"{n} {kind}" for kind, n in (("prefill", spec.prefill), ("decode", spec.decode)) if n]
     parts += [f"{spec.workers} colocated worker{'s' if spec.workers > 1 else ''}"] if spec.workers else []
     pinned = ", pinned" if spec.pin else ""
-    return f"{' + '.join(parts) or 'no nodes'}, {spec.threads} thread{'s' if spec.threads > 1 else ''} each{pinned}"
+    each = " each" if spec.prefill + spec.decode + spec.workers > 1 else ""
+    threads = f"{spec.threads} thread{'s' if spec.threads > 1 else ''}{each}"
+    return f"{' + '.join(parts) or 'no nodes'}, {threads}{pinned}"
 
 
 @dataclass
