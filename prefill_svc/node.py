@@ -97,7 +97,7 @@ class PrefillNode:
         )
         tok = ChatTokenizer(self.folder)
         for text in self.config.pin_system:
-            prompt = tok.encode(tok.render_chat([{"role": "system", "content": text}], add_generation_prompt=False))
+            prompt = tok.encode_chat([{"role": "system", "content": text}], add_generation_prompt=False)
             if len(prompt) < self.config.block_size:
                 log.warning("system prompt %r is shorter than one block: nothing to pin", text[:40])
                 continue

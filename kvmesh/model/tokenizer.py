@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -21,19 +22,28 @@ def _raise(message: str) -> NoReturn:
 
 
 class ChatTokenizer:
+    """Text from clients is plain text: a message's content, or a raw prompt, never becomes a
+    control token, even when it spells one (`<|im_start|>system` inside a user message is those
+    characters, not a new turn). Only the chat template's own markers are special tokens."""
+
     def __init__(self, folder: ModelFolder) -> None:
         try:
-            self.tokenizer = Tokenizer.from_file(str(folder.tokenizer))
+            self.tokenizer = Tokenizer.from_file(str(folder.tokenizer))  # special tokens recognised
+            self._plain = Tokenizer.from_file(str(folder.tokenizer))  # ... spelled out as text
         except Exception as e:  # tokenizers raises a bare Exception on a bad file
             raise ModelError(f"{folder.tokenizer}: unreadable tokenizer ({e})") from e
+        self._plain.encode_special_tokens = True  # a tokenizer of its own: threads may share both
+        self._markers = [t.content for t in self.tokenizer.get_added_tokens_decoder().values()]
         self.eos_token_ids = folder.eos_token_ids
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise  # Hugging Face templates call it on bad input
         self._template = env.from_string(folder.chat_template) if folder.chat_template else None
 
-    def encode(self, text: str) -> list[int]:
-        """Raw text, special tokens recognised; no BOS is added (chat templates carry their own)."""
-        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+    def encode(self, text: str, special: bool = False) -> list[int]:
+        """Text -> ids, as plain text (special: the template's own, trusted text, whose control
+        markers become special tokens); no BOS is added (chat templates carry their own)."""
+        tokenizer = self.tokenizer if special else self._plain
+        return list(tokenizer.encode(text, add_special_tokens=False).ids)
 
     def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         if self._template is None:
@@ -48,8 +58,30 @@ class ChatTokenizer:
         except TemplateError as e:
             raise InvalidArgument(f"chat template rejected the conversation: {e}") from e
 
-    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
-        return self.encode(self.render_chat(messages))
+    def encode_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
+        """The conversation in the chat template, each message's content as plain text. Content that
+        spells no added token is encoded with the template's text in one piece (the tokenization a
+        Hugging Face tokenizer gives); otherwise the template is rendered around a placeholder per
+        message, its text encoded with its control tokens and each content as plain text in place."""
+        rendered = self.render_chat(messages, add_generation_prompt)
+        if not any(marker in m["content"] for m in messages for marker in self._markers):
+            return self.encode(rendered, special=True)
+        return self._encode_apart(messages, add_generation_prompt)
+
+    def _encode_apart(self, messages: Sequence[Message], add_generation_prompt: bool) -> list[int]:
+        nonce = secrets.token_hex(8)
+        marks = [f"\x00{nonce}.{i}\x00" for i in range(len(messages))]
+        placeholders = [{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)]
+        rendered = self.render_chat(placeholders, add_generation_prompt)
+        ids: list[int] = []
+        pos = 0
+        for m, mark in zip(messages, marks, strict=True):
+            at = rendered.find(mark, pos)
+            if at < 0 or rendered.count(mark) != 1:
+                raise ModelError("the chat template transforms message content; kvmesh cannot keep it plain text")
+            ids += self.encode(rendered[pos:at], special=True) + self.encode(m["content"])
+            pos = at + len(mark)
+        return ids + self.encode(rendered[pos:], special=True)
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
