@@ -10,6 +10,7 @@ import numpy as np
 from kvmesh.errors import InvalidArgument
 
 MAX_TOKENS_LIMIT = 1 << 16
+MAX_STOPS, MAX_STOP_CHARS = 16, 1024  # stop strings per request, characters per stop string
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class SamplingParams:
             raise InvalidArgument(f"seed must be in [0, 2**64), not {self.seed}")
         if any(not s for s in self.stop):
             raise InvalidArgument("stop strings must not be empty")
+        if len(self.stop) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise InvalidArgument(f"at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters")
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -84,24 +87,53 @@ class Sampler:
 
 
 class StopMatcher:
-    """Holds back text that could be the start of a stop string; cuts at the first full match."""
+    """Holds back text that could be the start of a stop string; cuts at the first full match.
+
+    Linear in the text: per stop string a Knuth-Morris-Pratt state (how much of it the text so far
+    ends with), advanced one character at a time; what is held back is the longest such partial
+    match. (Searching the held-back text anew each token was quadratic in a long stop string.)"""
 
     def __init__(self, stops: tuple[str, ...]) -> None:
         self._stops = stops
-        self._pending = ""
+        self._fail = [_failure(s) for s in stops]
+        self._state = [0] * len(stops)  # chars of stop i that the text ends with
+        self._pending = ""  # text not emitted yet: at most the longest partial match
 
     def push(self, delta: str) -> tuple[str, bool]:
         """-> (text safe to emit now, whether a stop string was reached)."""
-        self._pending += delta
-        hits = [i for s in self._stops if (i := self._pending.find(s)) >= 0]
-        if hits:
-            out, self._pending = self._pending[: min(hits)], ""
-            return out, True
-        hold = max((k for s in self._stops for k in range(1, len(s)) if self._pending.endswith(s[:k])), default=0)
-        out = self._pending[: len(self._pending) - hold]
-        self._pending = self._pending[len(out) :]
-        return out, False
+        text = self._pending + delta
+        base = len(self._pending)  # text[:base] was already scanned
+        for j, c in enumerate(delta):
+            done = [len(stop) for i, stop in enumerate(self._stops) if self._advance(i, stop, c) == len(stop)]
+            if done:  # matches end here: cut before the longest (the one that started first)
+                self._pending, self._state = "", [0] * len(self._stops)
+                return text[: base + j + 1 - max(done)], True
+        hold = max(self._state, default=0)
+        self._pending = text[len(text) - hold :] if hold else ""
+        return text[: len(text) - hold], False
+
+    def _advance(self, i: int, stop: str, c: str) -> int:
+        k, fail = self._state[i], self._fail[i]
+        while k and stop[k] != c:
+            k = fail[k - 1]
+        if stop[k] == c:
+            k += 1
+        self._state[i] = k
+        return k
 
     def flush(self) -> str:
         out, self._pending = self._pending, ""
+        self._state = [0] * len(self._stops)
         return out
+
+
+def _failure(s: str) -> list[int]:
+    """KMP: fail[k] = length of the longest proper prefix of s[:k+1] that is also its suffix."""
+    fail, k = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = fail[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        fail[i] = k
+    return fail

@@ -17,7 +17,10 @@ from prometheus_client import CollectorRegistry, start_http_server
 from kvmesh import gc_tuning
 
 log = logging.getLogger(__name__)
-GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+# Requests are token lists or chat text: 4 MiB holds any that can fit a context; beyond, gRPC
+# answers RESOURCE_EXHAUSTED before any of our code runs. KV chunks are responses (4 MiB less 1 KiB).
+MAX_REQUEST_BYTES = 4 << 20
+GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", MAX_REQUEST_BYTES)]
 
 
 class ServiceHost:

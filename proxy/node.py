@@ -43,6 +43,22 @@ class Unauthenticated(KvmeshError):
     status = "UNAUTHENTICATED"
 
 
+MAX_ID_CHARS = 256  # session and request ids
+MAX_MESSAGES = 4096
+
+
+def _check_sizes(session_id: str, request_id: str, messages: Sequence[Message], prompt: str, fits: int) -> None:
+    """Refuse by size, before any tokenizing: ids, the number of messages, and text that could not
+    fit the context (`fits`: context x the most bytes one token covers)."""
+    if len(session_id) > MAX_ID_CHARS or len(request_id) > MAX_ID_CHARS:
+        raise InvalidArgument(f"session and request ids are at most {MAX_ID_CHARS} characters")
+    if len(messages) > MAX_MESSAGES:
+        raise InvalidArgument(f"at most {MAX_MESSAGES} messages")
+    size = len(prompt.encode()) + sum(len(str(m.get("content", "")).encode()) for m in messages)
+    if size > fits:
+        raise InvalidArgument(f"a prompt of {size} bytes cannot fit the model's context (at most {fits} bytes)")
+
+
 @dataclass(frozen=True)
 class Plan:
     request_id: str
@@ -57,6 +73,7 @@ class ProxyNode:
         self.config = config
         self.folder = ModelFolder.load(config.model or default_model_dir("int4"))
         self.tokenizer = ChatTokenizer(self.folder)
+        self.max_prompt_bytes = self.tokenizer.max_token_bytes * (self.folder.context_length or 1 << 30)
         self.context = self.folder.context_length or 1 << 30
         self.backends = Backends(config.prefill, config.decode, config.block_size, config.worker)
         self.policy = make_policy(config.policy, config.load_bound)
@@ -83,6 +100,7 @@ class ProxyNode:
         salt: bytes,
         request_id: str,
     ) -> Plan:
+        _check_sizes(session_id, request_id, messages, prompt, self.max_prompt_bytes)
         tokens = self.tokenizer.encode_chat(messages) if messages else self.tokenizer.encode(prompt)
         if not tokens:
             raise InvalidArgument("empty prompt: send messages or a prompt")
@@ -169,7 +187,7 @@ class ProxyNode:
                         "decode_node": decode_node,
                         "attempt": attempt,
                         "code": e.code().name,
-                        "error": e.details(),
+                        "error": (e.details() or "")[:200],  # may quote client text
                     },
                 )
                 if started:  # the client has tokens: no retry, but say where the stream broke

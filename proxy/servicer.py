@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -35,7 +36,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             salt = self.node.tenant_salt(api_key(context))
             messages = [{"role": m.role, "content": m.content} for m in request.messages]
             params = params_from_pb(request.params)
-            plan = self.node.plan(request.session_id, messages, request.prompt, params, salt, request.request_id)
+            # tokenizing (up to the context's worth of text) runs off the event loop
+            plan = await asyncio.to_thread(
+                self.node.plan, request.session_id, messages, request.prompt, params, salt, request.request_id
+            )
             async for event in self.node.generate(plan, context.time_remaining()):
                 yield event
         except KvmeshError as e:

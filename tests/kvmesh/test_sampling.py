@@ -2,6 +2,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvmesh.errors import InvalidArgument
 from kvmesh.sampling import Sampler, SamplingParams, StopMatcher
@@ -66,3 +68,38 @@ def test_stop_matcher_flushes_what_it_held() -> None:
     m = StopMatcher(("STOP",))
     assert m.push("ab ST") == ("ab ", False)
     assert m.flush() == "ST"
+
+
+def _reference(stops: tuple[str, ...], deltas: list[str]) -> tuple[str, bool]:
+    """All text, then cut before the stop string that completes first (ties: the longest)."""
+    text = "".join(deltas)
+    ends = [(text.find(s) + len(s), -len(s)) for s in stops if s in text]
+    if not ends:
+        return text, False
+    end, neg = min(ends)
+    return text[: end + neg], True
+
+
+@given(
+    st.lists(st.text("ab\n", min_size=1, max_size=5), min_size=1, max_size=3),
+    st.lists(st.text("ab\n", max_size=6), max_size=12),
+)
+@settings(max_examples=300, deadline=None)
+def test_stop_matcher_agrees_with_a_plain_search(stops: list[str], deltas: list[str]) -> None:
+    m = StopMatcher(tuple(stops))
+    out, stopped, seen = "", False, 0
+    for d in deltas:
+        text, stopped = m.push(d)
+        out, seen = out + text, seen + 1
+        if stopped:
+            break
+    if not stopped:
+        out += m.flush()
+    assert (out, stopped) == _reference(tuple(stops), deltas[:seen])
+
+
+def test_long_stop_strings_are_refused_before_any_work() -> None:
+    with pytest.raises(InvalidArgument, match="stop strings"):
+        SamplingParams(stop=("x" * 600_000,))
+    with pytest.raises(InvalidArgument, match="stop strings"):
+        SamplingParams(stop=tuple(str(i) for i in range(17)))

@@ -111,6 +111,11 @@ def test_colocated_workers_decode_what_they_prefill_and_keep_their_sessions(
         ({"top_p": 3.0}, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
         ({"max_tokens": 10_000}, grpc.StatusCode.INVALID_ARGUMENT, "context"),
         ({"prompt": "a " * 400, "messages": []}, grpc.StatusCode.INVALID_ARGUMENT, "context"),
+        ({"stop": ["x" * 600_000]}, grpc.StatusCode.INVALID_ARGUMENT, "stop strings"),
+        ({"stop": [str(i) for i in range(40)]}, grpc.StatusCode.INVALID_ARGUMENT, "stop strings"),
+        ({"session_id": "s" * 10_000}, grpc.StatusCode.INVALID_ARGUMENT, "ids"),
+        ({"prompt": "word " * 200_000, "messages": []}, grpc.StatusCode.INVALID_ARGUMENT, "bytes cannot fit"),
+        ({"prompt": "x" * (10 << 20), "messages": []}, grpc.StatusCode.RESOURCE_EXHAUSTED, None),  # > 4 MiB
     ],
 )
 def test_bad_input_at_the_front_door(
@@ -197,5 +202,62 @@ def test_nodes_found_through_dns(tiny_fp32: ModelFolder, servers: MakeServer) ->
         assert list(proxy.server.node.backends.prefill) == [f"127.0.0.1:{p.port}"]
         reply = Client(proxy.address).chat([{"role": "user", "content": "hi"}], max_tokens=3)
         assert reply.started.prefill_node == f"127.0.0.1:{p.port}"  # type: ignore[union-attr]
+    finally:
+        proxy.stop()
+
+
+def test_hostile_requests_do_not_stall_a_running_stream(real_int4: ModelFolder, servers: MakeServer) -> None:
+    """A 600 KB stop string, a 10 MB prompt and a prompt too big for the context, sent again and
+    again while a stream decodes: each is refused at once, and the stream's largest inter-token gap
+    meanwhile stays within 3x the p99 of the same stream alone."""
+    import threading
+    import time
+
+    import numpy as np
+
+    worker = servers("decode", real_int4, colocated=True, slot_tokens=512, threads=2, block_size=16)
+    config = ProxyConfig(model=real_int4.path, port=0, worker=(worker.address,), drain_seconds=1.0)
+    proxy = ServerThread(lambda: ProxyServer(config))
+    try:
+        assert proxy.call(proxy.server.node.backends.wait_healthy(20))
+        client = Client(proxy.address)
+        messages = [{"role": "user", "content": "Tell me about lighthouses."}]
+
+        def gaps() -> list[float]:
+            arrivals = []
+            for ev in client.generate(messages, session_id="steady", max_tokens=160, ignore_eos=True):
+                if ev.WhichOneof("kind") == "token":
+                    arrivals.append(time.perf_counter())
+            return list(np.diff(arrivals))
+
+        gaps()  # warm-up: the prompt cached, kernels loaded
+        baseline = float(np.percentile(gaps(), 99))
+        hostile = [
+            {"stop": ["x" * 600_000]},
+            {"prompt": "x" * (10 << 20), "messages": None},
+            {"prompt": "word " * 200_000, "messages": None},
+        ]
+        codes: list[grpc.StatusCode] = []
+        done = threading.Event()
+
+        def attack() -> None:
+            other = Client(proxy.address)
+            while not done.is_set():
+                for h in hostile:
+                    args = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, **h}
+                    try:
+                        list(other.generate(**args))  # type: ignore[arg-type]
+                    except grpc.RpcError as e:
+                        codes.append(e.code())  # type: ignore[attr-defined]
+
+        attacker = threading.Thread(target=attack)
+        attacker.start()
+        try:
+            worst = max(gaps())
+        finally:
+            done.set()
+            attacker.join(60)
+        assert codes and set(codes) <= {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert worst <= 3 * baseline, (worst, baseline, len(codes))
     finally:
         proxy.stop()
