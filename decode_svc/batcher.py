@@ -48,6 +48,7 @@ class Batcher:
         """turns: a colocated worker's, shared with its prefill (steps and prefill chunks alternate)."""
         self.batch = make_batch(runner, slots, capacity)
         self._turns = turns
+        self.on_fault: Callable[[BaseException], None] = lambda e: None  # the node's: NOT_SERVING
         self._on_step = on_step  # (batch size, step seconds), for metrics
         self._joins: queue.SimpleQueue[tuple[Sequence, KVCache]] = queue.SimpleQueue()
         self._running: list[Sequence] = []  # index == slot
@@ -82,21 +83,24 @@ class Batcher:
     def _loop(self) -> None:
         waiting: list[tuple[Sequence, KVCache]] = []
         while not self._stop:
-            while not self._joins.empty():
-                waiting.append(self._joins.get())
-            waiting = self._admit(waiting)
-            self._drop_cancelled()
-            if not self._running:
-                self._wake.wait(0.5 if not waiting else 0.005)
-                self._wake.clear()
-                continue
             try:
+                while not self._joins.empty():
+                    waiting.append(self._joins.get())
+                waiting = self._admit(waiting)
+                self._drop_cancelled()
+                if not self._running:
+                    self._wake.wait(0.5 if not waiting else 0.005)
+                    self._wake.clear()
+                    continue
                 self._step()
-            except Exception:  # a failed step ends every sequence in it, never the loop
+            except Exception as e:  # a failed step or admission ends the sequences in it, never the loop
                 log.exception("decode step failed")
-                for seq in list(self._running):
+                self.on_fault(e)
+                for seq in [*self._running, *(s for s, _ in waiting)]:
                     seq.emit(("end", "error"))
+                for seq in list(self._running):
                     self._leave(seq)
+                waiting = []
 
     def _admit(self, waiting: list[tuple[Sequence, KVCache]]) -> list[tuple[Sequence, KVCache]]:
         while waiting and self.batch.active < self.batch.slots:

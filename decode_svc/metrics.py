@@ -24,6 +24,9 @@ class DecodeMetrics:
             "kvmesh_decode_batch_size", "Sequences per decode step", registry=r, buckets=(1, 2, 4, 8, 16, 32, 64)
         )
         self.kv_bytes = Counter("kvmesh_kv_bytes_received", "KV bytes received from prefill nodes", registry=r)
+        self.faults = Counter(
+            "kvmesh_decode_faults", "Unexpected errors in the decode loop (node set NOT_SERVING)", ["error"], registry=r
+        )
         self.transfer = Histogram(
             "kvmesh_kv_transfer_seconds",
             "First token to whole KV received",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import cast
@@ -15,7 +15,7 @@ from decode_svc.batcher import Batcher, Sequence
 from decode_svc.config import DecodeConfig
 from decode_svc.metrics import DecodeMetrics
 from decode_svc.sources import LocalPrefill, PrefillJob, RemotePrefill
-from kvmesh.errors import InvalidArgument, ResourceExhausted, Unavailable
+from kvmesh.errors import InvalidArgument, KvmeshError, ResourceExhausted, Unavailable
 from kvmesh.model.folder import ModelFolder
 from kvmesh.model.prepare import default_model_dir
 from kvmesh.model.runner import ModelRunner, Provider, RunnerConfig
@@ -85,6 +85,8 @@ class DecodeNode:
         turns = Turns() if config.colocated and config.prefill_chunk_tokens else None
         self.batcher = Batcher(self.runner, config.slots, self.capacity, self.metrics.on_step, turns)
         self.node_id = config.node_id
+        self.on_unhealthy: Callable[[], None] = lambda: None  # the server's: health NOT_SERVING
+        self.batcher.on_fault = self._fault
         self._reserved = 0
         self._admitted = 0
         self._draining = False
@@ -104,6 +106,10 @@ class DecodeNode:
             )
             self.source = LocalPrefill(self.prefill_node)
 
+    def _fault(self, error: BaseException) -> None:
+        self.metrics.faults.labels(type(error).__name__).inc()
+        self.on_unhealthy()
+
     def load(self) -> Load:
         running = self.batcher.running  # may still hold a cancelled sequence until the next step
         waiting = max(self._admitted - running, 0)
@@ -115,6 +121,9 @@ class DecodeNode:
             raise Unavailable("this decode node is draining")
         if not job.tokens:
             raise InvalidArgument("empty prompt")
+        vocab = self.runner.vocab_size
+        if vocab and not 0 <= min(job.tokens) <= max(job.tokens) < vocab:
+            raise InvalidArgument(f"token ids must be in [0, {vocab})")
         if len(job.tokens) >= self.capacity:
             raise InvalidArgument(
                 f"prompt of {len(job.tokens)} tokens does not fit a sequence of {self.capacity} tokens"
@@ -203,6 +212,8 @@ class DecodeNode:
             del kv
             while True:
                 item = await events.get()
+                if item == ("end", "error"):
+                    raise KvmeshError("the decode step failed")  # INTERNAL; the node is NOT_SERVING
                 if item[0] == "end":
                     tail = text.flush()
                     if tail:

@@ -24,9 +24,11 @@ class DecodeServer:
         self.host = ServiceHost(services, config.host, config.port, config.metrics_port, self.node.metrics.registry)
 
     async def start(self) -> int:
+        self.node.on_unhealthy = self.host.unhealthy_from_thread()
         self.node.node_id = self.config.node_id or f"{socket.gethostname()}:{self.host.port}"
         decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(self.node), self.host.server)
         if self.node.prefill_node is not None:  # colocated: the Prefill service too, on the same port
+            self.node.prefill_node.on_unhealthy = self.node.on_unhealthy
             await self.node.prefill_node.start(self.node.node_id)
             self.host.server.add_generic_rpc_handlers((handlers(PrefillServicer(self.node.prefill_node)),))
         await self.host.start()

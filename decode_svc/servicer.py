@@ -7,38 +7,10 @@ from collections.abc import AsyncIterator
 import grpc
 
 from decode_svc.node import DecodeJob, DecodeNode, Done, Token
-from kvmesh.errors import KvmeshError
-from kvmesh.rpc import abort
-from kvmesh.sampling import SamplingParams
+from kvmesh.params_pb import params_from_pb
 from kvmesh.v1 import decode_pb2, decode_pb2_grpc
 
 Context = grpc.aio.ServicerContext[object, object]
-DEFAULT_MAX_TOKENS = 256
-
-
-def params_from_pb(msg: decode_pb2.GenerationParams) -> SamplingParams:
-    seed = msg.seed if msg.HasField("seed") else None
-    return SamplingParams(
-        msg.temperature,
-        msg.top_k,
-        msg.top_p or 1.0,
-        seed,
-        msg.max_tokens or DEFAULT_MAX_TOKENS,
-        tuple(msg.stop),
-        msg.ignore_eos,
-    )
-
-
-def params_to_pb(p: SamplingParams) -> decode_pb2.GenerationParams:
-    return decode_pb2.GenerationParams(
-        temperature=p.temperature,
-        top_k=p.top_k,
-        top_p=p.top_p,
-        seed=p.seed,
-        max_tokens=p.max_tokens,
-        stop=list(p.stop),
-        ignore_eos=p.ignore_eos,
-    )
 
 
 def event_to_pb(event: Token | Done) -> decode_pb2.DecodeEvent:
@@ -69,19 +41,16 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     async def Decode(
         self, request: decode_pb2.DecodeRequest, context: Context
     ) -> AsyncIterator[decode_pb2.DecodeEvent]:
-        try:
-            job = DecodeJob(
-                request.request_id,
-                list(request.tokens),
-                params_from_pb(request.params),
-                request.prefill_node,
-                request.cache_salt,
-                request.wire_dtype,
-            )
-            async for event in self.node.decode(job, context.time_remaining()):
-                yield event_to_pb(event)
-        except KvmeshError as e:
-            await abort(context, e)
+        job = DecodeJob(
+            request.request_id,
+            list(request.tokens),
+            params_from_pb(request.params),
+            request.prefill_node,
+            request.cache_salt,
+            request.wire_dtype,
+        )
+        async for event in self.node.decode(job, context.time_remaining()):
+            yield event_to_pb(event)
 
     async def GetLoad(self, request: decode_pb2.GetDecodeLoadRequest, context: Context) -> decode_pb2.DecodeLoad:
         load = self.node.load()

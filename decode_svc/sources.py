@@ -12,11 +12,12 @@ import grpc
 from kv_transfer.wire import prefill_method, pull, read_header
 from kvmesh.errors import ModelError, Upstream
 from kvmesh.model.runner import KVCache
+from kvmesh.params_pb import sampling_to_pb
+from kvmesh.rpc import upstream
 from kvmesh.sampling import SamplingParams
 from kvmesh.service import GRPC_OPTIONS
 from kvmesh.v1 import kv_pb2, prefill_pb2
 from prefill_svc.node import PrefillNode
-from prefill_svc.servicer import sampling_to_pb
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ class RemotePrefill:
         try:
             header = await read_header(it)
         except grpc.aio.AioRpcError as e:
-            raise _upstream(e, job.prefill_node) from e
+            raise upstream(e, "prefill node " + job.prefill_node) from e
         if header.model_fingerprint != self.fingerprint:
             call.cancel()
             raise ModelError(f"prefill node {job.prefill_node} serves another model ({header.model_fingerprint})")
@@ -100,31 +101,13 @@ class RemotePrefill:
         try:
             return (await pull(it, header=header)).kv
         except grpc.aio.AioRpcError as e:
-            raise _upstream(e, node) from e
+            raise upstream(e, "prefill node " + node) from e
         finally:
             call.cancel()  # a no-op once the stream ended; stops the node's work when we gave up
 
     async def close(self) -> None:
         for channel in self._channels.values():
             await channel.close()
-
-
-def _upstream(e: grpc.aio.AioRpcError, node: str) -> Upstream:
-    code = e.code()
-    status = (
-        code.name
-        if code
-        in (
-            grpc.StatusCode.DEADLINE_EXCEEDED,
-            grpc.StatusCode.CANCELLED,
-            grpc.StatusCode.INVALID_ARGUMENT,
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            grpc.StatusCode.DATA_LOSS,
-            grpc.StatusCode.FAILED_PRECONDITION,
-        )
-        else "UNAVAILABLE"
-    )
-    return Upstream(status, f"prefill node {node}: {e.details() or code.name}")
 
 
 class LocalPrefill:

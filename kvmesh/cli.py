@@ -95,16 +95,22 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-k", type=_at_least(0), default=0, help="0: all tokens")
-    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-p", type=float, default=1.0, help="0 is read as 1, as on the wire")
     gen.add_argument("--seed", type=_at_least(0))
     gen.add_argument("--max-tokens", type=_at_least(1), default=256)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    gen.add_argument("--endpoint", help="a kvmesh proxy HOST:PORT (default: run the model in this process)")
+    gen.add_argument(
+        "--endpoint",
+        nargs="?",
+        const="",
+        help="through a kvmesh proxy HOST:PORT (alone: the local cluster's, kvmesh up); without: in this process",
+    )
     gen.add_argument("--session", default="", help="session id (sticky routing through a proxy)")
     gen.add_argument("--api-key", default=os.environ.get("KVMESH_API_KEY"), help="API key (KVMESH_API_KEY)")
     _add_engine_flags(gen)
     chat = sub.add_parser("chat", help="talk to a kvmesh endpoint, multi-turn, under one session id")
-    chat.add_argument("--endpoint", default="127.0.0.1:50051")
+    chat.add_argument("--endpoint", help="a kvmesh proxy HOST:PORT (default: the local cluster's, kvmesh up)")
+    chat.add_argument("--session", default="", help="session id (default: a new one)")
     chat.add_argument("--system", help="system message")
     chat.add_argument("--max-tokens", type=_at_least(1), default=256)
     chat.add_argument("--api-key", default=os.environ.get("KVMESH_API_KEY"), help="API key (KVMESH_API_KEY)")
@@ -196,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             return commands.simulate(args)
         if args.command in ("up", "status", "down", "chat"):
             return int(getattr(commands, f"cluster_{args.command}")(args))
-        return commands.remote_generate(args) if args.endpoint else commands.generate(args)
+        return commands.remote_generate(args) if args.endpoint is not None else commands.generate(args)
     except KvmeshError as e:
         print(f"kvmesh: error: {e}", file=sys.stderr)
         return 2

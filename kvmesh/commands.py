@@ -77,7 +77,9 @@ def _prefill_numerics(folder: ModelFolder) -> str:
 
 
 def generate(args: argparse.Namespace) -> int:
-    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed, args.max_tokens, tuple(args.stop))
+    params = SamplingParams(
+        args.temperature, args.top_k, args.top_p or 1.0, args.seed, args.max_tokens, tuple(args.stop)
+    )
     folder = _folder(args)
     runner, tok = _runner(args, folder), ChatTokenizer(folder)
     gc_tuning.tune_for_serving()
@@ -138,7 +140,7 @@ def remote_generate(args: argparse.Namespace) -> int:
     """`kvmesh generate --endpoint`: through a proxy, streamed."""
     from kvmesh.client import Client, Reply
 
-    client = Client(args.endpoint, args.api_key)
+    client = Client(_endpoint(args), args.api_key)
     messages = None if args.raw else chat_messages(args.prompt, args.system)
     params = {
         "temperature": args.temperature,
@@ -177,16 +179,31 @@ def cluster_chat(args: argparse.Namespace) -> int:
 
     from kvmesh.client import Client, Reply
 
-    client, session = Client(args.endpoint, args.api_key), uuid.uuid4().hex
+    client, session = Client(_endpoint(args), args.api_key), args.session or uuid.uuid4().hex
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    print(f"session {session}; an empty line ends it", file=sys.stderr)
-    while line := input("> ").strip():
+    print(f"session {session}; an empty line or end of input ends it", file=sys.stderr)
+    while line := _read_line("> "):
         messages.append({"role": "user", "content": line})
         reply, start = Reply(), time.perf_counter()
         first = _stream(client.generate(messages, session_id=session, max_tokens=args.max_tokens), reply, start)
         print("\n" + _stats(reply.finished, reply.started, first), file=sys.stderr)
         messages.append({"role": "assistant", "content": reply.text})
     return 0
+
+
+def _read_line(prompt: str) -> str:
+    try:
+        return input(prompt).strip()
+    except EOFError:  # Ctrl-D or the end of piped input: the conversation ends cleanly
+        return ""
+
+
+def _endpoint(args: argparse.Namespace) -> str:
+    """--endpoint, else the running local cluster's proxy (kvmesh up), else the default port."""
+    if args.endpoint:
+        return str(args.endpoint)
+    proxies = [p.address for p in cluster.load_state() if p.kind == "proxy"]
+    return proxies[0] if proxies else "127.0.0.1:50051"
 
 
 def up_spec(args: argparse.Namespace) -> tuple[cluster.ClusterSpec, str]:

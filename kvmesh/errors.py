@@ -38,6 +38,12 @@ class Unavailable(KvmeshError):
     status = "UNAVAILABLE"
 
 
+class Unauthenticated(KvmeshError):
+    """A missing or unknown API key."""
+
+    status = "UNAUTHENTICATED"
+
+
 class Upstream(KvmeshError):
     """A call to another node failed; carries that call's status on (UNAVAILABLE, DEADLINE_EXCEEDED...)."""
 

@@ -1,16 +1,141 @@
-"""The one boundary between kvmesh's errors and gRPC status codes, for every servicer."""
+"""The one boundary between kvmesh's errors and gRPC status codes, for every server.
+
+`ErrorBoundary` wraps every method of a server (ours, health, reflection): a request that does not
+decode is INVALID_ARGUMENT (grpc would say UNKNOWN), a `KvmeshError` its own status, and anything
+else INTERNAL, logged with the method; never UNKNOWN, never a dead node. Servicers just raise.
+"""
 
 from __future__ import annotations
 
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
 import grpc
 
-from kvmesh.errors import KvmeshError
+from kvmesh.errors import KvmeshError, Upstream
+
+log = logging.getLogger(__name__)
+OnError = Callable[[str, str], None]  # (method, status name), e.g. for a metric
 
 
 def status_of(error: KvmeshError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, error.status, grpc.StatusCode.INTERNAL)
 
 
-async def abort(context: grpc.aio.ServicerContext[object, object], error: KvmeshError) -> None:
-    """End the call with the error's status and message (raises, as grpc.aio's abort does)."""
-    await context.abort(status_of(error), str(error))
+# What a node passes on from a call to another node as it came; anything else (UNKNOWN, INTERNAL,
+# a reset connection) is the other node being unavailable to this request.
+PASSED_ON = {
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.DATA_LOSS,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def upstream(error: grpc.aio.AioRpcError, where: str) -> Upstream:
+    """The one inbound translator: a failed call to another node as kvmesh's own error."""
+    code = error.code()
+    status = code.name if code in PASSED_ON else "UNAVAILABLE"
+    return Upstream(status, f"{where}: {error.details() or code.name}"[:1000])
+
+
+class _Undecodable:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _decoder(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+    def decode(data: bytes) -> Any:
+        if deserialize is None:
+            return data
+        try:
+            return deserialize(data)
+        except Exception as e:  # protobuf's DecodeError, bad UTF-8 in a string field, ...
+            return _Undecodable(e)
+
+    return decode
+
+
+class _Guard:
+    """Turns what one call raised into its status."""
+
+    def __init__(self, method: str, on_error: OnError | None) -> None:
+        self.method, self.on_error = method, on_error
+
+    async def check(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if isinstance(request, _Undecodable):
+            await self.fail(context, grpc.StatusCode.INVALID_ARGUMENT, f"undecodable request: {request.error}"[:300])
+
+    async def fail(self, context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, message: str) -> None:
+        if self.on_error is not None:
+            self.on_error(self.method, code.name)
+        await context.abort(code, message)
+
+    async def handle(self, error: BaseException, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if isinstance(error, KvmeshError):
+            await self.fail(context, status_of(error), str(error))
+        log.exception("%s failed", self.method, exc_info=error)
+        await self.fail(context, grpc.StatusCode.INTERNAL, f"internal error in {self.method}")
+
+
+def _passes(error: BaseException) -> bool:
+    """What the boundary lets through: an abort already made, a cancelled call."""
+    return isinstance(error, grpc.aio.AbortError) or not isinstance(error, Exception)
+
+
+def _unary(behavior: Callable[..., Awaitable[Any]], guard: _Guard) -> Callable[..., Awaitable[Any]]:
+    async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await guard.check(request, context)
+        try:
+            return await behavior(request, context)
+        except BaseException as e:
+            if _passes(e):
+                raise
+            await guard.handle(e, context)
+
+    return call
+
+
+def _streaming(behavior: Callable[..., AsyncIterator[Any]], guard: _Guard) -> Callable[..., AsyncIterator[Any]]:
+    async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        await guard.check(request, context)
+        try:
+            async for item in behavior(request, context):
+                yield item
+        except BaseException as e:
+            if _passes(e):
+                raise
+            await guard.handle(e, context)
+
+    return call
+
+
+if TYPE_CHECKING:
+    Handler = grpc.RpcMethodHandler[Any, Any]  # generic in the type stubs only
+
+
+class ErrorBoundary(grpc.aio.ServerInterceptor):
+    def __init__(self, on_error: OnError | None = None) -> None:
+        self.on_error = on_error
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(details)
+        if handler is None or handler.request_streaming:  # kvmesh has no client-streaming method
+            return handler
+        guard = _Guard(details.method, self.on_error)
+        decode, encode = _decoder(handler.request_deserializer), handler.response_serializer
+        if handler.response_streaming and inspect.isasyncgenfunction(handler.unary_stream):
+            return grpc.unary_stream_rpc_method_handler(_streaming(handler.unary_stream, guard), decode, encode)
+        if not handler.response_streaming and inspect.iscoroutinefunction(handler.unary_unary):
+            return grpc.unary_unary_rpc_method_handler(_unary(handler.unary_unary, guard), decode, encode)
+        return handler

@@ -11,10 +11,11 @@ from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
 from kvmesh import gc_tuning
+from kvmesh.rpc import ErrorBoundary, OnError
 
 log = logging.getLogger(__name__)
 # Requests are token lists or chat text: 4 MiB holds any that can fit a context; beyond, gRPC
@@ -23,19 +24,45 @@ MAX_REQUEST_BYTES = 4 << 20
 GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", MAX_REQUEST_BYTES)]
 
 
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _serve_reflection(services: list[str], server: grpc.aio.Server) -> None:
+    """Server reflection as grpc.reflection.v1 (what grpcurl asks first) and v1alpha: the two
+    protocols are the same messages under two package names, so one servicer answers both."""
+    names = [*services, reflection.SERVICE_NAME, REFLECTION_V1]
+    servicer = reflection.aio.ReflectionServicer(names)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    method = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        reflection_pb2.ServerReflectionRequest.FromString,
+        reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": method}),)
+    )
+
+
 class ServiceHost:
     """A grpc.aio server bound to host:port at construction (so the port is known before start),
     with grpc.health.v1 and reflection for `services`; metrics on metrics_port (-1: none, 0: any)."""
 
     def __init__(
-        self, services: tuple[str, ...], host: str, port: int, metrics_port: int, registry: CollectorRegistry
+        self,
+        services: tuple[str, ...],
+        host: str,
+        port: int,
+        metrics_port: int,
+        registry: CollectorRegistry,
+        on_error: OnError | None = None,
     ) -> None:
+        """on_error(method, status): told of every call that ends in an error status."""
         self.services, self.host = services, host
-        self.server = grpc.aio.server(options=GRPC_OPTIONS)
+        self.server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[ErrorBoundary(on_error)])
         self.port = self.server.add_insecure_port(f"{host}:{port}")
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection([*services, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        _serve_reflection([*services, health.SERVICE_NAME], self.server)
         self._metrics_port, self._registry = metrics_port, registry
         self._metrics: tuple[Any, Any] | None = None
 
@@ -49,6 +76,17 @@ class ServiceHost:
         await self.server.start()
         if serving:
             await self.set_serving(True)
+
+    def unhealthy_from_thread(self) -> Callable[[], None]:
+        """A callable any thread may call to turn this server NOT_SERVING (a node whose background
+        thread failed): the proxy stops routing to it. Made on the server's loop."""
+        loop = asyncio.get_running_loop()
+
+        def unhealthy() -> None:
+            log.error("a background thread failed: NOT_SERVING")
+            asyncio.run_coroutine_threadsafe(self.set_serving(False), loop)
+
+        return unhealthy
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvmesh.blockhash import block_keys, root_key
-from kvmesh.errors import InvalidArgument
+from kvmesh.errors import InvalidArgument, KvmeshError
 from kvmesh.model.runner import KVCache, ModelRunner
 from kvmesh.model.turns import Turns
 from kvmesh.sampling import Sampler, SamplingParams
@@ -78,6 +78,8 @@ class PrefillEngine:
             raise InvalidArgument(
                 f"prompt of {len(tokens)} tokens does not fit the context of {self.runner.max_context}"
             )
+        if self.runner.vocab_size and not 0 <= min(tokens) <= max(tokens) < self.runner.vocab_size:
+            raise InvalidArgument(f"token ids must be in [0, {self.runner.vocab_size})")
         keys = self.lookup_keys(tokens, salt) if keys is None else keys
         start = time.perf_counter()
         past, cached, bad = self._cached_past(keys, len(tokens)) if keys else (None, 0, 0)
@@ -169,6 +171,8 @@ class PrefillEngine:
         done: list[int] = []
         self.writer.submit(lambda store, events: done.append(store.pin(keys, events)))
         self.writer.flush()
+        if not done:
+            raise KvmeshError("the prefix store writer failed to pin the prompt")  # INTERNAL
         return done[0] * self.block_size
 
 

@@ -30,6 +30,12 @@ class PrefillMetrics:
         )
         self.kv_bytes_sent = Counter("kvmesh_kv_bytes_sent", "KV bytes streamed to decode nodes", registry=r)
         self.evictions = Counter("kvmesh_prefix_store_evictions", "Blocks evicted or dropped", registry=r)
+        self.faults = Counter(
+            "kvmesh_prefill_faults",
+            "Unexpected errors in background threads (node set NOT_SERVING)",
+            ["error"],
+            registry=r,
+        )
         self.checksum_failures = Counter(
             "kvmesh_prefix_store_checksum_failures", "Stored blocks that failed their checksum", registry=r
         )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -59,6 +59,7 @@ class PrefillNode:
         """turns, chunk_tokens: a colocated worker's, see PrefillEngine."""
         self.config = config
         self._turns, self._chunk_tokens = turns, chunk_tokens
+        self.on_unhealthy: Callable[[], None] = lambda: None  # the server's: health NOT_SERVING
         self.folder = runner.folder if runner else ModelFolder.load(config.model or default_model_dir("int4"))
         provider = cast(Provider, config.provider)
         self.runner = runner or ModelRunner(
@@ -85,7 +86,9 @@ class PrefillNode:
         """Start the writer (its events reach this loop) and prefill the pinned system prompts."""
         self.node_id = self.node_id or node_id
         self.events = CacheEvents(asyncio.get_running_loop())
-        self.writer = StoreWriter(self.store, self._on_store_event, quiet=lambda: not (self._running or self._serving))
+        self.writer = StoreWriter(
+            self.store, self._on_store_event, lambda: not (self._running or self._serving), on_fault=self._fault
+        )
         self.engine = PrefillEngine(
             self.runner,
             self.store,
@@ -102,6 +105,11 @@ class PrefillNode:
                 log.warning("system prompt %r is shorter than one block: nothing to pin", text[:40])
                 continue
             log.info("pinned %d tokens of a system prompt", await self.pin(prompt, b""))
+
+    def _fault(self, error: BaseException) -> None:
+        """A background thread failed unexpectedly: counted, and the node stops taking requests."""
+        self.metrics.faults.labels(type(error).__name__).inc()
+        self.on_unhealthy()
 
     def _on_store_event(self, kind: str, keys: list[bytes]) -> None:
         if kind == "evicted":
@@ -146,7 +154,12 @@ class PrefillNode:
                 "compute_ms": round(outcome.compute_s * 1000, 1),
             },
         )
-        self.metrics.checksum_failures.inc(outcome.bad_blocks)
+        if outcome.bad_blocks:
+            self.metrics.checksum_failures.inc(outcome.bad_blocks)
+            log.warning(
+                "stored KV failed its checksum: dropped with the blocks below it, recomputed",
+                extra={"request_id": request_id, "bad_blocks": outcome.bad_blocks},
+            )
         return outcome
 
     def stream(self, outcome: PrefillOutcome, wire_dtype: np.dtype) -> tuple[Layout, int, Iterator[Chunk]]:

@@ -21,6 +21,7 @@ class PrefillServer:
         self.host = ServiceHost((SERVICE,), config.host, config.port, config.metrics_port, self.node.metrics.registry)
 
     async def start(self) -> int:
+        self.node.on_unhealthy = self.host.unhealthy_from_thread()
         await self.node.start(self.config.node_id or f"{socket.gethostname()}:{self.host.port}")
         self.host.server.add_generic_rpc_handlers((handlers(PrefillServicer(self.node)),))
         await self.host.start()

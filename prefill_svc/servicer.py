@@ -10,9 +10,7 @@ import grpc
 
 from kv_transfer.fastwire import encode_chunk_response
 from kv_transfer.wire import layout_to_pb, wire_dtype
-from kvmesh.errors import KvmeshError
-from kvmesh.rpc import abort
-from kvmesh.sampling import SamplingParams
+from kvmesh.params_pb import sampling_from_pb
 from kvmesh.v1 import kv_pb2, prefill_pb2
 from prefill_svc.node import PrefillNode
 
@@ -26,16 +24,6 @@ _EVENT_KINDS = {
 }
 
 
-def sampling_to_pb(p: SamplingParams) -> prefill_pb2.Sampling:
-    """What the prefill node needs to draw the first token."""
-    return prefill_pb2.Sampling(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed)
-
-
-def sampling_from_pb(msg: prefill_pb2.Sampling) -> SamplingParams:
-    seed = msg.seed if msg.HasField("seed") else None
-    return SamplingParams(msg.temperature, msg.top_k, msg.top_p or 1.0, seed, max_tokens=1)
-
-
 class PrefillServicer:
     def __init__(self, node: PrefillNode) -> None:
         self.node = node
@@ -46,14 +34,10 @@ class PrefillServicer:
                 yield message
 
     async def _prefill(self, request: prefill_pb2.PrefillRequest, context: Context) -> AsyncIterator[bytes]:
-        try:
-            params = sampling_from_pb(request.sampling)
-            outcome = await self.node.prefill(list(request.tokens), params, request.cache_salt, request.request_id)
-            dtype = wire_dtype(request.wire_dtype, self.node.runner.layout.dtype)
-            layout, count, chunks = self.node.stream(outcome, dtype)
-        except KvmeshError as e:
-            await abort(context, e)
-            return
+        params = sampling_from_pb(request.sampling)
+        outcome = await self.node.prefill(list(request.tokens), params, request.cache_salt, request.request_id)
+        dtype = wire_dtype(request.wire_dtype, self.node.runner.layout.dtype)
+        layout, count, chunks = self.node.stream(outcome, dtype)
         header = kv_pb2.KVHeader(
             model_fingerprint=self.node.folder.fingerprint,
             layout=layout_to_pb(layout),
@@ -99,11 +83,7 @@ class PrefillServicer:
         )
 
     async def Pin(self, request: prefill_pb2.PinRequest, context: Context) -> prefill_pb2.PinResponse:
-        try:
-            tokens = await self.node.pin(list(request.tokens), request.cache_salt)
-        except KvmeshError as e:
-            await abort(context, e)
-            raise AssertionError("unreachable: abort raises") from e
+        tokens = await self.node.pin(list(request.tokens), request.cache_salt)
         return prefill_pb2.PinResponse(pinned_tokens=tokens, blocks=tokens // self.node.config.block_size)
 
 

@@ -328,9 +328,15 @@ class StoreWriter:
     written at once (`write_now`) rather than computing them again."""
 
     def __init__(
-        self, store: PrefixStore, events: EventSink, quiet: Callable[[], bool] = lambda: True, max_wait_s: float = 0.5
+        self,
+        store: PrefixStore,
+        events: EventSink,
+        quiet: Callable[[], bool] = lambda: True,
+        max_wait_s: float = 0.5,
+        on_fault: Callable[[BaseException], None] = lambda e: None,
     ) -> None:
-        self.store, self.events = store, events
+        """on_fault: told of an unexpected error in a job (the thread goes on with the next)."""
+        self.store, self.events, self._on_fault = store, events, on_fault
         self._quiet, self._max_wait_s = quiet, max_wait_s
         # (job, its deadline to run even if the node is busy); None stops the thread
         self._jobs: queue.Queue[tuple[Callable[[PrefixStore, EventSink], None], float] | None] = queue.Queue()
@@ -406,5 +412,8 @@ class StoreWriter:
             self.pause()
             try:
                 job(self.store, self.events)
-            except lmdb.Error:
+            except lmdb.Error:  # e.g. the map full: those blocks stay uncached
                 log.exception("prefix store write failed; the blocks stay uncached")
+            except Exception as e:  # a bug or a broken store: say so, and keep serving the queue
+                log.exception("prefix store writer: unexpected error")
+                self._on_fault(e)

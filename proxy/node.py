@@ -13,12 +13,13 @@ from dataclasses import dataclass
 
 import grpc
 
-from decode_svc.servicer import params_to_pb
 from kvmesh.blockhash import block_keys, root_key
-from kvmesh.errors import InvalidArgument, KvmeshError, Unavailable, Upstream
+from kvmesh.errors import InvalidArgument, Unauthenticated, Unavailable, Upstream
 from kvmesh.model.folder import ModelFolder
 from kvmesh.model.prepare import default_model_dir
 from kvmesh.model.tokenizer import ChatTokenizer, Message
+from kvmesh.params_pb import params_to_pb
+from kvmesh.rpc import upstream
 from kvmesh.sampling import SamplingParams
 from kvmesh.v1 import decode_pb2, decode_pb2_grpc, generation_pb2
 from proxy.backends import Backends
@@ -37,10 +38,6 @@ NO_RETRY = {
 
 log = logging.getLogger(__name__)
 WAIT_HEALTHY_S = 5.0  # a request finding no healthy node waits this long for one before UNAVAILABLE
-
-
-class Unauthenticated(KvmeshError):
-    status = "UNAUTHENTICATED"
 
 
 MAX_ID_CHARS = 256  # session and request ids
@@ -178,7 +175,7 @@ class ProxyNode:
                         yield generation_pb2.GenerateEvent(token=event.token)
                 return
             except grpc.aio.AioRpcError as e:
-                last_error = Upstream(e.code().name, e.details() or e.code().name)
+                last_error = upstream(e, f"decode node {decode_node}")
                 log.warning(
                     "attempt failed",
                     extra={
@@ -192,7 +189,7 @@ class ProxyNode:
                 )
                 if started:  # the client has tokens: no retry, but say where the stream broke
                     where = f"the stream broke after {relayed} tokens from decode node {decode_node}"
-                    raise Upstream(e.code().name, f"{where}: {e.details() or e.code().name}") from e
+                    raise upstream(e, where) from e
                 if e.code() in NO_RETRY:
                     raise last_error from e
                 failed.update({decision.node_id, decode_node})  # the next candidate, not these again

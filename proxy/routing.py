@@ -204,11 +204,8 @@ class CacheAwarePolicy:
         mine, best_anywhere = cached.get(chosen, 0), max(cached.values(), default=0)
         if mine < best_anywhere and all(cached.get(n.node_id, 0) < best_anywhere for n in allowed):
             reason = "load_overflow"  # the node holding the most of the prompt is over the bound
-        elif mine > 0:
-            reason = "cached_prefix"
-        else:
-            top = first_choice(request.session_id, [n.node_id for n in healthy])
-            reason = "session_affinity" if chosen == top else "cold"
+        else:  # nothing of the prompt cached there: a new session, or one whose blocks are gone
+            reason = "cached_prefix" if mine > 0 else "cold"
         return Decision(chosen, reason, mine)
 
 

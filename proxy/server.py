@@ -19,7 +19,15 @@ class ProxyServer:
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
         self.node = ProxyNode(config)
-        self.host = ServiceHost((SERVICE,), config.host, config.port, config.metrics_port, self.node.metrics.registry)
+        errors = self.node.metrics.errors
+        self.host = ServiceHost(
+            (SERVICE,),
+            config.host,
+            config.port,
+            config.metrics_port,
+            self.node.metrics.registry,
+            lambda _method, code: errors.labels(code).inc(),
+        )
         self._health_task: asyncio.Task[None] | None = None
 
     async def start(self) -> int:

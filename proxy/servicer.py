@@ -7,9 +7,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from decode_svc.servicer import params_from_pb
-from kvmesh.errors import KvmeshError
-from kvmesh.rpc import abort
+from kvmesh.params_pb import params_from_pb
 from kvmesh.v1 import generation_pb2, generation_pb2_grpc
 from proxy.node import ProxyNode
 
@@ -32,16 +30,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def Generate(
         self, request: generation_pb2.GenerateRequest, context: Context
     ) -> AsyncIterator[generation_pb2.GenerateEvent]:
-        try:
-            salt = self.node.tenant_salt(api_key(context))
-            messages = [{"role": m.role, "content": m.content} for m in request.messages]
-            params = params_from_pb(request.params)
-            # tokenizing (up to the context's worth of text) runs off the event loop
-            plan = await asyncio.to_thread(
-                self.node.plan, request.session_id, messages, request.prompt, params, salt, request.request_id
-            )
-            async for event in self.node.generate(plan, context.time_remaining()):
-                yield event
-        except KvmeshError as e:
-            self.node.metrics.errors.labels(e.status).inc()
-            await abort(context, e)
+        salt = self.node.tenant_salt(api_key(context))
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        params = params_from_pb(request.params)
+        # tokenizing (up to the context's worth of text) runs off the event loop
+        plan = await asyncio.to_thread(
+            self.node.plan, request.session_id, messages, request.prompt, params, salt, request.request_id
+        )
+        async for event in self.node.generate(plan, context.time_remaining()):
+            yield event

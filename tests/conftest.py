@@ -82,6 +82,16 @@ def real_fp32() -> ModelFolder:
 @pytest.fixture
 def servers(tmp_path: Path) -> Iterator[MakeServer]:
     """Starts prefill and decode servers on 127.0.0.1:0 (each on its own loop); stops them after."""
+    yield from server_factory(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def module_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MakeServer]:
+    """`servers` shared by a module's tests."""
+    yield from server_factory(tmp_path_factory.mktemp("servers"))
+
+
+def server_factory(tmp_path: Path) -> Iterator[MakeServer]:
     from decode_svc.config import DecodeConfig
     from decode_svc.server import DecodeServer
     from prefill_svc.config import PrefillConfig

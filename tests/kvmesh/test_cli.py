@@ -131,3 +131,15 @@ def test_prepare_writes_the_int8_decode_graph_by_default_and_exact_decode_on_req
     forced = kvmesh("model", "info", "--model", str(out), "--threads", "1", "--exact-decode")
     assert "decode       exact (fp32 activations)" in forced.stdout
     assert "up to date" in kvmesh(*args).stdout
+
+
+def test_chat_ends_cleanly_at_end_of_input_and_takes_a_session() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "kvmesh.cli", "chat", "--endpoint", "127.0.0.1:1", "--session", "my-session"],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr and "session my-session" in r.stderr

@@ -7,7 +7,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 
 from kv_transfer.wire import receive
 from kvmesh.model.folder import ModelFolder
@@ -105,9 +105,12 @@ def test_health_and_reflection(server: ServerThread) -> None:
     channel = grpc.insecure_channel(server.address)
     check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="kvmesh.v1.Prefill"))
     assert check.status == health_pb2.HealthCheckResponse.SERVING
-    reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
-    reply = next(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
-    assert "kvmesh.v1.Prefill" in {s.name for s in reply.list_services_response.service}
+    ask = reflection_pb2.ServerReflectionRequest(list_services="").SerializeToString()
+    for version in ("v1alpha", "v1"):  # grpcurl asks v1 first; the two are the same messages
+        method = channel.stream_stream(f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo")
+        reply = reflection_pb2.ServerReflectionResponse.FromString(next(iter(method(iter([ask])))))
+        names = {s.name for s in reply.list_services_response.service}
+        assert {"kvmesh.v1.Prefill", "grpc.reflection.v1.ServerReflection"} <= names, version
 
 
 @pytest.mark.parametrize(
