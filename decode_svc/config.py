@@ -28,6 +28,13 @@ class DecodeConfig:
         default=32, metadata=doc("admitted requests waiting for a slot; beyond: RESOURCE_EXHAUSTED")
     )
     prefill_timeout_s: float = field(default=120.0, metadata=doc("deadline of a KV pull when the call has none"))
+    cluster_token: str = field(
+        default="",
+        metadata=doc(
+            "the cluster's shared secret: required on internal calls, sent on ours, keys the tenants' cache salts "
+            "(set it in the environment, not on the command line; empty: internal services are open)"
+        ),
+    )
     drain_seconds: float = field(default=30.0, metadata=doc("on SIGTERM, how long running sequences may finish"))
     # A colocated worker prefills in this process, with its own prefix store, and serves the
     # Prefill service too (cache events, load) so a proxy routes to it as to a prefill node: the

@@ -91,7 +91,9 @@ class DecodeNode:
         self._admitted = 0
         self._draining = False
         self.prefill_node: PrefillNode | None = None  # a colocated worker's
-        self.source: RemotePrefill | LocalPrefill = RemotePrefill(self.folder.fingerprint)
+        self.source: RemotePrefill | LocalPrefill = RemotePrefill(
+            self.folder.fingerprint, self.runner.layout, self.runner.vocab_size, config.cluster_token
+        )
         if config.colocated:
             prefill_config = PrefillConfig(
                 model=config.model,

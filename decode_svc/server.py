@@ -21,7 +21,15 @@ class DecodeServer:
         self.config = config
         self.node = DecodeNode(config)
         services = (SERVICE, PREFILL_SERVICE) if config.colocated else (SERVICE,)
-        self.host = ServiceHost(services, config.host, config.port, config.metrics_port, self.node.metrics.registry)
+        self.host = ServiceHost(
+            services,
+            config.host,
+            config.port,
+            config.metrics_port,
+            self.node.metrics.registry,
+            None,
+            config.cluster_token,
+        )
 
     async def start(self) -> int:
         self.node.on_unhealthy = self.host.unhealthy_from_thread()

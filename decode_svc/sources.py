@@ -9,11 +9,11 @@ from typing import Any
 
 import grpc
 
-from kv_transfer.wire import prefill_method, pull, read_header
-from kvmesh.errors import ModelError, Upstream
-from kvmesh.model.runner import KVCache
+from kv_transfer.wire import layout_from_pb, prefill_method, pull, read_header
+from kvmesh.errors import DataLoss, Upstream
+from kvmesh.model.runner import KVCache, KVLayout
 from kvmesh.params_pb import sampling_to_pb
-from kvmesh.rpc import upstream
+from kvmesh.rpc import cluster_channel, upstream
 from kvmesh.sampling import SamplingParams
 from kvmesh.service import GRPC_OPTIONS
 from kvmesh.v1 import kv_pb2, prefill_pb2
@@ -59,8 +59,10 @@ class PrefillJob:
 class RemotePrefill:
     """Calls Prefill on the node a request names; one channel per node, kept."""
 
-    def __init__(self, fingerprint: str) -> None:
-        self.fingerprint = fingerprint
+    def __init__(self, fingerprint: str, layout: KVLayout, vocab: int, token: str = "") -> None:
+        """layout, vocab: this node's model's, which a prefill node's header must match; token: the
+        cluster's, on every call."""
+        self.fingerprint, self.layout, self.vocab, self._token = fingerprint, layout, vocab, token
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     async def start(self, job: PrefillJob) -> tuple[Prefilled, PendingKV]:
@@ -68,9 +70,7 @@ class RemotePrefill:
             raise Upstream("INVALID_ARGUMENT", "the request names no prefill node")
         channel = self._channels.get(job.prefill_node)
         if channel is None:
-            channel = self._channels[job.prefill_node] = grpc.aio.insecure_channel(
-                job.prefill_node, options=GRPC_OPTIONS
-            )
+            channel = self._channels[job.prefill_node] = cluster_channel(job.prefill_node, self._token, GRPC_OPTIONS)
         request = prefill_pb2.PrefillRequest(
             request_id=job.request_id,
             tokens=job.tokens,
@@ -84,9 +84,11 @@ class RemotePrefill:
             header = await read_header(it)
         except grpc.aio.AioRpcError as e:
             raise upstream(e, "prefill node " + job.prefill_node) from e
-        if header.model_fingerprint != self.fingerprint:
+        try:
+            self._check(header, len(job.tokens))
+        except DataLoss as e:
             call.cancel()
-            raise ModelError(f"prefill node {job.prefill_node} serves another model ({header.model_fingerprint})")
+            raise DataLoss(f"prefill node {job.prefill_node}: {e}") from e
         info = Prefilled(
             header.first_token,
             header.first_logprob,
@@ -96,6 +98,29 @@ class RemotePrefill:
             header.total_bytes,
         )
         return info, PendingKV(lambda: self._receive(header, it, call, job.prefill_node), call.cancel)
+
+    def _check(self, header: kv_pb2.KVHeader, prompt_tokens: int) -> None:
+        """A peer's header is untrusted: it must describe this prompt's KV for this very model, in
+        sizes that follow from that, before anything is allocated or decoded (else DATA_LOSS)."""
+        lay, mine = header.layout, self.layout
+        if header.model_fingerprint != self.fingerprint:
+            raise DataLoss(f"KV of another model ({header.model_fingerprint[:64]!r})")
+        if (lay.layers, lay.kv_heads, lay.head_dim) != (mine.layers, mine.kv_heads, mine.head_dim):
+            raise DataLoss(f"KV layout {lay.layers}x{lay.kv_heads}x{lay.head_dim} is not this model's")
+        if lay.tokens != prompt_tokens or header.cached_tokens > prompt_tokens:
+            raise DataLoss(
+                f"KV of {lay.tokens} tokens ({header.cached_tokens} cached) for a {prompt_tokens}-token prompt"
+            )
+        if self.vocab and not 0 <= header.first_token < self.vocab:
+            raise DataLoss(f"first token {header.first_token} is outside the vocabulary")
+        layout = layout_from_pb(lay)  # DataLoss for an unknown dtype
+        if (
+            header.total_bytes != layout.total_bytes
+            or not 0 < header.chunk_count <= layout.total_bytes // 16 + 2 * lay.layers
+        ):
+            raise DataLoss(
+                f"KV sizes do not follow from the layout ({header.total_bytes} bytes, {header.chunk_count} chunks)"
+            )
 
     async def _receive(self, header: kv_pb2.KVHeader, it: AsyncIterator[bytes], call: Any, node: str) -> KVCache:
         try:

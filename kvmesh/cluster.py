@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvmesh.errors import KvmeshError, Unavailable
 from kvmesh.model.prepare import kvmesh_home
+from kvmesh.rpc import token_metadata
 from kvmesh.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 # DESIGN.md: glibc otherwise returns each freed MiB to the OS and faults it in again.
@@ -125,6 +127,7 @@ def up(spec: ClusterSpec) -> list[Process]:
     pools = {"prefill": set(cores[:half]), "decode": set(cores[half:] or cores), "worker": set(cores)}
     logs = cluster_dir() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    env = _token_env(_new_token())
     model_flag = ["--model", spec.model] if spec.model else []
     cache_flag = [] if spec.prefix_cache else ["--no-prefix-cache"]
     port = spec.port
@@ -140,10 +143,10 @@ def up(spec: ClusterSpec) -> list[Process]:
                     flags += ["--store", str(cluster_dir() / name / "store"), *cache_flag]
                 if kind == "worker":
                     flags += ["--colocated"]
-                procs.append(_start(name, kind, p, flags, logs, pools[kind] if spec.pin else None))
+                procs.append(_start(name, kind, p, flags, logs, pools[kind] if spec.pin else None, env))
         backends = [f for p in procs for f in (f"--{p.kind}", p.address)]
         proxy_flags = ["proxy", "--port", str(port), "--policy", spec.policy, *backends, *model_flag]
-        procs.append(_start("proxy", "proxy", port, proxy_flags, logs, None))
+        procs.append(_start("proxy", "proxy", port, proxy_flags, logs, None, env))
         _state_file().write_text(json.dumps([asdict(p) for p in procs], indent=2))
         _wait_serving(procs, timeout_s=120)
     except BaseException:
@@ -152,7 +155,29 @@ def up(spec: ClusterSpec) -> list[Process]:
     return procs
 
 
-def _start(name: str, kind: str, port: int, flags: list[str], logs: Path, cores: set[int] | None) -> Process:
+def _new_token() -> str:
+    """The cluster's secret for its internal calls, kept where `kvmesh status` finds it (0600)."""
+    token = secrets.token_urlsafe(32)
+    path = cluster_dir() / "token"
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(token)
+    return token
+
+
+def cluster_token() -> str:
+    path = cluster_dir() / "token"
+    return path.read_text().strip() if path.is_file() else ""
+
+
+def _token_env(token: str) -> dict[str, str]:
+    """Every service's setting, through the environment (never on a command line: `ps` shows those)."""
+    return {f"KVMESH_{service}_CLUSTER_TOKEN": token for service in ("PREFILL", "DECODE", "PROXY")}
+
+
+def _start(
+    name: str, kind: str, port: int, flags: list[str], logs: Path, cores: set[int] | None, env: dict[str, str]
+) -> Process:
     log = logs / f"{name}.log"
     pin = None if cores is None else (lambda: os.sched_setaffinity(0, cores))
     with log.open("ab") as out:
@@ -161,7 +186,7 @@ def _start(name: str, kind: str, port: int, flags: list[str], logs: Path, cores:
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env={**os.environ, **MALLOC},
+            env={**os.environ, **MALLOC, **env},
             start_new_session=True,
             preexec_fn=pin,
         )
@@ -192,6 +217,7 @@ def _wait_serving(procs: list[Process], timeout_s: float) -> None:
 
 def status() -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
+    meta = token_metadata(cluster_token())
     for p in load_state():
         row: dict[str, object] = {
             "name": p.name,
@@ -203,13 +229,17 @@ def status() -> list[dict[str, object]]:
         try:
             with grpc.insecure_channel(p.address) as channel:
                 if p.kind in ("prefill", "worker"):
-                    load = prefill_pb2_grpc.PrefillStub(channel).GetLoad(prefill_pb2.GetLoadRequest(), timeout=1)
+                    load = prefill_pb2_grpc.PrefillStub(channel).GetLoad(
+                        prefill_pb2.GetLoadRequest(), timeout=1, metadata=meta
+                    )
                     row["load"] = f"{load.running_requests} running, {load.queued_prefill_tokens} tokens queued"
                     hit = load.hit_tokens / load.lookup_tokens if load.lookup_tokens else 0.0
                     blocks = f"{load.store_blocks} blocks ({load.pinned_blocks} pinned), {load.store_bytes >> 20} MiB"
                     row["cache"] = f"{blocks}, hit rate {hit:.0%} of {load.lookup_tokens} tokens"
                 if p.kind in ("decode", "worker"):
-                    dl = decode_pb2_grpc.DecodeStub(channel).GetLoad(decode_pb2.GetDecodeLoadRequest(), timeout=1)
+                    dl = decode_pb2_grpc.DecodeStub(channel).GetLoad(
+                        decode_pb2.GetDecodeLoadRequest(), timeout=1, metadata=meta
+                    )
                     held = f"{dl.waiting} waiting, {dl.kv_tokens_held} KV tokens held"
                     row["decode"] = f"{dl.running_sequences} decoding, {held}"
         except grpc.RpcError:

@@ -7,6 +7,7 @@ else INTERNAL, logged with the method; never UNKNOWN, never a dead node. Service
 
 from __future__ import annotations
 
+import hmac
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -84,6 +85,22 @@ class _Guard:
         await self.fail(context, grpc.StatusCode.INTERNAL, f"internal error in {self.method}")
 
 
+def _refuse(handler: Handler, guard: _Guard) -> Handler:
+    """An internal call without the cluster token: UNAUTHENTICATED, before its request is read."""
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await guard.fail(context, grpc.StatusCode.UNAUTHENTICATED, "an internal call without the cluster's token")
+
+    async def refuse_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        await refuse(request, context)
+        yield None  # unreachable: abort raised
+
+    decode = _decoder(None)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(refuse_stream, decode, handler.response_serializer)
+    return grpc.unary_unary_rpc_method_handler(refuse, decode, handler.response_serializer)
+
+
 def _passes(error: BaseException) -> bool:
     """What the boundary lets through: an abort already made, a cancelled call."""
     return isinstance(error, grpc.aio.AbortError) or not isinstance(error, Exception)
@@ -120,9 +137,49 @@ if TYPE_CHECKING:
     Handler = grpc.RpcMethodHandler[Any, Any]  # generic in the type stubs only
 
 
+TOKEN_KEY = "x-kvmesh-cluster-token"
+INTERNAL = ("/kvmesh.v1.Prefill/", "/kvmesh.v1.Decode/")  # the services only the cluster calls
+
+
+class _Token:
+    """Puts the cluster token on every call of a channel to another node."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def _with_token(self, details: Any) -> Any:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        metadata.add(TOKEN_KEY, self.token)
+        return details._replace(metadata=metadata)
+
+
+# grpc.aio files an interceptor under the first kind it is an instance of: one class per kind
+class _UnaryToken(_Token, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._with_token(details), request)
+
+
+class _StreamToken(_Token, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._with_token(details), request)
+
+
+def cluster_channel(address: str, token: str, options: list[tuple[str, Any]]) -> grpc.aio.Channel:
+    """A channel to another node of the cluster: its calls carry the cluster token, if one is set."""
+    interceptors: list[Any] | None = [_UnaryToken(token), _StreamToken(token)] if token else None
+    return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+
+
+def token_metadata(token: str) -> tuple[tuple[str, str], ...]:
+    """For a blocking call to a node (kvmesh status)."""
+    return ((TOKEN_KEY, token),) if token else ()
+
+
 class ErrorBoundary(grpc.aio.ServerInterceptor):
-    def __init__(self, on_error: OnError | None = None) -> None:
-        self.on_error = on_error
+    """on_error: told of every error status; token: the cluster's, required on the internal services."""
+
+    def __init__(self, on_error: OnError | None = None, token: str = "") -> None:
+        self.on_error, self.token = on_error, token
 
     async def intercept_service(
         self,
@@ -130,6 +187,10 @@ class ErrorBoundary(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> Handler | None:
         handler = await continuation(details)
+        if handler is not None and self.token and details.method.startswith(INTERNAL):
+            sent = dict(details.invocation_metadata or ()).get(TOKEN_KEY)
+            if not isinstance(sent, str) or not hmac.compare_digest(sent, self.token):
+                return _refuse(handler, _Guard(details.method, self.on_error))
         if handler is None or handler.request_streaming:  # kvmesh has no client-streaming method
             return handler
         guard = _Guard(details.method, self.on_error)

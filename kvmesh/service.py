@@ -55,10 +55,12 @@ class ServiceHost:
         metrics_port: int,
         registry: CollectorRegistry,
         on_error: OnError | None = None,
+        token: str = "",
     ) -> None:
-        """on_error(method, status): told of every call that ends in an error status."""
+        """on_error(method, status): told of every call that ends in an error status; token: the
+        cluster's, required on internal services (kvmesh.v1.Prefill, kvmesh.v1.Decode)."""
         self.services, self.host = services, host
-        self.server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[ErrorBoundary(on_error)])
+        self.server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[ErrorBoundary(on_error, token)])
         self.port = self.server.add_insecure_port(f"{host}:{port}")
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

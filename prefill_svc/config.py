@@ -30,6 +30,13 @@ class PrefillConfig:
         default=32768, metadata=doc("prompt tokens to compute admitted at once; beyond: RESOURCE_EXHAUSTED")
     )
     pin_system: tuple[str, ...] = field(default=(), metadata=doc("system prompt to prefill at start and keep"))
+    cluster_token: str = field(
+        default="",
+        metadata=doc(
+            "the cluster's shared secret: required on internal calls, sent on ours, keys the tenants' cache salts "
+            "(set it in the environment, not on the command line; empty: internal services are open)"
+        ),
+    )
     drain_seconds: float = field(default=10.0, metadata=doc("on SIGTERM, how long running calls may finish"))
 
     def __post_init__(self) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kvmesh.rpc import cluster_channel
 from kvmesh.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from proxy.routing import NodeState
 
@@ -26,8 +27,15 @@ class Backends:
     few seconds, so a pool scaled up or down (compose --scale) is followed."""
 
     def __init__(
-        self, prefill: tuple[str, ...], decode: tuple[str, ...], block_size: int, worker: tuple[str, ...] = ()
+        self,
+        prefill: tuple[str, ...],
+        decode: tuple[str, ...],
+        block_size: int,
+        worker: tuple[str, ...] = (),
+        token: str = "",
     ) -> None:
+        """token: the cluster's, on every call to a node."""
+        self._token = token
         self.prefill: dict[str, NodeState] = {}
         self.decode: dict[str, NodeState] = {}
         self.workers: set[str] = set()  # colocated: in both pools; a request decodes where it prefills
@@ -47,7 +55,7 @@ class Backends:
                     self._add(kind, spec)
 
     def _add(self, kind: str, address: str) -> None:
-        self.channels[address] = grpc.aio.insecure_channel(address, options=OPTIONS)
+        self.channels[address] = cluster_channel(address, self._token, OPTIONS)
         self._node_tasks[address] = []
         if kind == "worker":
             self.workers.add(address)

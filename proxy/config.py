@@ -31,6 +31,13 @@ class ProxyConfig:
     )
     block_size: int = field(default=16, metadata=doc("prefill nodes' block size until they report theirs"))
     metrics_port: int = field(default=-1, metadata=doc("Prometheus port (-1: none, 0: any free port)"))
+    cluster_token: str = field(
+        default="",
+        metadata=doc(
+            "the cluster's shared secret: required on internal calls, sent on ours, keys the tenants' cache salts "
+            "(set it in the environment, not on the command line; empty: internal services are open)"
+        ),
+    )
     drain_seconds: float = field(default=30.0, metadata=doc("on SIGTERM, how long running calls may finish"))
 
     def __post_init__(self) -> None:

@@ -5,6 +5,8 @@ stream relayed to the client, retried once on the next candidate if it fails bef
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import time
 import uuid
@@ -72,13 +74,15 @@ class ProxyNode:
         self.tokenizer = ChatTokenizer(self.folder)
         self.max_prompt_bytes = self.tokenizer.max_token_bytes * (self.folder.context_length or 1 << 30)
         self.context = self.folder.context_length or 1 << 30
-        self.backends = Backends(config.prefill, config.decode, config.block_size, config.worker)
+        self.backends = Backends(config.prefill, config.decode, config.block_size, config.worker, config.cluster_token)
         self.policy = make_policy(config.policy, config.load_bound)
         self.tenants = config.tenants()
         self.metrics = ProxyMetrics()
 
     def tenant_salt(self, api_key: str | None) -> bytes:
-        """Keys configured: the key must name a tenant, whose name is its cache salt. Else open."""
+        """Keys configured: the key must name a tenant; its cache salt is an HMAC of its name keyed
+        by the cluster token, so no caller of a prefill node can name another tenant's salt. Else
+        open: one shared salt."""
         if not self.tenants:
             return b""
         if not api_key:
@@ -86,7 +90,7 @@ class ProxyNode:
         tenant = self.tenants.get(api_key)
         if tenant is None:
             raise Unauthenticated("unknown API key")
-        return tenant.encode()
+        return hmac.new(self.config.cluster_token.encode(), tenant.encode(), hashlib.sha256).digest()[:16]
 
     def plan(
         self,

@@ -27,6 +27,7 @@ class ProxyServer:
             config.metrics_port,
             self.node.metrics.registry,
             lambda _method, code: errors.labels(code).inc(),
+            config.cluster_token,
         )
         self._health_task: asyncio.Task[None] | None = None
 

@@ -10,6 +10,8 @@ work=${KVMESH_COMPOSE_WORK:-/var/tmp/kvmesh-compose}
 project=kvmesh
 compose=(podman-compose -p "$project" -f compose/docker-compose.yml)
 export CONTAINERS_CONF=$work/containers.conf
+KVMESH_CLUSTER_TOKEN=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')  # the cluster's secret, this run's own
+export KVMESH_CLUSTER_TOKEN
 mkdir -p "$work"
 
 say() { printf 'compose e2e: %s\n' "$*" >&2; }

@@ -1,5 +1,7 @@
 """A relay in front of a real prefill node that damages its KV stream on the way, as a bad link
-or a dying node would: flip a byte of chunk k, drop chunk k, or (as a process) die after chunk k.
+or a dying node would: flip a byte of chunk k, drop chunk k, or (as a process) die after chunk k;
+or that lies in the header, as a hostile peer would (`tokens:N`, `heads:N`, `fingerprint:0`,
+`first:ID`, `huge:0` a layout of 2^31 tokens with the bytes to match).
 
   python -m tests.helpers.relay UPSTREAM die:K    (prints its port, exits hard after K chunks)
 """
@@ -14,6 +16,26 @@ from collections.abc import AsyncIterator
 import grpc
 
 from kv_transfer.wire import PREFILL_METHOD
+from kvmesh.v1 import prefill_pb2
+
+_LIES = {"tokens", "heads", "fingerprint", "first", "huge"}
+
+
+def _lie(raw: bytes, kind: str, value: int) -> bytes:
+    message = prefill_pb2.PrefillResponse.FromString(raw)
+    h = message.header
+    if kind == "tokens":
+        h.layout.tokens = value
+    elif kind == "heads":
+        h.layout.kv_heads += value
+    elif kind == "fingerprint":
+        h.model_fingerprint = "f" * 32
+    elif kind == "first":
+        h.first_token = value
+    else:  # huge: every size consistent with 2^31 tokens
+        h.layout.tokens = 2**31
+        h.total_bytes = h.total_bytes // max(1, h.layout.tokens) * 2**31
+    return message.SerializeToString()
 
 
 class Relay:
@@ -29,6 +51,8 @@ class Relay:
             n = -1  # the header is message 0; chunks are 1, 2, ...
             async for raw in call(request):
                 n += 1
+                if n == 0 and self.kind in _LIES:
+                    raw = _lie(raw, self.kind, self.at)
                 if n == self.at + 1 and self.kind == "drop":
                     continue
                 if n == self.at + 1 and self.kind == "flip":

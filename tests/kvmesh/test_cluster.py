@@ -97,13 +97,16 @@ def _cached_ratio(turns: list[Turn]) -> float:
 
 
 def _hits(procs: list[cluster.Process]) -> int:
-    total = 0
+    from kvmesh.rpc import token_metadata
+
+    total, meta = 0, token_metadata(cluster.cluster_token())  # the cluster's own token: internal calls need it
     for p in procs:
         if p.kind == "prefill":
             with grpc.insecure_channel(p.address) as channel:
-                total += (
-                    prefill_pb2_grpc.PrefillStub(channel).GetLoad(prefill_pb2.GetLoadRequest(), timeout=5).hit_tokens
+                load = prefill_pb2_grpc.PrefillStub(channel).GetLoad(
+                    prefill_pb2.GetLoadRequest(), timeout=5, metadata=meta
                 )
+                total += load.hit_tokens
     return total
 
 

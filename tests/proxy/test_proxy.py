@@ -261,3 +261,59 @@ def test_hostile_requests_do_not_stall_a_running_stream(real_int4: ModelFolder, 
         assert worst <= 3 * baseline, (worst, baseline, len(codes))
     finally:
         proxy.stop()
+
+
+def test_internal_calls_need_the_cluster_token_and_tenant_salts_are_secret(
+    tiny_fp32: ModelFolder, servers: MakeServer
+) -> None:
+    """With a cluster token, a prefill or decode node refuses a call without it; and a tenant's
+    cache salt is derived from that secret, so a caller who knows a tenant's name (the salt of
+    earlier builds) but not the secret finds none of its cached prefix."""
+    import time
+
+    from kvmesh.rpc import TOKEN_KEY
+    from kvmesh.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+
+    token = "cluster-secret"
+    p = servers("prefill", tiny_fp32, cluster_token=token)
+    d = servers("decode", tiny_fp32, slot_tokens=250, cluster_token=token)
+    config = ProxyConfig(
+        model=tiny_fp32.path,
+        port=0,
+        prefill=(p.address,),
+        decode=(d.address,),
+        block_size=8,
+        api_keys=("k-a=tenant-a",),
+        cluster_token=token,
+    )
+    proxy = ServerThread(lambda: ProxyServer(config))
+    try:
+        assert proxy.call(proxy.server.node.backends.wait_healthy(20))
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}]
+        a = Client(proxy.address, api_key="k-a")
+        a.chat(messages, max_tokens=2)
+        time.sleep(0.5)
+        assert a.chat(messages, max_tokens=2).finished.usage.cached_tokens > 0  # type: ignore[union-attr]
+        prompt = ChatTokenizer(tiny_fp32).encode_chat(messages)
+        with grpc.insecure_channel(p.address) as pc, grpc.insecure_channel(d.address) as dc:
+            prefill, decode = prefill_pb2_grpc.PrefillStub(pc), decode_pb2_grpc.DecodeStub(dc)
+            calls = [
+                lambda meta: next(iter(prefill.Prefill(prefill_pb2.PrefillRequest(tokens=prompt), metadata=meta))),
+                lambda meta: prefill.GetLoad(prefill_pb2.GetLoadRequest(), metadata=meta),
+                lambda meta: list(decode.Decode(decode_pb2.DecodeRequest(tokens=prompt), metadata=meta)),
+                lambda meta: decode.GetLoad(decode_pb2.GetDecodeLoadRequest(), metadata=meta),
+            ]
+            for call in calls:
+                for meta in ((), ((TOKEN_KEY, "guessed"),)):
+                    with pytest.raises(grpc.RpcError) as err:
+                        call(meta)
+                    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+            ok = ((TOKEN_KEY, token),)
+            assert prefill.GetLoad(prefill_pb2.GetLoadRequest(), metadata=ok).hit_tokens > 0
+            by_name = prefill_pb2.PrefillRequest(tokens=prompt, cache_salt=b"tenant-a")
+            assert next(iter(prefill.Prefill(by_name, metadata=ok))).header.cached_tokens == 0
+            salt = proxy.server.node.tenant_salt("k-a")  # what the proxy derives, from the secret
+            derived = prefill_pb2.PrefillRequest(tokens=prompt, cache_salt=salt)
+            assert next(iter(prefill.Prefill(derived, metadata=ok))).header.cached_tokens > 0
+    finally:
+        proxy.stop()
