@@ -28,6 +28,10 @@ class DecodeConfig:
         default=32, metadata=doc("admitted requests waiting for a slot; beyond: RESOURCE_EXHAUSTED")
     )
     prefill_timeout_s: float = field(default=120.0, metadata=doc("deadline of a KV pull when the call has none"))
+    stall_timeout_s: float = field(
+        default=5.0,
+        metadata=doc("a prefill node silent this long (its header: plus 5 ms per prompt token) is taken as frozen"),
+    )
     cluster_token: str = field(
         default="",
         metadata=doc(

@@ -92,7 +92,11 @@ class DecodeNode:
         self._draining = False
         self.prefill_node: PrefillNode | None = None  # a colocated worker's
         self.source: RemotePrefill | LocalPrefill = RemotePrefill(
-            self.folder.fingerprint, self.runner.layout, self.runner.vocab_size, config.cluster_token
+            self.folder.fingerprint,
+            self.runner.layout,
+            self.runner.vocab_size,
+            config.cluster_token,
+            config.stall_timeout_s,
         )
         if config.colocated:
             prefill_config = PrefillConfig(

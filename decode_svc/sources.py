@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 
 from kv_transfer.wire import layout_from_pb, prefill_method, pull, read_header
+from kvmesh.aio import PER_TOKEN_S, Stalled, within
 from kvmesh.errors import DataLoss, Upstream
 from kvmesh.model.runner import KVCache, KVLayout
 from kvmesh.params_pb import sampling_to_pb
@@ -59,10 +60,12 @@ class PrefillJob:
 class RemotePrefill:
     """Calls Prefill on the node a request names; one channel per node, kept."""
 
-    def __init__(self, fingerprint: str, layout: KVLayout, vocab: int, token: str = "") -> None:
+    def __init__(self, fingerprint: str, layout: KVLayout, vocab: int, token: str = "", stall_s: float = 5.0) -> None:
         """layout, vocab: this node's model's, which a prefill node's header must match; token: the
-        cluster's, on every call."""
+        cluster's, on every call; stall_s: a prefill node silent this long (the header: plus 5 ms a
+        prompt token) is taken as frozen, UNAVAILABLE."""
         self.fingerprint, self.layout, self.vocab, self._token = fingerprint, layout, vocab, token
+        self.stall_s = stall_s
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     async def start(self, job: PrefillJob) -> tuple[Prefilled, PendingKV]:
@@ -79,10 +82,11 @@ class RemotePrefill:
             wire_dtype=kv_pb2.KVDtype.ValueType(job.wire_dtype),
         )
         call = prefill_method(channel)(request, timeout=job.timeout_s)
-        it: AsyncIterator[bytes] = aiter(call)
+        it: AsyncIterator[bytes] = within(call, self.stall_s + PER_TOKEN_S * len(job.tokens), self.stall_s)
         try:
             header = await read_header(it)
-        except grpc.aio.AioRpcError as e:
+        except (grpc.aio.AioRpcError, Stalled) as e:
+            call.cancel()
             raise upstream(e, "prefill node " + job.prefill_node) from e
         try:
             self._check(header, len(job.tokens))
@@ -125,7 +129,7 @@ class RemotePrefill:
     async def _receive(self, header: kv_pb2.KVHeader, it: AsyncIterator[bytes], call: Any, node: str) -> KVCache:
         try:
             return (await pull(it, header=header)).kv
-        except grpc.aio.AioRpcError as e:
+        except (grpc.aio.AioRpcError, Stalled) as e:
             raise upstream(e, "prefill node " + node) from e
         finally:
             call.cancel()  # a no-op once the stream ended; stops the node's work when we gave up

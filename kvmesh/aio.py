@@ -3,10 +3,33 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import AsyncIterable, AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+PER_TOKEN_S = 0.005  # a first answer's deadline grows by this per token of work before it
+
+
+class Stalled(Exception):
+    """A stream from another node that sent nothing within the time its work allows."""
+
+    def __init__(self, waited_s: float) -> None:
+        super().__init__(f"no answer in {waited_s:.1f} s")
+
+
+async def within(items: AsyncIterable[T], first_s: float, gap_s: float) -> AsyncIterator[T]:
+    """`items`, the first within first_s, each next one within gap_s; else Stalled (a frozen node's
+    stream neither ends nor fails: without this its caller waits forever)."""
+    it, wait = aiter(items), first_s
+    while True:
+        try:
+            item = await asyncio.wait_for(anext(it), wait)
+        except StopAsyncIteration:
+            return
+        except TimeoutError as e:
+            raise Stalled(wait) from e
+        yield item
+        wait = gap_s
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:

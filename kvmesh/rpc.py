@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from kvmesh.aio import Stalled
 from kvmesh.errors import KvmeshError, Upstream
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,10 @@ PASSED_ON = {
 }
 
 
-def upstream(error: grpc.aio.AioRpcError, where: str) -> Upstream:
-    """The one inbound translator: a failed call to another node as kvmesh's own error."""
+def upstream(error: grpc.aio.AioRpcError | Stalled, where: str) -> Upstream:
+    """The one inbound translator: a failed or stalled call to another node as kvmesh's own error."""
+    if isinstance(error, Stalled):
+        return Upstream("UNAVAILABLE", f"{where}: {error}")
     code = error.code()
     status = code.name if code in PASSED_ON else "UNAVAILABLE"
     return Upstream(status, f"{where}: {error.details() or code.name}"[:1000])

@@ -19,7 +19,17 @@ from proxy.routing import NodeState
 
 log = logging.getLogger(__name__)
 RETRY_S, LOAD_EVERY_S, DISCOVER_EVERY_S = 0.5, 0.25, 2.0
-OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
+# A load poll that gets no answer in POLL_TIMEOUT_S is missed; MISSES in a row make the node suspect
+# (out of routing) until one is answered: a frozen node (SIGSTOP, a stalled host) leaves routing in
+# ~1 s, since its health stream only goes quiet; a thawed or restarted one is back within a poll.
+POLL_TIMEOUT_S, MISSES = 0.5, 2
+OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    # a node that comes back is reconnected within a second (gRPC's default backoff grows to minutes)
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 
 class Backends:
@@ -45,6 +55,10 @@ class Backends:
         self._tasks: list[asyncio.Task[None]] = []  # discovery
         self._node_tasks: dict[str, list[asyncio.Task[None]]] = {}  # followers, per node
         self._dns: dict[str, set[str]] = {}  # dns:NAME:PORT -> the addresses it brought
+        # per NodeState: what its health stream says, and whether it answers its load polls;
+        # node.healthy is both
+        self._serving: dict[int, bool] = {}
+        self._missed: dict[int, int] = {}
 
     def start(self) -> None:
         for kind, specs in self._specs.items():
@@ -125,36 +139,60 @@ class Backends:
             elif ev.kind == prefill_pb2.CacheEvent.EVICTED:
                 node.blocks.difference_update(ev.block_keys)
 
+    def _judge(self, address: str, node: NodeState) -> None:
+        healthy = self._serving.get(id(node), False) and self._missed.get(id(node), 0) < MISSES
+        if healthy != node.healthy:
+            level = logging.INFO if healthy else logging.WARNING
+            why = "serving" if healthy else "not serving" if not self._serving.get(id(node)) else "not answering"
+            log.log(level, "node health", extra={"node": address, "healthy": healthy, "why": why})
+        node.healthy = healthy
+
+    def _answered(self, address: str, node: NodeState, answered: bool) -> None:
+        self._missed[id(node)] = 0 if answered else self._missed.get(id(node), 0) + 1
+        self._judge(address, node)
+
     async def _follow_health(self, address: str, node: NodeState, service: str) -> None:
         stub = health_pb2_grpc.HealthStub(self.channels[address])
         try:
             async for reply in stub.Watch(health_pb2.HealthCheckRequest(service=service)):
-                healthy = reply.status == health_pb2.HealthCheckResponse.SERVING
-                if healthy != node.healthy:
-                    log.info("node health", extra={"node": address, "healthy": healthy})
-                node.healthy = healthy
+                self._serving[id(node)] = reply.status == health_pb2.HealthCheckResponse.SERVING
+                self._judge(address, node)
         finally:
-            if node.healthy:
-                log.warning("node health", extra={"node": address, "healthy": False})
-            node.healthy = False
+            self._serving[id(node)] = False
+            self._judge(address, node)
+
+    async def _poll(self, address: str, node: NodeState, ask: Callable[[], Awaitable[None]]) -> None:
+        """Every LOAD_EVERY_S, `ask` within POLL_TIMEOUT_S; an error or no answer is a miss."""
+        while True:
+            try:
+                await asyncio.wait_for(ask(), POLL_TIMEOUT_S)
+                self._answered(address, node, True)
+            except (grpc.aio.AioRpcError, TimeoutError):
+                self._answered(address, node, False)
+            await asyncio.sleep(LOAD_EVERY_S)
 
     async def _poll_prefill_load(self, address: str, node: NodeState) -> None:
         stub = prefill_pb2_grpc.PrefillStub(self.channels[address])
         loop = asyncio.get_running_loop()
-        while True:
+
+        async def ask() -> None:
             asked = loop.time()
-            queued = (await stub.GetLoad(prefill_pb2.GetLoadRequest(), timeout=2)).queued_prefill_tokens
+            queued = (await stub.GetLoad(prefill_pb2.GetLoadRequest(), timeout=POLL_TIMEOUT_S)).queued_prefill_tokens
             if asked >= node.changed_at:  # else our routing changed it meanwhile: this report is stale
                 node.reported_tokens = queued
-            await asyncio.sleep(LOAD_EVERY_S)
+
+        await self._poll(address, node, ask)
 
     async def _poll_decode_load(self, address: str, node: NodeState) -> None:
         """A decode node's reported_tokens hold its running sequences: the tie-breaker after our own
         in-flight count when the proxy picks the least loaded decode node."""
         stub = decode_pb2_grpc.DecodeStub(self.channels[address])
-        while True:
-            node.reported_tokens = (await stub.GetLoad(decode_pb2.GetDecodeLoadRequest(), timeout=2)).running_sequences
-            await asyncio.sleep(LOAD_EVERY_S)
+
+        async def ask() -> None:
+            load = await stub.GetLoad(decode_pb2.GetDecodeLoadRequest(), timeout=POLL_TIMEOUT_S)
+            node.reported_tokens = load.running_sequences
+
+        await self._poll(address, node, ask)
 
     def any_healthy(self) -> bool:
         return any(n.healthy for n in self.prefill.values()) and any(n.healthy for n in self.decode.values())

@@ -39,12 +39,21 @@ class ProxyConfig:
         ),
     )
     drain_seconds: float = field(default=30.0, metadata=doc("on SIGTERM, how long running calls may finish"))
+    stall_timeout_s: float = field(
+        default=5.0,
+        metadata=doc(
+            "a node that sends nothing for this long (the first token: plus 5 ms per token to compute) is taken "
+            "as frozen: before the first token the request is retried elsewhere, after it the call ends UNAVAILABLE"
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise InvalidArgument(f"routing policy must be one of {', '.join(POLICIES)}, not {self.policy!r}")
         if self.load_bound <= 1.0:
             raise InvalidArgument("load_bound must be > 1")
+        if self.stall_timeout_s <= 0:
+            raise InvalidArgument("stall_timeout_s must be > 0")
 
     def tenants(self) -> dict[str, str]:
         """API key -> tenant, from --api-keys and the keys file (read now), every key checked here:

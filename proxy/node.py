@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from kvmesh.aio import PER_TOKEN_S, Stalled, within
 from kvmesh.blockhash import block_keys, root_key
 from kvmesh.errors import InvalidArgument, Unauthenticated, Unavailable, Upstream
 from kvmesh.model.folder import ModelFolder
@@ -29,13 +30,7 @@ from proxy.config import ProxyConfig
 from proxy.metrics import ProxyMetrics
 from proxy.routing import Decision, NodeState, Request, make_policy
 
-NO_RETRY = {
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.CANCELLED,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.UNAUTHENTICATED,
-}
+NO_RETRY = {"INVALID_ARGUMENT", "FAILED_PRECONDITION", "CANCELLED", "DEADLINE_EXCEEDED", "UNAUTHENTICATED"}
 
 
 log = logging.getLogger(__name__)
@@ -56,6 +51,12 @@ def _check_sizes(session_id: str, request_id: str, messages: Sequence[Message], 
     size = len(prompt.encode()) + sum(len(str(m.get("content", "")).encode()) for m in messages)
     if size > fits:
         raise InvalidArgument(f"a prompt of {size} bytes cannot fit the model's context (at most {fits} bytes)")
+
+
+def _others(pool: list[NodeState], exclude: set[str]) -> list[NodeState]:
+    """The healthy nodes of a pool not in `exclude`, or all its healthy nodes if that leaves none."""
+    healthy = [n for n in pool if n.healthy]
+    return [n for n in healthy if n.node_id not in exclude] or healthy
 
 
 @dataclass(frozen=True)
@@ -117,11 +118,12 @@ class ProxyNode:
         return block_keys(root, plan.tokens, self.backends.block_size)
 
     def route(self, plan: Plan, keys: list[bytes], exclude: set[str]) -> tuple[Decision, str]:
-        """(prefill decision, decode node); nodes in `exclude` failed this request already."""
+        """(prefill decision, decode node); nodes in `exclude` failed this request already, and are
+        taken again only when a pool has no other healthy node (which of the two failed is not
+        always known: a stalled call may be either's; one that is down is unhealthy by now)."""
         workers = self.backends.workers
-        prefill = [n for n in self.backends.prefill.values() if n.node_id not in exclude]
-        skip = exclude | workers  # a worker decodes only what it prefilled
-        decode = [n for n in self.backends.decode.values() if n.healthy and n.node_id not in skip]
+        prefill = _others(list(self.backends.prefill.values()), exclude)
+        decode = _others([n for n in self.backends.decode.values() if n.node_id not in workers], exclude)
         try:
             decision = self.policy.choose(
                 prefill, Request(plan.session_id, keys, len(plan.tokens), self.backends.block_size)
@@ -153,8 +155,9 @@ class ProxyNode:
             )
             call = self._decode_call(plan, decision.node_id, decode_node, timeout_s)
             started, relayed = False, 0
+            first_s = self.config.stall_timeout_s + PER_TOKEN_S * (claim.work + prefill_node.queued_tokens)
             try:
-                async for event in call:
+                async for event in within(call, first_s, self.config.stall_timeout_s):
                     if not started:
                         started = True
                         log.info(
@@ -178,7 +181,9 @@ class ProxyNode:
                         relayed += 1
                         yield generation_pb2.GenerateEvent(token=event.token)
                 return
-            except grpc.aio.AioRpcError as e:
+            except (grpc.aio.AioRpcError, Stalled) as e:
+                if isinstance(e, Stalled):  # a node that stopped answering: the same as one that failed
+                    self.metrics.stalls.inc()
                 last_error = upstream(e, f"decode node {decode_node}")
                 log.warning(
                     "attempt failed",
@@ -187,14 +192,14 @@ class ProxyNode:
                         "prefill_node": decision.node_id,
                         "decode_node": decode_node,
                         "attempt": attempt,
-                        "code": e.code().name,
-                        "error": (e.details() or "")[:200],  # may quote client text
+                        "code": last_error.status,
+                        "error": str(last_error)[:200],  # may quote client text
                     },
                 )
                 if started:  # the client has tokens: no retry, but say where the stream broke
                     where = f"the stream broke after {relayed} tokens from decode node {decode_node}"
                     raise upstream(e, where) from e
-                if e.code() in NO_RETRY:
+                if last_error.status in NO_RETRY:
                     raise last_error from e
                 failed.update({decision.node_id, decode_node})  # the next candidate, not these again
             finally:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,3 +198,38 @@ def test_a_decode_node_killed_mid_stream(long_tiny: ModelFolder, home: Path) -> 
     reply = client.chat([{"role": "user", "content": "Still there?"}], max_tokens=4, timeout=60)
     assert reply.finished is not None and reply.started is not None
     assert reply.started.decode_node != victim.address
+
+
+@pytest.mark.parametrize("kind", ["decode", "prefill"])
+def test_a_frozen_node_is_noticed_and_its_requests_answered_elsewhere(
+    long_tiny: ModelFolder, home: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """A node frozen with SIGSTOP neither fails nor answers: requests routed to it before the proxy
+    notices are retried elsewhere when their first token is overdue (with and without a client
+    deadline), then it leaves routing (missed load polls); thawed, it is routed to again within
+    about a second."""
+    monkeypatch.setenv("KVMESH_PROXY_STALL_TIMEOUT_S", "1.5")
+    spec = cluster.ClusterSpec(prefill=2 if kind == "prefill" else 1, decode=2 if kind == "decode" else 1)
+    procs = cluster.up(cluster.ClusterSpec(**{**spec.__dict__, "port": 52951, "model": str(long_tiny.path)}))
+    client = Client(procs[-1].address)
+    victim = next(p for p in procs if p.kind == kind)
+    os.kill(victim.pid, signal.SIGSTOP)
+    try:
+        where = f"{kind}_node"
+        with ThreadPoolExecutor(1) as pool:  # a call without a deadline, bounded here all the same
+            for i, timeout in enumerate((None, 30.0, None, 30.0, None, 30.0)):
+                messages = [{"role": "user", "content": f"question {i}"}]
+                call = pool.submit(client.chat, messages, session_id=f"s{i}", max_tokens=4, timeout=timeout)
+                reply = call.result(timeout=60)
+                assert reply.finished is not None and reply.started is not None
+                assert getattr(reply.started, where) != victim.address
+    finally:
+        os.kill(victim.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 10
+    seen: set[str] = set()
+    for i in range(1000):  # re-admitted: requests reach it again (raw prompts sharing no block)
+        if victim.address in seen:
+            break
+        assert time.monotonic() < deadline, "the thawed node was not routed to again"
+        events = list(client.generate(prompt=f"{i} {time.monotonic()} back?", max_tokens=2, timeout=30))
+        seen.add(getattr(events[0].started, f"{kind}_node"))
