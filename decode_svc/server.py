@@ -21,15 +21,7 @@ class DecodeServer:
         self.config = config
         self.node = DecodeNode(config)
         services = (SERVICE, PREFILL_SERVICE) if config.colocated else (SERVICE,)
-        self.host = ServiceHost(
-            services,
-            config.host,
-            config.port,
-            config.metrics_port,
-            self.node.metrics.registry,
-            None,
-            config.cluster_token,
-        )
+        self.host = ServiceHost(services, config, self.node.metrics.registry)
 
     async def start(self) -> int:
         self.node.on_unhealthy = self.host.unhealthy_from_thread()

@@ -43,6 +43,19 @@ def _serve_reflection(services: list[str], server: grpc.aio.Server) -> None:
     )
 
 
+class HostSettings(Protocol):
+    """What every service's (frozen) config holds for its server."""
+
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def metrics_port(self) -> int: ...
+    @property
+    def cluster_token(self) -> str: ...
+
+
 class ServiceHost:
     """A grpc.aio server bound to host:port at construction (so the port is known before start),
     with grpc.health.v1 and reflection for `services`; metrics on metrics_port (-1: none, 0: any)."""
@@ -50,22 +63,20 @@ class ServiceHost:
     def __init__(
         self,
         services: tuple[str, ...],
-        host: str,
-        port: int,
-        metrics_port: int,
+        config: HostSettings,
         registry: CollectorRegistry,
         on_error: OnError | None = None,
-        token: str = "",
     ) -> None:
-        """on_error(method, status): told of every call that ends in an error status; token: the
-        cluster's, required on internal services (kvmesh.v1.Prefill, kvmesh.v1.Decode)."""
-        self.services, self.host = services, host
-        self.server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[ErrorBoundary(on_error, token)])
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        """config: the service's (where to listen, the metrics port, the cluster token required on
+        internal services); on_error(method, status): told of every call that ends in an error."""
+        self.services, self.host = services, config.host
+        interceptors = [ErrorBoundary(on_error, config.cluster_token)]
+        self.server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=interceptors)
+        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         _serve_reflection([*services, health.SERVICE_NAME], self.server)
-        self._metrics_port, self._registry = metrics_port, registry
+        self._metrics_port, self._registry = config.metrics_port, registry
         self._metrics: tuple[Any, Any] | None = None
 
     @property

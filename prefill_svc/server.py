@@ -18,15 +18,7 @@ class PrefillServer:
     def __init__(self, config: PrefillConfig) -> None:
         self.config = config
         self.node = PrefillNode(config)
-        self.host = ServiceHost(
-            (SERVICE,),
-            config.host,
-            config.port,
-            config.metrics_port,
-            self.node.metrics.registry,
-            None,
-            config.cluster_token,
-        )
+        self.host = ServiceHost((SERVICE,), config, self.node.metrics.registry)
 
     async def start(self) -> int:
         self.node.on_unhealthy = self.host.unhealthy_from_thread()

@@ -21,13 +21,7 @@ class ProxyServer:
         self.node = ProxyNode(config)
         errors = self.node.metrics.errors
         self.host = ServiceHost(
-            (SERVICE,),
-            config.host,
-            config.port,
-            config.metrics_port,
-            self.node.metrics.registry,
-            lambda _method, code: errors.labels(code).inc(),
-            config.cluster_token,
+            (SERVICE,), config, self.node.metrics.registry, lambda _method, code: errors.labels(code).inc()
         )
         self._health_task: asyncio.Task[None] | None = None
 
