@@ -8,6 +8,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -34,6 +35,7 @@ class Sequence:
     emit: Emit
     cancelled: bool = False
     slot: int = field(default=-1)
+    group: bytes = b""  # its tenant's (the cache salt): free slots go to the group with the fewest running
 
 
 class Batcher:
@@ -103,8 +105,11 @@ class Batcher:
                 waiting = []
 
     def _admit(self, waiting: list[tuple[Sequence, KVCache]]) -> list[tuple[Sequence, KVCache]]:
+        """Free slots to waiting sequences, fairly across groups: the next one is the earliest of the
+        group with the fewest sequences running (a tenant with many waiting cannot hold every slot)."""
         while waiting and self.batch.active < self.batch.slots:
-            seq, kv = waiting.pop(0)
+            running = Counter(s.group for s in self._running)
+            seq, kv = waiting.pop(min(range(len(waiting)), key=lambda i: (running[waiting[i][0].group], i)))
             if seq.cancelled:
                 continue
             seq.slot = self.batch.add(kv)

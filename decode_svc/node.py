@@ -213,7 +213,7 @@ class DecodeNode:
             def emit(item: tuple[int, float] | tuple[str, str]) -> None:  # from the batcher thread
                 loop.call_soon_threadsafe(events.put_nowait, item)
 
-            seq = Sequence(job.request_id, info.first_token, sampler, budget - 1, eos, emit)
+            seq = Sequence(job.request_id, info.first_token, sampler, budget - 1, eos, emit, group=job.salt)
             self.batcher.submit(seq, kv)
             del kv
             while True:

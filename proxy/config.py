@@ -8,6 +8,7 @@ from pathlib import Path
 from kvmesh.errors import InvalidArgument
 from kvmesh.settings import doc
 from proxy.routing import POLICIES
+from proxy.tenants import Limits, Tenant, parse
 
 
 @dataclass(frozen=True)
@@ -23,11 +24,20 @@ class ProxyConfig:
     policy: str = field(default="cache_aware", metadata=doc(f"routing policy: {', '.join(POLICIES)}"))
     load_bound: float = field(default=1.25, metadata=doc("a node above this x the mean load is skipped"))
     api_keys: tuple[str, ...] = field(
-        default=(), metadata=doc("KEY=TENANT; none (and no keys file): the proxy is open")
+        default=(), metadata=doc("KEY=TENANT [streams=N] [tokens=N]; none (and no keys file): the proxy is open")
     )
     api_keys_file: Path | None = field(
         default=None,
-        metadata=doc("a file of KEY=TENANT lines (# comments), e.g. a mounted secret: keys off the command line"),
+        metadata=doc(
+            "a file of KEY=TENANT [streams=N] [tokens=N] lines (# comments), e.g. a mounted secret: keys off the "
+            "command line"
+        ),
+    )
+    tenant_streams: int = field(
+        default=64, metadata=doc("calls a tenant may have running at once, unless its keys line says (streams=N)")
+    )
+    tenant_tokens: int = field(
+        default=1 << 20, metadata=doc("prompt + max_tokens a tenant's running calls may hold (tokens=N on its line)")
     )
     block_size: int = field(default=16, metadata=doc("prefill nodes' block size until they report theirs"))
     metrics_port: int = field(default=-1, metadata=doc("Prometheus port (-1: none, 0: any free port)"))
@@ -54,8 +64,10 @@ class ProxyConfig:
             raise InvalidArgument("load_bound must be > 1")
         if self.stall_timeout_s <= 0:
             raise InvalidArgument("stall_timeout_s must be > 0")
+        if self.tenant_streams < 1 or self.tenant_tokens < 1:
+            raise InvalidArgument("tenant_streams and tenant_tokens must be >= 1")
 
-    def tenants(self) -> dict[str, str]:
+    def tenants(self) -> dict[str, Tenant]:
         """API key -> tenant, from --api-keys and the keys file (read now), every key checked here:
         the proxy calls it before it serves."""
         keys = list(self.api_keys)
@@ -69,7 +81,4 @@ class ProxyConfig:
             if not listed:  # an empty secret must not open the proxy
                 raise InvalidArgument(f"the API keys file {self.api_keys_file} lists no key")
             keys += listed
-        bad = [i for i, k in enumerate(keys) if "=" not in k or not k.split("=", 1)[0] or not k.split("=", 1)[1]]
-        if bad:
-            raise InvalidArgument(f"API keys are KEY=TENANT lines ({len(bad)} are not)")  # never echo a key
-        return dict(k.split("=", 1) for k in keys)
+        return parse(keys, Limits(self.tenant_streams, self.tenant_tokens), self.cluster_token)

@@ -5,8 +5,6 @@ stream relayed to the client, retried once on the next candidate if it fails bef
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 import time
 import uuid
@@ -29,6 +27,7 @@ from proxy.backends import Backends
 from proxy.config import ProxyConfig
 from proxy.metrics import ProxyMetrics
 from proxy.routing import Decision, NodeState, Request, make_policy
+from proxy.tenants import Tenant
 
 NO_RETRY = {"INVALID_ARGUMENT", "FAILED_PRECONDITION", "CANCELLED", "DEADLINE_EXCEEDED", "UNAUTHENTICATED"}
 
@@ -80,18 +79,17 @@ class ProxyNode:
         self.tenants = config.tenants()
         self.metrics = ProxyMetrics()
 
-    def tenant_salt(self, api_key: str | None) -> bytes:
-        """Keys configured: the key must name a tenant; its cache salt is an HMAC of its name keyed
-        by the cluster token, so no caller of a prefill node can name another tenant's salt. Else
-        open: one shared salt."""
+    def tenant(self, api_key: str | None) -> Tenant | None:
+        """Keys configured: the key must name a tenant (its secret salt, its share). Else open: None,
+        one shared salt, no per-tenant limits."""
         if not self.tenants:
-            return b""
+            return None
         if not api_key:
             raise Unauthenticated("an API key is required (metadata 'authorization: Bearer KEY' or 'x-api-key')")
         tenant = self.tenants.get(api_key)
         if tenant is None:
             raise Unauthenticated("unknown API key")
-        return hmac.new(self.config.cluster_token.encode(), tenant.encode(), hashlib.sha256).digest()[:16]
+        return tenant
 
     def plan(
         self,

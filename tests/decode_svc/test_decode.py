@@ -191,3 +191,51 @@ def test_unknown_prefill_node_is_unavailable(tiny_fp32: ModelFolder, servers: Ma
     with pytest.raises(grpc.RpcError) as err:
         _decode(d.address, PROMPTS[0], "127.0.0.1:1", max_tokens=4)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+
+
+def test_free_slots_go_to_the_group_with_the_fewest_running(tiny_fp32: ModelFolder) -> None:
+    """Six of tenant A queue before one of tenant B for two slots: B is admitted among the first
+    ones (its group runs nothing), not after every A that came before it."""
+    from decode_svc.batcher import Batcher, Sequence
+    from kvmesh.sampling import Sampler
+
+    runner = ModelRunner(tiny_fp32, RunnerConfig(threads=1))
+    admitted: list[str] = []
+    done = threading.Event()
+    batcher = Batcher(runner, 2, 64, lambda *_: None)
+    try:
+        _, kv = runner.prefill([5, 6, 7])
+        hold = threading.Event()
+        batcher.batch.step = _gated(batcher.batch.step, hold)  # type: ignore[method-assign]
+
+        def seq(name: str, group: bytes, tokens: int) -> Sequence:
+            def emit(ev: tuple[int, float] | tuple[str, str]) -> None:
+                if name not in admitted:
+                    admitted.append(name)
+                if ev == ("end", "length") and len(admitted) == 7:
+                    done.set()
+
+            return Sequence(name, 5, Sampler(SamplingParams()), tokens, (), emit, group=group)
+
+        for name, group, tokens in [("a1", b"A", 1), ("a2", b"A", 30), ("a3", b"A", 2), ("a4", b"A", 2)]:
+            batcher.submit(seq(name, group, tokens), kv)
+        batcher.submit(seq("a5", b"A", 2), kv)
+        batcher.submit(seq("a6", b"A", 2), kv)
+        batcher.submit(seq("b1", b"B", 2), kv)
+        hold.set()
+        assert done.wait(30)
+    finally:
+        batcher.close()
+    assert (
+        admitted[0] == "a1"
+        and admitted.index("b1") <= 2
+        and sorted(admitted) == sorted(["a1", "a2", "a3", "a4", "a5", "a6", "b1"])
+    )
+
+
+def _gated(step, gate: threading.Event):  # type: ignore[no-untyped-def]
+    def run(tokens):  # type: ignore[no-untyped-def]
+        gate.wait(30)  # every sequence is queued before the first step
+        return step(tokens)
+
+    return run

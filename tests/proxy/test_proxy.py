@@ -312,8 +312,63 @@ def test_internal_calls_need_the_cluster_token_and_tenant_salts_are_secret(
             assert prefill.GetLoad(prefill_pb2.GetLoadRequest(), metadata=ok).hit_tokens > 0
             by_name = prefill_pb2.PrefillRequest(tokens=prompt, cache_salt=b"tenant-a")
             assert next(iter(prefill.Prefill(by_name, metadata=ok))).header.cached_tokens == 0
-            salt = proxy.server.node.tenant_salt("k-a")  # what the proxy derives, from the secret
+            salt = proxy.server.node.tenant("k-a").salt  # what the proxy derives, from the secret
             derived = prefill_pb2.PrefillRequest(tokens=prompt, cache_salt=salt)
             assert next(iter(prefill.Prefill(derived, metadata=ok))).header.cached_tokens > 0
+    finally:
+        proxy.stop()
+
+
+def test_keys_lines_carry_tenant_limits(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("k1=acme streams=2 tokens=500\nk2=acme\nk3=zeta\n")
+    tenants = ProxyConfig(api_keys_file=keys, tenant_streams=9, tenant_tokens=99).tenants()
+    assert tenants["k1"] is tenants["k2"]  # one share per tenant, whichever key it calls with
+    assert (tenants["k1"].limits.streams, tenants["k1"].limits.tokens) == (2, 500)
+    assert (tenants["k3"].limits.streams, tenants["k3"].limits.tokens) == (9, 99)
+    assert tenants["k1"].salt != tenants["k3"].salt
+    for bad in ("k=acme streams=0", "k=acme color=red", "k=acme streams=2\nj=acme streams=3", "=acme"):
+        keys.write_text(bad + "\n")
+        with pytest.raises(InvalidArgument):
+            ProxyConfig(api_keys_file=keys).tenants()
+
+
+def test_one_tenants_flood_leaves_room_for_another(tiny_fp32: ModelFolder, servers: MakeServer) -> None:
+    """100 streams of one tenant at once: its own limit refuses what is beyond it (RESOURCE_EXHAUSTED,
+    at once), so the decode node's slots and wait list keep room, and another tenant arriving
+    meanwhile is admitted and answered."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    p = servers("prefill", tiny_fp32)
+    d = servers("decode", tiny_fp32, slots=4, slot_tokens=250, max_waiting=8)
+    keys = ("k-a=tenant-a streams=6", "k-b=tenant-b")
+    config = ProxyConfig(
+        model=tiny_fp32.path, port=0, prefill=(p.address,), decode=(d.address,), block_size=8, api_keys=keys
+    )
+    proxy = ServerThread(lambda: ProxyServer(config))
+    codes: list[grpc.StatusCode] = []
+    lock = threading.Lock()
+
+    def flood(i: int) -> None:
+        try:
+            list(Client(proxy.address, api_key="k-a").generate(prompt=f"{i} flood", max_tokens=230, ignore_eos=True))
+            code = grpc.StatusCode.OK
+        except grpc.RpcError as e:
+            code = e.code()  # type: ignore[attr-defined]
+        with lock:
+            codes.append(code)
+
+    try:
+        assert proxy.call(proxy.server.node.backends.wait_healthy(20))
+        with ThreadPoolExecutor(100) as pool:
+            for i in range(100):
+                pool.submit(flood, i)
+            time.sleep(0.3)  # the flood is on: tenant-a at its limit, the rest refused
+            b = Client(proxy.address, api_key="k-b").chat([{"role": "user", "content": "my turn?"}], max_tokens=4)
+        assert b.finished is not None and b.finished.usage.completion_tokens >= 1
+        assert len(codes) == 100 and set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) > 0
     finally:
         proxy.stop()
