@@ -3,6 +3,7 @@ through the proxy, a second turn of the same session served from the prefix cach
 request still answered after one prefill container is killed."""
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -76,6 +77,10 @@ def scale(project: str, client: Client) -> None:
     1.0.3 ignores --scale, so it is started by hand with the service's network alias): the proxy
     finds it through DNS and uses it."""
     env = ["-e", "KVMESH_DECODE_HOST=0.0.0.0", "-e", "KVMESH_DECODE_PORT=50071", "-e", "KVMESH_DECODE_THREADS=1"]
+    # the cluster's token, as the compose file gives it, from this environment (`-e NAME` alone: never
+    # on a command line)
+    os.environ["KVMESH_DECODE_CLUSTER_TOKEN"] = os.environ.get("KVMESH_CLUSTER_TOKEN", "")
+    env += ["-e", "KVMESH_DECODE_CLUSTER_TOKEN"]
     subprocess.run(
         [
             "podman",
