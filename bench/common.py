@@ -73,6 +73,7 @@ class Stream:
     sent: float
     arrivals: list[float] = field(default_factory=list)
     cached_tokens: int = 0
+    prompt_tokens: int = 0
     error: str = ""
 
     @property
@@ -95,6 +96,15 @@ async def decode_stream(stub: object, request: object) -> Stream:
     except grpc.aio.AioRpcError as e:
         s.error = e.code().name
     return s
+
+
+def window_rate(streams: Sequence[Stream]) -> float:
+    """Aggregate decode tokens/s of streams that ran together: the tokens received from the moment
+    the last one decodes (its second token) to the moment the first one ends, over that window;
+    nan when no instant had every stream decoding."""
+    start, end = max(s.arrivals[1] for s in streams), min(s.arrivals[-1] for s in streams)
+    n = sum(1 for s in streams for t in s.arrivals if start < t <= end)
+    return n / (end - start) if end > start else float("nan")
 
 
 def pct(values: Sequence[float], q: float) -> float:

@@ -29,7 +29,7 @@ from typing import Any
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import decode_stream, pct, spawn, stop, table, with_malloc_settings
+from bench.common import decode_stream, pct, spawn, stop, table, window_rate, with_malloc_settings
 from kvmesh.model.folder import ModelFolder
 from kvmesh.model.prepare import default_model_dir
 from kvmesh.model.tokenizer import ChatTokenizer
@@ -58,9 +58,7 @@ async def round_(decode: str, prefill: str, n: int) -> dict[str, Any]:
     if errors:
         raise RuntimeError(f"{len(errors)} streams failed: {errors[:3]}")
     # Steady state: from the moment every stream is decoding to the moment the first one ends.
-    start, end = max(s.arrivals[1] for s in streams), min(s.arrivals[-1] for s in streams)
-    in_window = sum(1 for s in streams for t in s.arrivals if start < t <= end)
-    return {"tokens_per_s": in_window / (end - start), "gaps_ms": [g * 1000 for s in streams for g in s.gaps]}
+    return {"tokens_per_s": window_rate(streams), "gaps_ms": [g * 1000 for s in streams for g in s.gaps]}
 
 
 def main() -> None:

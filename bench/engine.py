@@ -266,8 +266,10 @@ def step_budget(folder: Path, summaries: dict[str, dict[str, float]]) -> dict[st
     print(
         f"{'numerics':13} {'context':>7} {'weights MB':>10} {'KV MB':>7} {'floor ms':>8} {'step ms':>8} {'x floor':>7}"
     )
+    from kvmesh.model.runner import KVLayout
+
     lay = json.loads((folder / "kvmesh.json").read_text())["layout"]  # SmolLM2 fp32: 46,080 B a token
-    kv_per_token = lay["layers"] * 2 * lay["kv_heads"] * lay["head_dim"] * np.dtype(lay["dtype"]).itemsize
+    kv_per_token = KVLayout(lay["layers"], lay["kv_heads"], lay["head_dim"], np.dtype(lay["dtype"])).bytes_per_token
     for engine in [e for e in ("kvmesh", "kvmesh-exact") if e in summaries]:
         graph = folder / ("model_decode.onnx" if engine == "kvmesh" else "model_last.onnx")
         if not graph.is_file():

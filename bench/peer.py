@@ -32,16 +32,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import llama_server
-from bench.common import pct, table, with_malloc_settings
+from bench.common import Stream, pct, table, window_rate, with_malloc_settings
 from kvmesh import cluster
 from kvmesh.client import AsyncClient
 from kvmesh.model.folder import ModelFolder
@@ -50,17 +48,6 @@ from kvmesh.model.tokenizer import ChatTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKLOADS = ("short", "long", "batch")
-
-
-@dataclass
-class Stream:
-    sent: float
-    arrivals: list[float] = field(default_factory=list)
-    prompt_tokens: int = 0
-
-    @property
-    def gaps_ms(self) -> list[float]:
-        return [g * 1000 for g in np.diff(self.arrivals)]
 
 
 Run = Callable[[str, int], Awaitable[Stream]]  # (prompt text, new tokens) -> one timed stream
@@ -162,12 +149,9 @@ async def measure(run: Run, texts: list[str], new_tokens: int) -> dict[str, Any]
     if len(streams) == 1:
         a = streams[0].arrivals
         rate = (len(a) - 1) / (a[-1] - a[0])
-    else:  # from the moment the last stream decodes to the moment the first one ends
-        start, end = max(s.arrivals[1] for s in streams), min(s.arrivals[-1] for s in streams)
-        # nan when no instant had every stream decoding (too few --new-tokens for the prefills)
-        n = sum(1 for s in streams for t in s.arrivals if start < t <= end)
-        rate = n / (end - start) if end > start else float("nan")
-    gaps = [g for s in streams for g in s.gaps_ms]
+    else:  # nan when no instant had every stream decoding (too few --new-tokens for the prefills)
+        rate = window_rate(streams)
+    gaps = [g * 1000 for s in streams for g in s.gaps]
     ttft = statistics.median((s.arrivals[0] - s.sent) * 1000 for s in streams)
     return {
         "tok_s": rate,

@@ -127,9 +127,7 @@ class DecodeNode:
             raise Unavailable("this decode node is draining")
         if not job.tokens:
             raise InvalidArgument("empty prompt")
-        vocab = self.runner.vocab_size
-        if vocab and not 0 <= min(job.tokens) <= max(job.tokens) < vocab:
-            raise InvalidArgument(f"token ids must be in [0, {vocab})")
+        self.runner.check_tokens(job.tokens)
         if len(job.tokens) >= self.capacity:
             raise InvalidArgument(
                 f"prompt of {len(job.tokens)} tokens does not fit a sequence of {self.capacity} tokens"

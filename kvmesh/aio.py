@@ -23,7 +23,8 @@ async def within(items: AsyncIterable[T], first_s: float, gap_s: float) -> Async
     it, wait = aiter(items), first_s
     while True:
         try:
-            item = await asyncio.wait_for(anext(it), wait)
+            async with asyncio.timeout(wait):  # a timer per item, no task (wait_for makes one)
+                item = await anext(it)
         except StopAsyncIteration:
             return
         except TimeoutError as e:

@@ -62,13 +62,13 @@ def shape_for(
     this kind of machine, which has 2 cores)."""
     if any(v is not None for v in (prefill, decode, workers, threads)):
         colocated = workers is not None and prefill is None and decode is None
-        shape = {
+        shape: dict[str, int | bool] = {
             "prefill": 0 if colocated else HAND["prefill"] if prefill is None else prefill,
             "decode": 0 if colocated else HAND["decode"] if decode is None else decode,
             "workers": HAND["workers"] if workers is None else workers,
             "threads": HAND["threads"] if threads is None else threads,
         }
-        return dict(shape), "set by hand"
+        return shape, "set by hand"
     if cores < 4:
         why = f"{cores} cores: one process with every core decodes fastest (separate pools would split them)"
         return {"prefill": 0, "decode": 0, "workers": 1, "threads": cores}, why

@@ -64,16 +64,9 @@ def model_info(args: argparse.Namespace) -> int:
     print(f"folder       {folder.path}\ngraph        {runner.graph}")
     print(f"layout       {lay.layers} layers x {lay.kv_heads} KV heads x {lay.head_dim} head_dim, {lay.dtype}")
     print(f"KV bytes     {lay.bytes_per_token} per token\ncontext      {folder.context_length}")
-    print(f"decode       {runner.decode_numerics}\nprefill      {_prefill_numerics(folder)}")
+    print(f"decode       {runner.decode_numerics}\nprefill      {runner.prefill_numerics}")
     print(f"providers    {', '.join(runner.session.get_providers())}\nfingerprint  {folder.fingerprint}")
     return 0
-
-
-def _prefill_numerics(folder: ModelFolder) -> str:
-    """Prefill (the first token and every stored or sent KV byte) runs the folder's main graph."""
-    if folder.meta.get("accuracy_level", 0) == 4:
-        return "int8 activations (--accuracy-level 4)"
-    return f"exact ({folder.meta.get('activations', 'float32')} activations)"
 
 
 def generate(args: argparse.Namespace) -> int:

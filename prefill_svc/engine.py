@@ -78,8 +78,7 @@ class PrefillEngine:
             raise InvalidArgument(
                 f"prompt of {len(tokens)} tokens does not fit the context of {self.runner.max_context}"
             )
-        if self.runner.vocab_size and not 0 <= min(tokens) <= max(tokens) < self.runner.vocab_size:
-            raise InvalidArgument(f"token ids must be in [0, {self.runner.vocab_size})")
+        self.runner.check_tokens(tokens)
         keys = self.lookup_keys(tokens, salt) if keys is None else keys
         start = time.perf_counter()
         past, cached, bad = self._cached_past(keys, len(tokens)) if keys else (None, 0, 0)

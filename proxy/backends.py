@@ -55,10 +55,6 @@ class Backends:
         self._tasks: list[asyncio.Task[None]] = []  # discovery
         self._node_tasks: dict[str, list[asyncio.Task[None]]] = {}  # followers, per node
         self._dns: dict[str, set[str]] = {}  # dns:NAME:PORT -> the addresses it brought
-        # per NodeState: what its health stream says, and whether it answers its load polls;
-        # node.healthy is both
-        self._serving: dict[int, bool] = {}
-        self._missed: dict[int, int] = {}
 
     def start(self) -> None:
         for kind, specs in self._specs.items():
@@ -140,25 +136,25 @@ class Backends:
                 node.blocks.difference_update(ev.block_keys)
 
     def _judge(self, address: str, node: NodeState) -> None:
-        healthy = self._serving.get(id(node), False) and self._missed.get(id(node), 0) < MISSES
+        healthy = node.serving and node.missed_polls < MISSES
         if healthy != node.healthy:
             level = logging.INFO if healthy else logging.WARNING
-            why = "serving" if healthy else "not serving" if not self._serving.get(id(node)) else "not answering"
+            why = "serving" if healthy else "not answering" if node.serving else "not serving"
             log.log(level, "node health", extra={"node": address, "healthy": healthy, "why": why})
         node.healthy = healthy
 
     def _answered(self, address: str, node: NodeState, answered: bool) -> None:
-        self._missed[id(node)] = 0 if answered else self._missed.get(id(node), 0) + 1
+        node.missed_polls = 0 if answered else node.missed_polls + 1
         self._judge(address, node)
 
     async def _follow_health(self, address: str, node: NodeState, service: str) -> None:
         stub = health_pb2_grpc.HealthStub(self.channels[address])
         try:
             async for reply in stub.Watch(health_pb2.HealthCheckRequest(service=service)):
-                self._serving[id(node)] = reply.status == health_pb2.HealthCheckResponse.SERVING
+                node.serving = reply.status == health_pb2.HealthCheckResponse.SERVING
                 self._judge(address, node)
         finally:
-            self._serving[id(node)] = False
+            node.serving = False
             self._judge(address, node)
 
     async def _poll(self, address: str, node: NodeState, ask: Callable[[], Awaitable[None]]) -> None:

@@ -72,8 +72,8 @@ class ProxyNode:
         self.config = config
         self.folder = ModelFolder.load(config.model or default_model_dir("int4"))
         self.tokenizer = ChatTokenizer(self.folder)
-        self.max_prompt_bytes = self.tokenizer.max_token_bytes * (self.folder.context_length or 1 << 30)
         self.context = self.folder.context_length or 1 << 30
+        self.max_prompt_bytes = self.tokenizer.max_token_bytes * self.context
         self.backends = Backends(config.prefill, config.decode, config.block_size, config.worker, config.cluster_token)
         self.policy = make_policy(config.policy, config.load_bound)
         self.tenants = config.tenants()

@@ -32,6 +32,10 @@ class NodeState:
     claimed_tokens: int = 0  # prefill tokens our own routing sent here and not yet computed
     reported_tokens: int = 0  # the node's last load report (every router's requests); 0 when unknown
     changed_at: float = 0.0  # when our own routing last changed claimed_tokens (older reports are stale)
+    # the proxy's followers: what the node's health stream says, and its load polls missed in a row
+    # (healthy is serving and answering; the simulator sets healthy alone)
+    serving: bool = False
+    missed_polls: int = 0
 
     @property
     def queued_tokens(self) -> int:
@@ -204,8 +208,10 @@ class CacheAwarePolicy:
         mine, best_anywhere = cached.get(chosen, 0), max(cached.values(), default=0)
         if mine < best_anywhere and all(cached.get(n.node_id, 0) < best_anywhere for n in allowed):
             reason = "load_overflow"  # the node holding the most of the prompt is over the bound
+        elif mine > 0:
+            reason = "cached_prefix"
         else:  # nothing of the prompt cached there: a new session, or one whose blocks are gone
-            reason = "cached_prefix" if mine > 0 else "cold"
+            reason = "cold"
         return Decision(chosen, reason, mine)
 
 

@@ -76,9 +76,10 @@ _libc = ctypes.CDLL(None, use_errno=True)  # ctypes calls release the GIL (mmap.
 
 def prefaulted(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
     """Zeros in anonymous memory whose pages are already faulted in (resident from now on)."""
-    size = max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    count = int(np.prod(shape))
+    size = max(1, count * np.dtype(dtype).itemsize)
     region = mmap.mmap(-1, size)  # page-aligned, zero-filled; the array keeps it alive
-    array = np.frombuffer(region, dtype, count=int(np.prod(shape))).reshape(shape)
+    array = np.frombuffer(region, dtype, count=count).reshape(shape)
     address = ctypes.c_void_p(array.ctypes.data)
     if _libc.madvise(address, ctypes.c_size_t(size), _MADV_POPULATE_WRITE) != 0:
         array.fill(0)  # an older kernel: touch every page by writing it

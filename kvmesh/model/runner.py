@@ -19,7 +19,7 @@ import onnx
 import onnxruntime as ort
 
 from kvmesh.errors import InvalidArgument, ModelError, ResourceExhausted
-from kvmesh.model.folder import ModelFolder
+from kvmesh.model.folder import DECODE_GRAPH, ModelFolder
 
 log = logging.getLogger(__name__)
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
@@ -126,14 +126,12 @@ def providers(choice: str, graph: Path, kv_type: int | None) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def _numerics(decode: ort.InferenceSession, prefill: ort.InferenceSession, folder: ModelFolder) -> str:
-    """What decode steps compute with, in words for logs and `kvmesh model info`."""
-    if decode is prefill:
-        level = folder.meta.get("accuracy_level", 0)
-        return "int8 activations (the prefill graph's own)" if level == 4 else "exact (fp32 activations)"
-    level = folder.meta.get("decode_accuracy_level", 4)
-    name = folder.decode_graph.name if folder.decode_graph else "?"
-    return f"int8 activations ({name}, MatMulNBits accuracy level {level})" if level == 4 else f"{name}, level {level}"
+def _numerics(level: int, graph: str, activations: str) -> str:
+    """What a graph computes with, in words for logs and `kvmesh model info`."""
+    if level == 4:
+        return f"int8 activations ({graph}, MatMulNBits accuracy level 4)"
+    short = {"float32": "fp32", "float16": "fp16"}.get(activations, activations)
+    return f"exact ({short} activations)" if level == 0 else f"{graph}, MatMulNBits accuracy level {level}"
 
 
 def _session_options(threads: int, stop_spinning: bool) -> ort.SessionOptions:
@@ -175,7 +173,13 @@ class ModelRunner:
                 raise ModelError(
                     f"{folder.decode_graph}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})"
                 ) from e
-        self.decode_numerics = _numerics(self.decode_session, self.session, folder)
+        prefill_level, activations = folder.meta.get("accuracy_level", 0), folder.meta.get("activations", "float32")
+        self.prefill_numerics = _numerics(prefill_level, self.graph.name, activations)
+        self.decode_numerics = (
+            self.prefill_numerics
+            if self.decode_session is self.session
+            else _numerics(folder.meta.get("decode_accuracy_level", 4), DECODE_GRAPH, activations)
+        )
         self.layout = self._read_layout()
         names = {i.name for i in self.session.get_inputs()}
         self._has_positions = "position_ids" in names
@@ -193,6 +197,11 @@ class ModelRunner:
         # Decode steps bind past and present to one buffer per layer and GQA writes in place.
         self.shares_buffers = self.vocab_size > 0 and kv_type is not None
         self.max_context = folder.context_length or 1 << 30
+
+    def check_tokens(self, tokens: Sequence[int]) -> None:
+        """Token ids from a caller or a peer must index the vocabulary (else ORT's Gather fails)."""
+        if self.vocab_size and tokens and not 0 <= min(tokens) <= max(tokens) < self.vocab_size:
+            raise InvalidArgument(f"token ids must be in [0, {self.vocab_size})")
 
     def _read_layout(self) -> KVLayout:
         past = [(m, i) for i in self.session.get_inputs() if (m := _PAST.match(i.name))]

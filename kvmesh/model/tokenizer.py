@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Sequence
 from typing import NoReturn
@@ -34,20 +35,17 @@ class ChatTokenizer:
             raise ModelError(f"{folder.tokenizer}: unreadable tokenizer ({e})") from e
         self._plain.encode_special_tokens = True  # a tokenizer of its own: threads may share both
         self._markers = [t.content for t in self.tokenizer.get_added_tokens_decoder().values()]
-        self._max_token_bytes = 0
         self.eos_token_ids = folder.eos_token_ids
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise  # Hugging Face templates call it on bad input
         self._template = env.from_string(folder.chat_template) if folder.chat_template else None
 
-    @property
+    @functools.cached_property
     def max_token_bytes(self) -> int:
         """The most UTF-8 bytes one token decodes to: text longer than context x this cannot fit
         the context, whatever it is (SmolLM2: 81), so it is refused before it is tokenized."""
-        if not self._max_token_bytes:
-            ids = range(self.tokenizer.get_vocab_size())
-            self._max_token_bytes = max(len(self.tokenizer.decode([i]).encode()) for i in ids) or 1
-        return self._max_token_bytes
+        ids = range(self.tokenizer.get_vocab_size())
+        return max(len(self.tokenizer.decode([i]).encode()) for i in ids) or 1
 
     def encode(self, text: str, special: bool = False) -> list[int]:
         """Text -> ids, as plain text (special: the template's own, trusted text, whose control
