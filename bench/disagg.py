@@ -90,7 +90,7 @@ def main() -> None:
     with_malloc_settings()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        worker, wport = spawn(["decode", "--colocated", "--threads", "2", "--store", f"{tmp}/worker-store"])
+        worker, wport = spawn(["worker", "--threads", "2", "--store", f"{tmp}/worker-store"])
         try:
             asyncio.run(workload(f"127.0.0.1:{wport}", "", b"warm-up"))  # loads kernels; distinct salts keep it cold
             results.append(_summary("colocated", *asyncio.run(workload(f"127.0.0.1:{wport}", "", b"run"))))

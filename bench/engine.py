@@ -75,6 +75,7 @@ def _generator(model: Any, prompt: list[int]) -> Any:
 
 def _kvmesh(folder: Path, exact: bool = False) -> dict[str, Any]:
     from kvmesh.gc_tuning import tune_for_serving
+    from kvmesh.model.batch import decode_loop
 
     runner = _runner(folder, exact)
     long, short = _prompts(folder)
@@ -85,7 +86,7 @@ def _kvmesh(folder: Path, exact: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {"prefill_s": time.perf_counter() - t}
     for name, prompt in (("short", short), ("long", long)):
         logits, kv = runner.prefill(prompt)
-        decoder = runner.decoder(kv, len(prompt) + SIZES["new_tokens"])
+        decoder = decode_loop(runner, kv, len(prompt) + SIZES["new_tokens"])
         gaps = []
         for _ in range(SIZES["new_tokens"]):
             t = time.perf_counter()
@@ -123,6 +124,7 @@ def _interleaved(folder: Path, rounds: int) -> dict[str, Any]:
     """Both engines in this process, alternating every SEGMENT tokens; per engine and prompt the
     step times of every round."""
     from kvmesh.gc_tuning import tune_for_serving
+    from kvmesh.model.batch import decode_loop
 
     runner, model = _runner(folder), _genai_model(folder)
     long, short = _prompts(folder)
@@ -131,7 +133,7 @@ def _interleaved(folder: Path, rounds: int) -> dict[str, Any]:
     for name, prompt in (("short", short), ("long", long)):
         for _ in range(rounds):
             logits, kv = runner.prefill(prompt)
-            decoder, token = runner.decoder(kv, len(prompt) + SIZES["new_tokens"]), int(np.argmax(logits))
+            decoder, token = decode_loop(runner, kv, len(prompt) + SIZES["new_tokens"]), int(np.argmax(logits))
             gen = _generator(model, prompt)
             gen.append_tokens(prompt)
             gen.generate_next_token()
@@ -266,7 +268,7 @@ def step_budget(folder: Path, summaries: dict[str, dict[str, float]]) -> dict[st
     print(
         f"{'numerics':13} {'context':>7} {'weights MB':>10} {'KV MB':>7} {'floor ms':>8} {'step ms':>8} {'x floor':>7}"
     )
-    from kvmesh.model.runner import KVLayout
+    from kvmesh.model.kv import KVLayout
 
     lay = json.loads((folder / "kvmesh.json").read_text())["layout"]  # SmolLM2 fp32: 46,080 B a token
     kv_per_token = KVLayout(lay["layers"], lay["kv_heads"], lay["head_dim"], np.dtype(lay["dtype"])).bytes_per_token

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvmesh.model.batch import make_batch
-from kvmesh.model.runner import KVCache, ModelRunner
+from kvmesh.model.kv import KVCache
+from kvmesh.model.runner import ModelRunner
 from kvmesh.model.turns import Turns
 from kvmesh.sampling import Sampler
 

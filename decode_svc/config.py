@@ -1,4 +1,5 @@
-"""The decode node's settings: flags `kvmesh decode --...` (or `kvmesh worker`), env KVMESH_DECODE_*."""
+"""The decode node's settings: flags `kvmesh decode --...`, env KVMESH_DECODE_* (a colocated worker's
+decode half: `kvmesh worker`, env KVMESH_WORKER_*)."""
 
 from __future__ import annotations
 
@@ -40,25 +41,9 @@ class DecodeConfig:
         ),
     )
     drain_seconds: float = field(default=30.0, metadata=doc("on SIGTERM, how long running sequences may finish"))
-    # A colocated worker prefills in this process, with its own prefix store, and serves the
-    # Prefill service too (cache events, load) so a proxy routes to it as to a prefill node: the
-    # baseline that disaggregation is measured against. Its Decode calls ignore prefill_node.
-    colocated: bool = field(default=False, metadata=doc("prefill in this process (no KV transfer)"))
-    store: Path | None = field(default=None, metadata=doc("colocated: prefix store folder"))
-    store_budget_bytes: int = field(default=2 << 30, metadata=doc("colocated: prefix store byte budget"))
-    block_size: int = field(default=16, metadata=doc("colocated: tokens per cached block"))
-    prefix_cache: bool = field(default=True, metadata=doc("colocated: reuse and store prompt prefixes"))
-    # Off by default: measured on 2 cores (8 streams joining, 512-token prompts), turns with 64-token
-    # chunks took the worst gaps of warm joins from 54 to 46 ms (p99) but those of cold ones from
-    # 71 to 172 ms: each chunk's KV comes back in fresh memory, whose page faults cost more than
-    # the contention they replace.
-    prefill_chunk_tokens: int = field(
-        default=0,
-        metadata=doc("colocated: prompt tokens per prefill chunk, each between two decode steps (0: no turns)"),
-    )
 
     def __post_init__(self) -> None:
-        if self.slots < 1 or self.slot_tokens < 2 or self.max_waiting < 0 or self.prefill_chunk_tokens < 0:
-            raise InvalidArgument("slots >= 1, slot_tokens >= 2, max_waiting >= 0 and prefill_chunk_tokens >= 0")
+        if self.slots < 1 or self.slot_tokens < 2 or self.max_waiting < 0:
+            raise InvalidArgument("slots >= 1, slot_tokens >= 2 and max_waiting >= 0")
         if self.provider not in ("auto", "cpu", "cuda"):
             raise InvalidArgument(f"provider must be auto, cpu or cuda, not {self.provider!r}")

@@ -14,7 +14,7 @@ from typing import cast
 from decode_svc.batcher import Batcher, Sequence
 from decode_svc.config import DecodeConfig
 from decode_svc.metrics import DecodeMetrics
-from decode_svc.sources import LocalPrefill, PrefillJob, RemotePrefill
+from decode_svc.sources import PrefillJob, RemotePrefill, Source
 from kvmesh.errors import InvalidArgument, KvmeshError, ResourceExhausted, Unavailable
 from kvmesh.model.folder import ModelFolder
 from kvmesh.model.prepare import default_model_dir
@@ -22,8 +22,6 @@ from kvmesh.model.runner import ModelRunner, Provider, RunnerConfig
 from kvmesh.model.tokenizer import ChatTokenizer, StreamDecoder
 from kvmesh.model.turns import Turns
 from kvmesh.sampling import Sampler, SamplingParams, StopMatcher
-from prefill_svc.config import PrefillConfig
-from prefill_svc.node import PrefillNode
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +67,10 @@ class Load:
 
 
 class DecodeNode:
-    def __init__(self, config: DecodeConfig) -> None:
+    """turns: a colocated worker's, whose prefill chunks take turns with this node's steps on the
+    shared model; such a worker then sets `source` to its in-process prefill (worker/)."""
+
+    def __init__(self, config: DecodeConfig, turns: Turns | None = None) -> None:
         self.config = config
         self.folder = ModelFolder.load(config.model or default_model_dir("int4"))
         provider = cast(Provider, config.provider)
@@ -81,8 +82,6 @@ class DecodeNode:
         self.tokenizer = ChatTokenizer(self.folder)
         self.capacity = min(config.slot_tokens, self.runner.max_context)
         self.metrics = DecodeMetrics()
-        # a colocated worker's prefill chunks and decode steps take turns on the shared model
-        turns = Turns() if config.colocated and config.prefill_chunk_tokens else None
         self.batcher = Batcher(self.runner, config.slots, self.capacity, self.metrics.on_step, turns)
         self.node_id = config.node_id
         self.on_unhealthy: Callable[[], None] = lambda: None  # the server's: health NOT_SERVING
@@ -90,27 +89,13 @@ class DecodeNode:
         self._reserved = 0
         self._admitted = 0
         self._draining = False
-        self.prefill_node: PrefillNode | None = None  # a colocated worker's
-        self.source: RemotePrefill | LocalPrefill = RemotePrefill(
+        self.source: Source = RemotePrefill(
             self.folder.fingerprint,
             self.runner.layout,
             self.runner.vocab_size,
             config.cluster_token,
             config.stall_timeout_s,
         )
-        if config.colocated:
-            prefill_config = PrefillConfig(
-                model=config.model,
-                store=config.store,
-                store_budget_bytes=config.store_budget_bytes,
-                block_size=config.block_size,
-                prefix_cache=config.prefix_cache,
-                node_id=config.node_id,
-            )
-            self.prefill_node = PrefillNode(
-                prefill_config, self.runner, self.metrics.registry, turns, config.prefill_chunk_tokens
-            )
-            self.source = LocalPrefill(self.prefill_node)
 
     def _fault(self, error: BaseException) -> None:
         self.metrics.faults.labels(type(error).__name__).inc()

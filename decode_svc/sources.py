@@ -1,24 +1,23 @@
-"""Where a decode node gets a prompt's KV and first token: a remote prefill node over gRPC, or
-(colocated worker) a prefill engine in this very process."""
+"""Where a decode node gets a prompt's KV and first token: a `Source`. Here the remote one, a
+prefill node over gRPC; a colocated worker's in-process one is worker/source.py."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
 from kv_transfer.wire import layout_from_pb, prefill_method, pull, read_header
 from kvmesh.aio import PER_TOKEN_S, Stalled, within
 from kvmesh.errors import DataLoss, Upstream
-from kvmesh.model.runner import KVCache, KVLayout
+from kvmesh.model.kv import KVCache, KVLayout
 from kvmesh.params_pb import sampling_to_pb
 from kvmesh.rpc import cluster_channel, upstream
 from kvmesh.sampling import SamplingParams
 from kvmesh.service import GRPC_OPTIONS
 from kvmesh.v1 import kv_pb2, prefill_pb2
-from prefill_svc.node import PrefillNode
 
 
 @dataclass(frozen=True)
@@ -55,6 +54,14 @@ class PrefillJob:
     wire_dtype: int
     prefill_node: str
     timeout_s: float
+
+
+class Source(Protocol):
+    async def start(self, job: PrefillJob) -> tuple[Prefilled, PendingKV]:
+        """The first token and what it took at once; the KV behind it pending."""
+        ...
+
+    async def close(self) -> None: ...
 
 
 class RemotePrefill:
@@ -137,30 +144,3 @@ class RemotePrefill:
     async def close(self) -> None:
         for channel in self._channels.values():
             await channel.close()
-
-
-class LocalPrefill:
-    """The colocated worker's: a prefill node in this process (its store, queue, cache events and
-    Prefill service as a prefill node's); the KV is handed over as is."""
-
-    def __init__(self, node: PrefillNode) -> None:
-        self.node = node
-
-    async def start(self, job: PrefillJob) -> tuple[Prefilled, PendingKV]:
-        outcome = await self.node.prefill(job.tokens, job.params, job.salt, job.request_id)
-        info = Prefilled(
-            outcome.first_token,
-            outcome.first_logprob,
-            outcome.cached_tokens,
-            outcome.compute_s * 1000,
-            outcome.store_read_s * 1000,
-            0,
-        )
-
-        async def handed_over() -> KVCache:
-            return outcome.kv
-
-        return info, PendingKV(handed_over, lambda: None)
-
-    async def close(self) -> None:
-        await self.node.close()

@@ -22,7 +22,7 @@ import numpy as np
 import xxhash
 
 from kvmesh.errors import DataLoss, InvalidArgument
-from kvmesh.model.runner import KVCache
+from kvmesh.model.kv import KVCache
 
 CHUNK_BYTES = (4 << 20) - 1024
 WIRE_DTYPES: dict[str, np.dtype] = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}

@@ -12,7 +12,7 @@ import numpy as np
 from kv_transfer.codec import Assembler, Chunk, Layout
 from kv_transfer.fastwire import decode_response
 from kvmesh.errors import DataLoss
-from kvmesh.model.runner import KVCache
+from kvmesh.model.kv import KVCache
 from kvmesh.v1 import kv_pb2, prefill_pb2
 
 _TO_WIRE: dict[np.dtype, kv_pb2.KVDtype.ValueType] = {

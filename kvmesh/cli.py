@@ -166,8 +166,18 @@ def _parser() -> argparse.ArgumentParser:
     add_flags(prefill, PrefillConfig, "PREFILL")
     from decode_svc.config import DecodeConfig
 
-    decode = sub.add_parser("decode", help="run a decode node (gRPC); --colocated: a worker that prefills too")
+    decode = sub.add_parser("decode", help="run a decode node (gRPC)")
     add_flags(decode, DecodeConfig, "DECODE")
+    from worker.config import SHARED
+
+    worker = sub.add_parser(
+        "worker",
+        help="run a colocated worker: a decode node that prefills in-process, serving Decode and Prefill (gRPC)",
+        description="A decode node's settings and a prefill node's; one both have (--port, --threads, ...) is "
+        "given once and taken by both.",
+    )
+    add_flags(worker, DecodeConfig, "WORKER")
+    add_flags(worker, PrefillConfig, "WORKER", skip=SHARED)
     from proxy.config import ProxyConfig
 
     proxy = sub.add_parser("proxy", help="run the proxy: the one public endpoint (gRPC)")
@@ -192,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             return commands.prefill(args)
         if args.command == "decode":
             return commands.decode(args)
+        if args.command == "worker":
+            return commands.worker(args)
         if args.command == "proxy":
             return commands.proxy(args)
         if args.command == "health":

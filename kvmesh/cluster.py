@@ -137,12 +137,9 @@ def up(spec: ClusterSpec) -> list[Process]:
         for kind, count, first in (*pools_wanted, ("worker", spec.workers, port + 30)):
             for i in range(count):
                 name, p = f"{kind}-{i}", first + i
-                command = "decode" if kind == "worker" else kind
-                flags = [command, "--port", str(p), "--threads", str(spec.threads), "--node-id", name, *model_flag]
+                flags = [kind, "--port", str(p), "--threads", str(spec.threads), "--node-id", name, *model_flag]
                 if kind in ("prefill", "worker"):
                     flags += ["--store", str(cluster_dir() / name / "store"), *cache_flag]
-                if kind == "worker":
-                    flags += ["--colocated"]
                 procs.append(_start(name, kind, p, flags, logs, pools[kind] if spec.pin else None, env))
         backends = [f for p in procs for f in (f"--{p.kind}", p.address)]
         proxy_flags = ["proxy", "--port", str(port), "--policy", spec.policy, *backends, *model_flag]

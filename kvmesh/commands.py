@@ -109,6 +109,17 @@ def decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def worker(args: argparse.Namespace) -> int:
+    from decode_svc.config import DecodeConfig
+    from prefill_svc.config import PrefillConfig
+    from worker.config import WorkerConfig
+    from worker.server import serve
+
+    logs.setup("worker")
+    aio.run(serve(WorkerConfig(build(DecodeConfig, args), build(PrefillConfig, args))))
+    return 0
+
+
 def proxy(args: argparse.Namespace) -> int:
     from proxy.config import ProxyConfig
     from proxy.server import serve

@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from kvmesh.errors import InvalidArgument
+from kvmesh.model.batch import decode_loop
 from kvmesh.model.runner import ModelRunner
 from kvmesh.model.tokenizer import ChatTokenizer, StreamDecoder
 from kvmesh.sampling import Sampler, SamplingParams, StopMatcher
@@ -42,7 +43,7 @@ def generate(
     budget = min(params.max_tokens, runner.max_context - len(prompt))
     start = time.perf_counter()
     logits, kv = runner.prefill(prompt)
-    decoder = runner.decoder(kv, len(prompt) + budget)
+    decoder = decode_loop(runner, kv, len(prompt) + budget)
     sampler, detok, stops = Sampler(params), StreamDecoder(tok), StopMatcher(params.stop)
     ids: list[int] = []
     text: list[str] = []

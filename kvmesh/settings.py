@@ -36,9 +36,14 @@ def _from_env(raw: str, hint: Any) -> Any:
     return base(raw)
 
 
-def add_flags(parser: argparse.ArgumentParser, cls: type[Any], env_prefix: str) -> None:
+def add_flags(
+    parser: argparse.ArgumentParser, cls: type[Any], env_prefix: str, skip: frozenset[str] = frozenset()
+) -> None:
+    """skip: fields another settings class gave this parser already (a worker's shared ones)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
         hint, env = hints[f.name], f"KVMESH_{env_prefix}_{f.name.upper()}"
         default = f.default  # every settings field has a plain default
         if env in os.environ:

@@ -11,7 +11,8 @@ import numpy as np
 
 from kvmesh.blockhash import block_keys, root_key
 from kvmesh.errors import InvalidArgument, KvmeshError
-from kvmesh.model.runner import KVCache, ModelRunner
+from kvmesh.model.kv import KVCache
+from kvmesh.model.runner import ModelRunner
 from kvmesh.model.turns import Turns
 from kvmesh.sampling import Sampler, SamplingParams
 from prefill_svc.store import EventSink, PrefixStore, StoreWriter

@@ -54,11 +54,11 @@ class PrefillNode:
         runner: ModelRunner | None = None,
         registry: CollectorRegistry | None = None,
         turns: Turns | None = None,
-        chunk_tokens: int = 0,
     ) -> None:
-        """turns, chunk_tokens: a colocated worker's, see PrefillEngine."""
+        """turns: a colocated worker's (its decode steps and config.prefill_chunk_tokens chunks take
+        turns on the shared model), see PrefillEngine."""
         self.config = config
-        self._turns, self._chunk_tokens = turns, chunk_tokens
+        self._turns = turns
         self.on_unhealthy: Callable[[], None] = lambda: None  # the server's: health NOT_SERVING
         self.folder = runner.folder if runner else ModelFolder.load(config.model or default_model_dir("int4"))
         provider = cast(Provider, config.provider)
@@ -96,7 +96,7 @@ class PrefillNode:
             self.folder.fingerprint,
             self.config.prefix_cache,
             self._turns,
-            self._chunk_tokens,
+            self.config.prefill_chunk_tokens,
         )
         tok = ChatTokenizer(self.folder)
         for text in self.config.pin_system:

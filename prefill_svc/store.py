@@ -33,7 +33,7 @@ import numpy as np
 import xxhash
 
 from kvmesh.errors import InvalidArgument, ModelError
-from kvmesh.model.runner import KVLayout
+from kvmesh.model.kv import KVLayout
 
 log = logging.getLogger(__name__)
 _META = struct.Struct("<16sQQQB")  # parent, size, last access ns, checksum, flags

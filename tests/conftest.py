@@ -96,6 +96,8 @@ def server_factory(tmp_path: Path) -> Iterator[MakeServer]:
     from decode_svc.server import DecodeServer
     from prefill_svc.config import PrefillConfig
     from prefill_svc.server import PrefillServer
+    from worker.config import WorkerConfig
+    from worker.server import WorkerServer
 
     started: list[ServerThread] = []
 
@@ -121,7 +123,11 @@ def server_factory(tmp_path: Path) -> Iterator[MakeServer]:
                 "store": tmp_path / f"store{len(started)}",
                 "block_size": 8,
             }
-            server = ServerThread(lambda: DecodeServer(DecodeConfig(**{**base, **kw})))  # type: ignore[arg-type]
+            if kind == "worker":
+                server = ServerThread(lambda: WorkerServer(WorkerConfig.of({**base, **kw})))
+            else:
+                del base["store"], base["block_size"]
+                server = ServerThread(lambda: DecodeServer(DecodeConfig(**{**base, **kw})))  # type: ignore[arg-type]
         started.append(server)
         return server
 

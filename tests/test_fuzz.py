@@ -57,7 +57,7 @@ SEEDS = [
 def nodes(tiny_fp32: ModelFolder, module_servers: MakeServer) -> Iterator[dict[str, ServerThread]]:
     start = module_servers
     prefill = start("prefill", tiny_fp32)
-    worker = start("decode", tiny_fp32, colocated=True, slot_tokens=250)
+    worker = start("worker", tiny_fp32, slot_tokens=250)
     config = ProxyConfig(model=tiny_fp32.path, port=0, worker=(worker.address,), block_size=8)
     proxy = ServerThread(lambda: ProxyServer(config))
     assert proxy.call(proxy.server.node.backends.wait_healthy(20))

@@ -18,8 +18,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from kvmesh.errors import InvalidArgument, ModelError, ResourceExhausted
+from kvmesh.errors import InvalidArgument, ModelError
 from kvmesh.model.folder import DECODE_GRAPH, ModelFolder
+from kvmesh.model.kv import KVCache, KVLayout
 
 log = logging.getLogger(__name__)
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
@@ -48,48 +49,6 @@ class RunnerConfig:
     def __post_init__(self) -> None:
         if self.threads < 0:
             raise InvalidArgument("threads must be >= 0")
-
-
-@dataclass(frozen=True)
-class KVLayout:
-    layers: int
-    kv_heads: int
-    head_dim: int
-    dtype: np.dtype
-
-    @property
-    def bytes_per_token(self) -> int:
-        return self.layers * 2 * self.kv_heads * self.head_dim * self.dtype.itemsize
-
-
-@dataclass
-class KVCache:
-    """keys[i], values[i]: (batch, kv_heads, tokens, head_dim) for layer i."""
-
-    keys: list[np.ndarray]
-    values: list[np.ndarray]
-
-    @property
-    def length(self) -> int:
-        return int(self.keys[0].shape[2])
-
-    def prefix(self, tokens: int) -> KVCache:
-        """The KV of the first `tokens` positions (views, no copy)."""
-        return KVCache([k[:, :, :tokens] for k in self.keys], [v[:, :, :tokens] for v in self.values])
-
-    def astype(self, dtype: np.dtype) -> KVCache:
-        """This KV in `dtype` (itself when it is already: KV off the wire may be float16)."""
-        if self.keys[0].dtype == dtype:
-            return self
-        return KVCache([k.astype(dtype) for k in self.keys], [v.astype(dtype) for v in self.values])
-
-    @staticmethod
-    def empty(layout: KVLayout, batch: int = 1) -> KVCache:
-        shape = (batch, layout.kv_heads, 0, layout.head_dim)
-        return KVCache(
-            [np.zeros(shape, layout.dtype) for _ in range(layout.layers)],
-            [np.zeros(shape, layout.dtype) for _ in range(layout.layers)],
-        )
 
 
 def _gqa_kv_type(graph: Path) -> int | None:
@@ -249,50 +208,3 @@ class ModelRunner:
         ids = np.asarray([tokens], dtype=np.int64)
         logits, kv = self.forward(ids, past if past is not None else KVCache.empty(self.layout))
         return logits[0, -1], kv
-
-    def decoder(self, kv: KVCache, capacity: int) -> Decoder:
-        """A decode loop over `kv` (one sequence) that may grow to `capacity` tokens in all."""
-        if capacity > self.max_context:
-            raise InvalidArgument(f"{capacity} tokens exceed the model's context of {self.max_context}")
-        if self.shares_buffers:
-            from kvmesh.model.batch import SharedBufferDecoder  # batch.py builds on this module
-
-            return SharedBufferDecoder(self, kv, capacity)
-        return ConcatDecoder(self, kv, capacity)
-
-
-class Decoder:
-    """Decode steps for one sequence: step(token) -> logits (vocab,) of the next position."""
-
-    def __init__(self, runner: ModelRunner, capacity: int) -> None:
-        self.runner = runner
-        self.capacity = capacity
-        self.length = 0
-
-    def _grow(self) -> None:
-        if self.length >= self.capacity:
-            raise ResourceExhausted(f"sequence reached its capacity of {self.capacity} tokens")
-        self.length += 1
-
-    def step(self, token: int) -> np.ndarray:
-        raise NotImplementedError
-
-    def kv(self) -> KVCache:
-        raise NotImplementedError
-
-
-class ConcatDecoder(Decoder):
-    """Any decoder graph: present comes back as a new array and is fed as the next past."""
-
-    def __init__(self, runner: ModelRunner, kv: KVCache, capacity: int) -> None:
-        super().__init__(runner, capacity)
-        self._kv, self.length = kv.astype(runner.layout.dtype), kv.length
-
-    def step(self, token: int) -> np.ndarray:
-        self._grow()
-        logits, self._kv = self.runner.forward(np.array([[token]], np.int64), self._kv)
-        last: np.ndarray = logits[0, -1]
-        return last
-
-    def kv(self) -> KVCache:
-        return self._kv

@@ -94,7 +94,7 @@ def test_batch_mates_do_not_change_anyones_tokens(tiny_fp32: ModelFolder, server
 
 
 def test_colocated_worker_gives_the_same_tokens(tiny_fp32: ModelFolder, servers: MakeServer) -> None:
-    w = servers("decode", tiny_fp32, colocated=True)
+    w = servers("worker", tiny_fp32)
     for prompt in PROMPTS[:2]:
         assert _decode(w.address, prompt, "", max_tokens=16)[0] == _alone(
             tiny_fp32, prompt, SamplingParams(max_tokens=16)

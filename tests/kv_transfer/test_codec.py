@@ -8,7 +8,7 @@ import xxhash
 
 from kv_transfer.codec import Assembler, Chunk, chunk_count, encode, layout_of
 from kvmesh.errors import DataLoss
-from kvmesh.model.runner import KVCache
+from kvmesh.model.kv import KVCache
 
 F32, F16 = np.dtype(np.float32), np.dtype(np.float16)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvmesh.model.runner import KVLayout
+from kvmesh.model.kv import KVLayout
 from prefill_svc.store import PrefixStore, StoreConfig
 
 LAYOUT = KVLayout(layers=2, kv_heads=2, head_dim=16, dtype=np.dtype(np.float32))

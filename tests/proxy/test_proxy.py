@@ -27,7 +27,7 @@ def cluster(tiny_fp32: ModelFolder, servers: MakeServer) -> Iterator[Callable[..
     def start(prefill: int = 2, decode: int = 1, workers: int = 0, **kw: object) -> ServerThread:
         ps = [servers("prefill", tiny_fp32) for _ in range(prefill)]
         ds = [servers("decode", tiny_fp32, slot_tokens=250) for _ in range(decode)]
-        ws = [servers("decode", tiny_fp32, slot_tokens=250, colocated=True, block_size=8) for _ in range(workers)]
+        ws = [servers("worker", tiny_fp32, slot_tokens=250, block_size=8) for _ in range(workers)]
         config = ProxyConfig(
             model=tiny_fp32.path,
             port=0,

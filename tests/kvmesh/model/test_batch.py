@@ -5,7 +5,7 @@ import onnx
 import pytest
 
 from kvmesh.errors import ResourceExhausted
-from kvmesh.model.batch import SlotBatch
+from kvmesh.model.batch import SlotBatch, decode_loop
 from kvmesh.model.folder import ModelFolder
 from kvmesh.model.runner import ModelRunner, RunnerConfig
 
@@ -30,7 +30,7 @@ def test_mixed_lengths_joining_and_leaving_match_single_runs(
     alone = []
     for p in PROMPTS:  # each sequence alone: 12 greedy tokens
         logits, kv = runner.prefill(p)
-        dec, toks = runner.decoder(kv, len(p) + 13), [int(np.argmax(logits))]
+        dec, toks = decode_loop(runner, kv, len(p) + 13), [int(np.argmax(logits))]
         for _ in range(12):
             toks.append(int(np.argmax(dec.step(toks[-1]))))
         alone.append(toks)
@@ -87,7 +87,7 @@ def test_decode_graph_is_used_for_decode_steps_only(tiny_int4_dec4: ModelFolder)
     bits = {a.i for n in onnx.load(tiny_int4_dec4.decode_graph).graph.node for a in n.attribute if a.name == "bits"}
     assert bits == {4, 8}
     logits, kv = exact.prefill(PROMPTS[1])
-    fast, slow = runner.decoder(kv, 50), exact.decoder(kv, 50)
+    fast, slow = decode_loop(runner, kv, 50), decode_loop(exact, kv, 50)
     token = int(np.argmax(logits))
     for _ in range(5):
         a, b = fast.step(token), slow.step(token)

@@ -8,10 +8,11 @@ import onnxruntime as ort
 import pytest
 
 from kvmesh.errors import ModelError
-from kvmesh.model.batch import DeviceSlots, SlotBatch
+from kvmesh.model.batch import ConcatDecoder, DeviceSlots, SlotBatch
 from kvmesh.model.folder import ModelFolder
+from kvmesh.model.kv import KVCache
 from kvmesh.model.reference import ReferenceLlama
-from kvmesh.model.runner import ConcatDecoder, KVCache, ModelRunner, RunnerConfig
+from kvmesh.model.runner import ModelRunner, RunnerConfig
 
 pytestmark = pytest.mark.skipif(
     "CUDAExecutionProvider" not in ort.get_available_providers(), reason="no CUDA execution provider here"

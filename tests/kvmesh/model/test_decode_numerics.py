@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from decode_svc.batcher import Batcher, Sequence
-from kvmesh.model.batch import SlotBatch
+from kvmesh.model.batch import SlotBatch, decode_loop
 from kvmesh.model.folder import ModelFolder
-from kvmesh.model.runner import KVCache, ModelRunner, RunnerConfig
+from kvmesh.model.kv import KVCache
+from kvmesh.model.runner import ModelRunner, RunnerConfig
 from kvmesh.model.tokenizer import ChatTokenizer
 from kvmesh.sampling import Sampler, SamplingParams, log_softmax
 
@@ -40,7 +41,7 @@ def test_teacher_forced_decode_steps_keep_the_quality_of_the_exact_model(
     exact = ref.forward(np.array([ids]), KVCache.empty(ref.layout))[0][0]
     runner = ModelRunner(real_int4, RunnerConfig(threads=2))
     first, kv = runner.prefill(ids[:1])
-    decoder = runner.decoder(kv, len(ids) + 1)
+    decoder = decode_loop(runner, kv, len(ids) + 1)
     ours = np.stack([first, *(decoder.step(t) for t in ids[1:])])
     agreement = float((ours.argmax(-1) == exact.argmax(-1)).mean())
     p = np.stack([log_softmax(row) for row in exact])

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from kvmesh.generate import Finished, generate
-from kvmesh.model.batch import SharedBufferDecoder
+from kvmesh.model.batch import ConcatDecoder, SharedBufferDecoder, decode_loop
 from kvmesh.model.folder import ModelFolder
+from kvmesh.model.kv import KVCache
 from kvmesh.model.reference import ReferenceLlama
-from kvmesh.model.runner import ConcatDecoder, KVCache, ModelRunner, RunnerConfig
+from kvmesh.model.runner import ModelRunner, RunnerConfig
 from kvmesh.model.tokenizer import ChatTokenizer, chat_messages
 from kvmesh.sampling import SamplingParams
 
@@ -33,7 +34,7 @@ def test_foreign_decoder_matches_reference(exporter: str, decoder: type, tiny_gg
     # round through TF32, ORT's CUDA default: measured 2.7e-3 on an H100.
     tol = 1e-4 if runner.device == "cpu" else 1e-2
     np.testing.assert_allclose(logits[0], ref_logits[5:], atol=tol)
-    steps = runner.decoder(kv, len(IDS) + 2)
+    steps = decode_loop(runner, kv, len(IDS) + 2)
     assert isinstance(steps, decoder)
     np.testing.assert_allclose(steps.step(7), ref.forward([7], ref_kv)[0][0], atol=tol)
 

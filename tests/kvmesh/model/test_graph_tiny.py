@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from kvmesh.errors import ResourceExhausted
-from kvmesh.model.batch import SharedBufferDecoder
+from kvmesh.model.batch import ConcatDecoder, SharedBufferDecoder, decode_loop
 from kvmesh.model.folder import ModelFolder
+from kvmesh.model.kv import KVCache
 from kvmesh.model.reference import KV, ReferenceLlama
-from kvmesh.model.runner import ConcatDecoder, KVCache, ModelRunner, RunnerConfig
+from kvmesh.model.runner import ModelRunner, RunnerConfig
 
 PROMPT = [258, 72, 101, 108, 108, 111, 260, 44, 32, 119, 111, 114, 108, 100, 33, 257, 10, 261, 262, 263]
 TOL = 1e-4
@@ -102,7 +103,7 @@ def test_shared_buffer_decoder_equals_feeding_present_back(variant: str, request
     folder: ModelFolder = request.getfixturevalue(f"tiny_{variant}")
     runner = _runner(folder, all_logits=False)
     logits, kv = runner.prefill(PROMPT)
-    shared, concat = runner.decoder(kv, len(PROMPT) + 6), ConcatDecoder(runner, kv, len(PROMPT) + 6)
+    shared, concat = decode_loop(runner, kv, len(PROMPT) + 6), ConcatDecoder(runner, kv, len(PROMPT) + 6)
     assert isinstance(shared, SharedBufferDecoder)
     token = int(np.argmax(logits))
     for _ in range(6):

@@ -9,7 +9,8 @@ import pytest
 
 from kvmesh.generate import Finished, generate
 from kvmesh.model.folder import ModelFolder
-from kvmesh.model.runner import KVCache, ModelRunner, RunnerConfig
+from kvmesh.model.kv import KVCache
+from kvmesh.model.runner import ModelRunner, RunnerConfig
 from kvmesh.model.tokenizer import ChatTokenizer, chat_messages
 from kvmesh.sampling import SamplingParams, log_softmax
 
