@@ -89,7 +89,7 @@ async def decode_stream(stub: object, request: object) -> Stream:
     s = Stream(time.perf_counter())
     try:
         async for ev in stub.Decode(request, timeout=300):  # type: ignore[attr-defined]
-            if ev.HasField("token") and ev.token.token_id >= 0:
+            if ev.HasField("token"):
                 s.arrivals.append(time.perf_counter())
             elif ev.HasField("finished"):
                 s.cached_tokens = ev.finished.usage.cached_tokens

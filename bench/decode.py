@@ -33,7 +33,7 @@ from bench.common import decode_stream, pct, spawn, stop, table, window_rate, wi
 from kvmesh.model.folder import ModelFolder
 from kvmesh.model.prepare import default_model_dir
 from kvmesh.model.tokenizer import ChatTokenizer
-from kvmesh.v1 import decode_pb2, decode_pb2_grpc
+from kvmesh.v1 import decode_pb2, decode_pb2_grpc, stream_pb2
 
 SIZES = {"prompt_tokens": 512, "shared_tokens": 496, "new_tokens": 128}
 MODEL = [default_model_dir("int4")]
@@ -51,7 +51,7 @@ def prompts(n: int) -> list[list[int]]:
 async def round_(decode: str, prefill: str, n: int) -> dict[str, Any]:
     async with grpc.aio.insecure_channel(decode) as channel:
         stub = decode_pb2_grpc.DecodeStub(channel)
-        params = decode_pb2.GenerationParams(max_tokens=SIZES["new_tokens"], ignore_eos=True)
+        params = stream_pb2.GenerationParams(max_tokens=SIZES["new_tokens"], ignore_eos=True)
         requests = [decode_pb2.DecodeRequest(tokens=p, prefill_node=prefill, params=params) for p in prompts(n)]
         streams = await asyncio.gather(*(decode_stream(stub, r) for r in requests))
     errors = [s.error for s in streams if s.error]

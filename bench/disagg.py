@@ -30,7 +30,7 @@ from bench.common import Stream, decode_stream, pct, spawn, stop, table, with_ma
 from kvmesh.model.folder import ModelFolder
 from kvmesh.model.prepare import default_model_dir
 from kvmesh.model.tokenizer import ChatTokenizer, chat_messages
-from kvmesh.v1 import decode_pb2, decode_pb2_grpc
+from kvmesh.v1 import decode_pb2, decode_pb2_grpc, stream_pb2
 
 BACKGROUND, LONG, LONG_TOKENS, GAP_S = 4, 4, 16, 1.0
 SIZES = {"background_tokens": 200, "long_prompt_tokens": 1500}
@@ -52,7 +52,7 @@ async def workload(decode: str, prefill: str, salt: bytes) -> tuple[list[Stream]
         stub = decode_pb2_grpc.DecodeStub(channel)
 
         def request(tokens: list[int], n: int) -> decode_pb2.DecodeRequest:
-            params = decode_pb2.GenerationParams(max_tokens=n, ignore_eos=True)
+            params = stream_pb2.GenerationParams(max_tokens=n, ignore_eos=True)
             return decode_pb2.DecodeRequest(tokens=tokens, prefill_node=prefill, params=params, cache_salt=salt)
 
         background = [asyncio.create_task(decode_stream(stub, request(p, SIZES["background_tokens"]))) for p in short]

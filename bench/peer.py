@@ -117,7 +117,7 @@ class Kvmesh:
         s = Stream(time.perf_counter())
         async for ev in self.client.generate(prompt=prompt, max_tokens=new_tokens, ignore_eos=True, timeout=600):
             kind = ev.WhichOneof("kind")
-            if kind == "token" and ev.token.token_id >= 0:
+            if kind == "token":
                 s.arrivals.append(time.perf_counter())
             elif kind == "started":
                 s.prompt_tokens = ev.started.prompt_tokens

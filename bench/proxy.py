@@ -31,7 +31,7 @@ from kvmesh.client import request as generate_request
 from kvmesh.model.folder import ModelFolder
 from kvmesh.model.prepare import default_model_dir
 from kvmesh.model.tokenizer import ChatTokenizer, chat_messages
-from kvmesh.v1 import decode_pb2, decode_pb2_grpc, generation_pb2_grpc
+from kvmesh.v1 import decode_pb2, decode_pb2_grpc, generation_pb2_grpc, stream_pb2
 
 SIZES = {"new_tokens": 64}
 QUESTION = "Describe a lighthouse at night."
@@ -52,7 +52,7 @@ async def run(
 ) -> tuple[list[Stream], list[Stream], list[tuple[Stream, Stream]]]:
     tok = ChatTokenizer(ModelFolder.load(default_model_dir("int4")))
     tokens = tok.encode_chat(chat_messages(QUESTION))
-    params = decode_pb2.GenerationParams(max_tokens=SIZES["new_tokens"], ignore_eos=True)
+    params = stream_pb2.GenerationParams(max_tokens=SIZES["new_tokens"], ignore_eos=True)
     direct_req = decode_pb2.DecodeRequest(tokens=tokens, prefill_node=prefill, params=params)
     proxy_req = generate_request(chat_messages(QUESTION), "", "bench", max_tokens=SIZES["new_tokens"], ignore_eos=True)
     async with grpc.aio.insecure_channel(decode) as dch, grpc.aio.insecure_channel(proxy) as pch:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmesh.errors import InvalidArgument
-from kvmesh.settings import doc
+from kvmesh.settings import check_ports, doc
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ class DecodeConfig:
     drain_seconds: float = field(default=30.0, metadata=doc("on SIGTERM, how long running sequences may finish"))
 
     def __post_init__(self) -> None:
+        check_ports(self)
         if self.slots < 1 or self.slot_tokens < 2 or self.max_waiting < 0:
             raise InvalidArgument("slots >= 1, slot_tokens >= 2 and max_waiting >= 0")
         if self.provider not in ("auto", "cpu", "cuda"):

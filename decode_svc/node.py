@@ -44,6 +44,13 @@ class Token:
 
 
 @dataclass(frozen=True)
+class HeldBack:
+    """Text held back while it might have begun a stop string, released at the end: no token."""
+
+    text: str
+
+
+@dataclass(frozen=True)
 class Done:
     reason: str
     prompt_tokens: int
@@ -125,7 +132,7 @@ class DecodeNode:
         self.metrics.waiting.set(max(self._admitted - self.batcher.running, 0))
         return budget
 
-    async def decode(self, job: DecodeJob, timeout_s: float | None) -> AsyncIterator[Token | Done]:
+    async def decode(self, job: DecodeJob, timeout_s: float | None) -> AsyncIterator[Token | HeldBack | Done]:
         budget = self._admit(job)
         start = time.perf_counter()
         seq: Sequence | None = None
@@ -183,7 +190,7 @@ class DecodeNode:
                 kv_pending.cancel()
                 tail = "" if stopped else text.flush()
                 if tail:
-                    yield Token(-1, tail, 0.0)
+                    yield HeldBack(tail)
                 yield done("stop" if stopped else "length")
                 return
             kv = await kv_pending.result()
@@ -206,7 +213,7 @@ class DecodeNode:
                 if item[0] == "end":
                     tail = text.flush()
                     if tail:
-                        yield Token(-1, tail, 0.0)
+                        yield HeldBack(tail)
                     yield done(str(item[1]), received - start - ttft, time.perf_counter() - received)
                     return
                 token, logprob = cast(tuple[int, float], item)

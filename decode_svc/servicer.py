@@ -6,22 +6,24 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from decode_svc.node import DecodeJob, DecodeNode, Done, Token
+from decode_svc.node import DecodeJob, DecodeNode, Done, HeldBack, Token
 from kvmesh.params_pb import params_from_pb
-from kvmesh.v1 import decode_pb2, decode_pb2_grpc
+from kvmesh.v1 import decode_pb2, decode_pb2_grpc, stream_pb2
 
 Context = grpc.aio.ServicerContext[object, object]
 
 
-def event_to_pb(event: Token | Done) -> decode_pb2.DecodeEvent:
+def event_to_pb(event: Token | HeldBack | Done) -> decode_pb2.DecodeEvent:
+    if isinstance(event, HeldBack):
+        return decode_pb2.DecodeEvent(text=stream_pb2.TextEvent(text=event.text))
     if isinstance(event, Token):
         return decode_pb2.DecodeEvent(
-            token=decode_pb2.TokenEvent(token_id=event.token_id, text=event.text, logprob=event.logprob)
+            token=stream_pb2.TokenEvent(token_id=event.token_id, text=event.text, logprob=event.logprob)
         )
-    usage = decode_pb2.Usage(
+    usage = stream_pb2.Usage(
         prompt_tokens=event.prompt_tokens, cached_tokens=event.cached_tokens, completion_tokens=event.completion_tokens
     )
-    timings = decode_pb2.Timings(
+    timings = stream_pb2.Timings(
         ttft_ms=event.ttft_ms,
         kv_transfer_ms=event.kv_transfer_ms,
         kv_bytes=event.kv_bytes,
@@ -30,7 +32,7 @@ def event_to_pb(event: Token | Done) -> decode_pb2.DecodeEvent:
         store_read_ms=event.store_read_ms,
     )
     return decode_pb2.DecodeEvent(
-        finished=decode_pb2.Finished(finish_reason=event.reason, usage=usage, timings=timings)
+        finished=stream_pb2.Finished(finish_reason=event.reason, usage=usage, timings=timings)
     )
 
 

@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 from kvmesh.errors import KvmeshError
 from kvmesh.settings import add_flags
@@ -28,6 +29,18 @@ def _at_least(low: int) -> Callable[[str], int]:
 
     parse.__name__ = "integer"  # argparse names the type in its message for an unparsable value
     return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error in one line, naming the command's --help (argparse prints the whole usage
+    first, which buries the error for a command with many flags). Subcommands inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+if TYPE_CHECKING:  # what add_subparsers returns: add_parser per command (generic in typeshed only)
+    Commands = argparse._SubParsersAction[_Parser]
 
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
@@ -53,9 +66,8 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="kvmesh", description="kvmesh: an LLM serving mesh")
-    sub = root.add_subparsers(dest="command", required=True)
+def _model_commands(sub: Commands) -> None:
+    """kvmesh model prepare | info."""
     model = sub.add_parser("model", help="prepare and inspect model folders").add_subparsers(
         dest="model_command", required=True
     )
@@ -89,6 +101,10 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--force", action="store_true", help="convert even when the folder is up to date")
     info = model.add_parser("info", help="show a model folder's layout")
     _add_engine_flags(info)
+
+
+def _client_commands(sub: Commands) -> None:
+    """kvmesh generate (in this process or through a proxy) and chat."""
     gen = sub.add_parser("generate", help="generate a reply to a prompt in this process, streamed")
     gen.add_argument("prompt")
     gen.add_argument("--system", help="system message (default: the chat template's own)")
@@ -114,6 +130,10 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="system message")
     chat.add_argument("--max-tokens", type=_at_least(1), default=256)
     chat.add_argument("--api-key", default=os.environ.get("KVMESH_API_KEY"), help="API key (KVMESH_API_KEY)")
+
+
+def _cluster_commands(sub: Commands) -> None:
+    """kvmesh up | status | health | down: the local cluster."""
     cluster_up = sub.add_parser(
         "up",
         help="start a local cluster: proxy and nodes, in the shape measured best for this machine's cores",
@@ -121,14 +141,16 @@ def _parser() -> argparse.ArgumentParser:
         "cores (printed with the reason); any of them sets the shape by hand. The proxy listens on --port; "
         "prefill nodes take port+10.., decode nodes port+20.., colocated workers port+30..",
     )
-    cluster_up.add_argument("--prefill", type=int, help="prefill nodes")
-    cluster_up.add_argument("--decode", type=int, help="decode nodes")
+    cluster_up.add_argument("--prefill", type=_at_least(0), help="prefill nodes")
+    cluster_up.add_argument("--decode", type=_at_least(0), help="decode nodes")
     cluster_up.add_argument("--port", type=int, default=50051, help="the proxy's port; nodes use the next ones")
     cluster_up.add_argument("--policy", default="cache_aware", help="routing policy")
     cluster_up.add_argument("--model", help="model folder (default: the prepared SmolLM2 int4)")
-    cluster_up.add_argument("--threads", type=int, help="ONNX Runtime threads per node")
+    cluster_up.add_argument("--threads", type=_at_least(1), help="ONNX Runtime threads per node")
     cluster_up.add_argument("--pin", action="store_true", help="prefill nodes on half the cores, decode on the rest")
-    cluster_up.add_argument("--workers", type=int, help="colocated workers (prefill and decode in one process)")
+    cluster_up.add_argument(
+        "--workers", type=_at_least(0), help="colocated workers (prefill and decode in one process)"
+    )
     cluster_up.add_argument(
         "--prefix-cache", action=argparse.BooleanOptionalAction, default=True, help="prefill nodes reuse prefixes"
     )
@@ -137,6 +159,10 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("address")
     check.add_argument("--service", default="", help="e.g. kvmesh.v1.Prefill (default: the whole server)")
     sub.add_parser("down", help="stop the local cluster")
+
+
+def _study_commands(sub: Commands) -> None:
+    """kvmesh bench and simulate."""
     from kvmesh.loadgen.cascade import CONFIGS, Fleet
     from kvmesh.loadgen.workload import WorkloadSpec
 
@@ -160,6 +186,10 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--sizing-sessions", type=int, default=20000, help="sessions per sizing run (0: no sizing)")
     simulate.add_argument("--out", default="simulate-out", help="folder for simulate.json")
     simulate.add_argument("--jobs", type=int, default=0, help="policies simulated at once (0: one per core)")
+
+
+def _service_commands(sub: Commands) -> None:
+    """kvmesh prefill | decode | worker | proxy: one service each, settings from its config class."""
     from prefill_svc.config import PrefillConfig
 
     prefill = sub.add_parser("prefill", help="run a prefill node (gRPC)")
@@ -182,6 +212,13 @@ def _parser() -> argparse.ArgumentParser:
 
     proxy = sub.add_parser("proxy", help="run the proxy: the one public endpoint (gRPC)")
     add_flags(proxy, ProxyConfig, "PROXY")
+
+
+def _parser() -> argparse.ArgumentParser:
+    root = _Parser(prog="kvmesh", description="kvmesh: an LLM serving mesh")
+    sub = root.add_subparsers(dest="command", required=True)
+    for commands in (_model_commands, _client_commands, _cluster_commands, _study_commands, _service_commands):
+        commands(sub)
     return root
 
 
@@ -215,8 +252,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("up", "status", "down", "chat"):
             return int(getattr(commands, f"cluster_{args.command}")(args))
         return commands.remote_generate(args) if args.endpoint is not None else commands.generate(args)
-    except KvmeshError as e:
-        print(f"kvmesh: error: {e}", file=sys.stderr)
+    except KvmeshError as e:  # a call to a kvmesh endpoint that failed (kvmesh.client) says its status
+        status = f"{e.status}: " if isinstance(e.__cause__, grpc.RpcError) else ""
+        print(f"kvmesh: error: {status}{e}", file=sys.stderr)
         return 2
     except grpc.RpcError as e:  # a call to a kvmesh endpoint failed: its status and message
         print(f"kvmesh: error: {commands.rpc_error(e)}", file=sys.stderr)

@@ -3,7 +3,7 @@
 from kvmesh.client import Client
 client = Client("127.0.0.1:50051")
 for event in client.generate([{"role": "user", "content": "Hi!"}], session_id="s1"):
-    ...  # event.started, then event.token (text deltas), then event.finished
+    ...  # event.started, then event.token (text deltas), maybe event.text, then event.finished
 reply = client.chat([{"role": "user", "content": "Hi!"}], session_id="s1")  # collected
 """
 
@@ -15,7 +15,8 @@ from typing import Any
 
 import grpc
 
-from kvmesh.v1 import decode_pb2, generation_pb2, generation_pb2_grpc
+from kvmesh.errors import KvmeshError, from_status
+from kvmesh.v1 import generation_pb2, generation_pb2_grpc, stream_pb2
 
 Messages = Sequence[dict[str, str]]
 
@@ -27,7 +28,7 @@ class Reply:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     started: generation_pb2.Started | None = None
-    finished: decode_pb2.Finished | None = None
+    finished: stream_pb2.Finished | None = None
 
     def add(self, event: generation_pb2.GenerateEvent) -> None:
         kind = event.WhichOneof("kind")
@@ -35,8 +36,9 @@ class Reply:
             self.started = event.started
         elif kind == "token":
             self.text += event.token.text
-            if event.token.token_id >= 0:
-                self.token_ids.append(event.token.token_id)
+            self.token_ids.append(event.token.token_id)
+        elif kind == "text":  # held-back text released at the end: no token of its own
+            self.text += event.text.text
         elif kind == "finished":
             self.finished = event.finished
 
@@ -44,8 +46,15 @@ class Reply:
 def request(messages: Messages | None, prompt: str, session_id: str, **params: Any) -> generation_pb2.GenerateRequest:
     chat = [generation_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages or ()]
     return generation_pb2.GenerateRequest(
-        session_id=session_id, messages=chat, prompt=prompt, params=decode_pb2.GenerationParams(**params)
+        session_id=session_id, messages=chat, prompt=prompt, params=stream_pb2.GenerationParams(**params)
     )
+
+
+def _error(e: grpc.RpcError) -> KvmeshError:
+    """A failed call as kvmesh's own error: its class (and `.status`) from the status code."""
+    if isinstance(e, grpc.Call):
+        return from_status(e.code().name, e.details() or e.code().name)
+    return from_status("UNAVAILABLE", str(e))
 
 
 def _metadata(api_key: str | None) -> tuple[tuple[str, str | bytes], ...]:
@@ -66,9 +75,14 @@ class Client:
         timeout: float | None = None,
         **params: Any,
     ) -> Iterator[generation_pb2.GenerateEvent]:
-        yield from self.stub.Generate(
-            request(messages, prompt, session_id, **params), timeout=timeout, metadata=_metadata(self.api_key)
-        )
+        """The proxy's events; a failed call raises a KvmeshError (InvalidArgument, ResourceExhausted,
+        Unauthenticated, Unavailable, ...; `.status` the status code's name), from the grpc error."""
+        try:
+            yield from self.stub.Generate(
+                request(messages, prompt, session_id, **params), timeout=timeout, metadata=_metadata(self.api_key)
+            )
+        except grpc.RpcError as e:
+            raise _error(e) from e
 
     def chat(self, messages: Messages, session_id: str = "", **params: Any) -> Reply:
         reply = Reply()
@@ -94,11 +108,17 @@ class AsyncClient:
         timeout: float | None = None,
         **params: Any,
     ) -> AsyncIterator[generation_pb2.GenerateEvent]:
+        """As Client.generate."""
         call = self.stub.Generate(
             request(messages, prompt, session_id, **params), timeout=timeout, metadata=_metadata(self.api_key)
         )
-        async for event in call:
-            yield event
+        try:
+            async for event in call:
+                yield event
+        except grpc.RpcError as e:
+            raise _error(e) from e
+        finally:
+            call.cancel()  # a no-op once it ended; stops the proxy's work when the caller gave up
 
     async def chat(self, messages: Messages, session_id: str = "", **params: Any) -> Reply:
         reply = Reply()

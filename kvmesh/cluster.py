@@ -18,9 +18,10 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kvmesh.errors import KvmeshError, Unavailable
+from kvmesh.errors import InvalidArgument, KvmeshError, Unavailable
 from kvmesh.model.prepare import kvmesh_home
 from kvmesh.rpc import token_metadata
+from kvmesh.settings import check_port
 from kvmesh.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 # DESIGN.md: glibc otherwise returns each freed MiB to the OS and faults it in again.
@@ -44,6 +45,16 @@ class ClusterSpec:
     pin: bool = False  # prefill nodes on the first half of the cores, decode nodes on the rest
     threads: int = 1
     prefix_cache: bool = True
+
+    def __post_init__(self) -> None:
+        if min(self.prefill, self.decode, self.workers) < 0 or self.threads < 1:
+            raise InvalidArgument("node counts must be >= 0 and threads >= 1")
+        if self.prefill + self.workers < 1 or self.decode + self.workers < 1:
+            raise InvalidArgument(
+                f"{self.prefill} prefill, {self.decode} decode and {self.workers} workers: a cluster needs a node "
+                "that prefills and one that decodes (a colocated worker does both)"
+            )
+        check_port("port", self.port, low=1)
 
 
 # Hand-set shapes fill what they leave out from these (the pools of the first builds).

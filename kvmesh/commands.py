@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from kvmesh import aio, cluster, gc_tuning, logs
+from kvmesh.errors import KvmeshError
 from kvmesh.generate import Delta
 from kvmesh.generate import generate as run_generate
 from kvmesh.model.folder import ModelFolder
@@ -22,7 +23,7 @@ from kvmesh.model.runner import ModelRunner, RunnerConfig
 from kvmesh.model.tokenizer import ChatTokenizer, chat_messages
 from kvmesh.sampling import SamplingParams
 from kvmesh.settings import build
-from kvmesh.v1 import decode_pb2, generation_pb2
+from kvmesh.v1 import generation_pb2, stream_pb2
 
 if TYPE_CHECKING:
     from kvmesh.client import Reply
@@ -129,7 +130,7 @@ def proxy(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stats(finished: decode_pb2.Finished | None, started: generation_pb2.Started | None, ttft_s: float) -> str:
+def _stats(finished: stream_pb2.Finished | None, started: generation_pb2.Started | None, ttft_s: float) -> str:
     where = f", prefill {started.prefill_node} ({started.routing_reason})" if started else ""
     if finished is None:
         return f"[time to first token {ttft_s * 1000:.0f} ms{where}]"
@@ -166,11 +167,13 @@ def _stream(events: Iterator[generation_pb2.GenerateEvent], reply: Reply, start:
     try:
         for event in events:
             reply.add(event)
-            if event.WhichOneof("kind") == "token":
+            kind = event.WhichOneof("kind")
+            if kind == "token":
                 first = first or time.perf_counter() - start
-                sys.stdout.write(event.token.text)
+            if kind in ("token", "text"):
+                sys.stdout.write(event.token.text if kind == "token" else event.text.text)
                 sys.stdout.flush()
-    except grpc.RpcError:
+    except KvmeshError:
         if first:
             print(file=sys.stderr)  # the error on a line of its own, after the text so far
         raise

@@ -50,3 +50,15 @@ class Upstream(KvmeshError):
     def __init__(self, status: str, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+_BY_STATUS: dict[str, type[KvmeshError]] = {
+    c.status: c for c in (InvalidArgument, ModelError, ResourceExhausted, DataLoss, Unavailable, Unauthenticated)
+}
+
+
+def from_status(status: str, message: str) -> KvmeshError:
+    """A status that a kvmesh endpoint answered, as the error class it stands for (what kvmesh.client
+    raises): INVALID_ARGUMENT -> InvalidArgument, ...; any other status an `Upstream` carrying it."""
+    cls = _BY_STATUS.get(status)
+    return cls(message) if cls is not None else Upstream(status, message)

@@ -15,7 +15,7 @@ from kvmesh.sampling import Sampler, SamplingParams, StopMatcher
 
 @dataclass(frozen=True)
 class Delta:
-    token_id: int
+    token_id: int | None  # None: text held back for a possible stop string, released at the end
     text: str  # may be empty while a character or a possible stop string is incomplete
 
 
@@ -68,6 +68,6 @@ def generate(
         tail += stops.flush()
         text.append(tail)
         if tail:
-            yield Delta(-1, tail)
+            yield Delta(None, tail)
     end = time.perf_counter()
     yield Finished(reason, "".join(text), len(prompt), ids, (first or end) - start, end - (first or end))

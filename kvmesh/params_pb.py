@@ -4,12 +4,12 @@ every service converts them (the proxy, decode nodes and prefill nodes all meet 
 from __future__ import annotations
 
 from kvmesh.sampling import SamplingParams
-from kvmesh.v1 import decode_pb2, prefill_pb2
+from kvmesh.v1 import prefill_pb2, stream_pb2
 
 DEFAULT_MAX_TOKENS = 256  # GenerationParams.max_tokens 0 is read as this
 
 
-def params_from_pb(msg: decode_pb2.GenerationParams) -> SamplingParams:
+def params_from_pb(msg: stream_pb2.GenerationParams) -> SamplingParams:
     seed = msg.seed if msg.HasField("seed") else None
     return SamplingParams(
         msg.temperature,
@@ -22,8 +22,8 @@ def params_from_pb(msg: decode_pb2.GenerationParams) -> SamplingParams:
     )
 
 
-def params_to_pb(p: SamplingParams) -> decode_pb2.GenerationParams:
-    return decode_pb2.GenerationParams(
+def params_to_pb(p: SamplingParams) -> stream_pb2.GenerationParams:
+    return stream_pb2.GenerationParams(
         temperature=p.temperature,
         top_k=p.top_k,
         top_p=p.top_p,

@@ -12,12 +12,26 @@ import types
 import typing
 from typing import Any, TypeVar
 
+from kvmesh.errors import InvalidArgument
+
 T = TypeVar("T")
 
 
 def doc(text: str) -> dict[str, str]:
     """A settings field's flag help: `field(default=..., metadata=doc("..."))`."""
     return {"help": text}
+
+
+def check_port(name: str, value: int, low: int = 0) -> None:
+    """A TCP port setting: low..65535 (a larger one would wrap around in the socket layer)."""
+    if not low <= value <= 65535:
+        raise InvalidArgument(f"{name} must be a port number from {low} to 65535, not {value}")
+
+
+def check_ports(config: Any) -> None:
+    """A service config's `port` (0: any free one) and `metrics_port` (-1: none)."""
+    check_port("port", config.port)
+    check_port("metrics_port", config.metrics_port, low=-1)
 
 
 def _base(hint: Any) -> Any:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from kv_transfer.codec import CHUNK_BYTES
 from kvmesh.errors import InvalidArgument
-from kvmesh.settings import doc
+from kvmesh.settings import check_ports, doc
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class PrefillConfig:
     )
 
     def __post_init__(self) -> None:
+        check_ports(self)
         if (
             self.block_size < 1
             or self.chunk_bytes < 1024

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmesh.errors import InvalidArgument
-from kvmesh.settings import doc
+from kvmesh.settings import check_ports, doc
 from proxy.routing import POLICIES
 from proxy.tenants import Limits, Tenant, parse
 
@@ -58,6 +58,7 @@ class ProxyConfig:
     )
 
     def __post_init__(self) -> None:
+        check_ports(self)
         if self.policy not in POLICIES:
             raise InvalidArgument(f"routing policy must be one of {', '.join(POLICIES)}, not {self.policy!r}")
         if self.load_bound <= 1.0:

@@ -175,6 +175,8 @@ class ProxyNode:
                     if event.HasField("finished"):
                         claim.release()  # before the client hears it: its next request sees the load as it is
                         yield generation_pb2.GenerateEvent(finished=event.finished)
+                    elif event.HasField("text"):
+                        yield generation_pb2.GenerateEvent(text=event.text)
                     else:
                         relayed += 1
                         yield generation_pb2.GenerateEvent(token=event.token)

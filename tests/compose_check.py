@@ -10,10 +10,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import grpc
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kvmesh.client import Client
+from kvmesh.errors import KvmeshError
 
 
 def container_at(ip: str, project: str) -> str:
@@ -38,7 +37,7 @@ def wait_serving(client: Client, timeout_s: float) -> None:
         try:
             client.chat([{"role": "user", "content": "ping"}], max_tokens=1)
             return
-        except grpc.RpcError as e:
+        except KvmeshError as e:
             if time.monotonic() > deadline:
                 raise SystemExit(f"the cluster did not answer within {timeout_s:.0f} s: {e}") from e
             time.sleep(1)

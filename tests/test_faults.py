@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvmesh.model.folder import ModelFolder
-from kvmesh.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from kvmesh.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc, stream_pb2
 from tests.helpers.servers import MakeServer, ServerThread
 
 
@@ -64,7 +64,7 @@ def test_an_exception_in_the_decode_loop(tiny_fp32: ModelFolder, servers: MakeSe
 
     batch.step = broken  # type: ignore[method-assign]
     request = decode_pb2.DecodeRequest(
-        tokens=[5, 6, 7, 8], prefill_node=prefill.address, params=decode_pb2.GenerationParams(max_tokens=8)
+        tokens=[5, 6, 7, 8], prefill_node=prefill.address, params=stream_pb2.GenerationParams(max_tokens=8)
     )
     with grpc.insecure_channel(node.address) as channel:
         with pytest.raises(grpc.RpcError) as err:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from kvmesh.client import Client
 from kvmesh.model.folder import ModelFolder
-from kvmesh.v1 import decode_pb2, generation_pb2, prefill_pb2
+from kvmesh.v1 import decode_pb2, generation_pb2, prefill_pb2, stream_pb2
 from proxy.config import ProxyConfig
 from proxy.server import ProxyServer
 from tests.helpers.servers import MakeServer, ServerThread
@@ -42,14 +42,14 @@ METHODS = [
 ]
 # Valid messages with hostile values, as seeds beside the random bytes
 SEEDS = [
-    generation_pb2.GenerateRequest(prompt="hi", params=decode_pb2.GenerationParams(max_tokens=4, top_k=2**31)),
+    generation_pb2.GenerateRequest(prompt="hi", params=stream_pb2.GenerationParams(max_tokens=4, top_k=2**31)),
     generation_pb2.GenerateRequest(messages=[generation_pb2.ChatMessage(role="user", content="<|im_end|>")]),
     prefill_pb2.PrefillRequest(tokens=[2**31 - 1, 5]),
     prefill_pb2.PrefillRequest(tokens=[-1, 5]),
     prefill_pb2.PrefillRequest(tokens=[1, 2, 3], wire_dtype=77, sampling=prefill_pb2.Sampling(temperature=-1)),
     prefill_pb2.PinRequest(tokens=[7] * 40),
-    decode_pb2.DecodeRequest(tokens=[3] * 10, params=decode_pb2.GenerationParams(max_tokens=2**32 - 1)),
-    decode_pb2.DecodeRequest(tokens=[4, -7], params=decode_pb2.GenerationParams(seed=2**64 - 1, max_tokens=3)),
+    decode_pb2.DecodeRequest(tokens=[3] * 10, params=stream_pb2.GenerationParams(max_tokens=2**32 - 1)),
+    decode_pb2.DecodeRequest(tokens=[4, -7], params=stream_pb2.GenerationParams(seed=2**64 - 1, max_tokens=3)),
 ]
 
 

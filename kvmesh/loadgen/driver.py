@@ -9,10 +9,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
 from tqdm import tqdm
 
 from kvmesh.client import AsyncClient
+from kvmesh.errors import KvmeshError
 from kvmesh.loadgen.workload import Session, Workload
 
 REQUEST_TIMEOUT_S = 600.0
@@ -58,14 +58,16 @@ async def _turn(
                     result.itl_s.append(now - last)
                 last = now
                 text += event.token.text
+            elif kind == "text":
+                text += event.text.text
             elif kind == "finished":
                 usage = event.finished.usage
                 result.prompt_tokens, result.cached_tokens = usage.prompt_tokens, usage.cached_tokens
                 result.completion_tokens = usage.completion_tokens
                 result.prefill_compute_ms = event.finished.timings.prefill_compute_ms
                 result.decode_ms = event.finished.timings.decode_ms
-    except grpc.aio.AioRpcError as e:
-        result.error = e.code().name
+    except KvmeshError as e:
+        result.error = e.status
     result.done_s = time.perf_counter() - t0
     return result, text
 

@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from kvmesh.v1 import kv_pb2 as _kv_pb2
+from kvmesh.v1 import stream_pb2 as _stream_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -18,51 +19,6 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
-
-@_typing.final
-class GenerationParams(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    TEMPERATURE_FIELD_NUMBER: _builtins.int
-    TOP_K_FIELD_NUMBER: _builtins.int
-    TOP_P_FIELD_NUMBER: _builtins.int
-    SEED_FIELD_NUMBER: _builtins.int
-    MAX_TOKENS_FIELD_NUMBER: _builtins.int
-    STOP_FIELD_NUMBER: _builtins.int
-    IGNORE_EOS_FIELD_NUMBER: _builtins.int
-    temperature: _builtins.float
-    """0: greedy"""
-    top_k: _builtins.int
-    """0: all"""
-    top_p: _builtins.float
-    """0 is read as 1"""
-    seed: _builtins.int
-    max_tokens: _builtins.int
-    """0 is read as 256"""
-    ignore_eos: _builtins.bool
-    """decode to max_tokens whatever the model says (benchmarks, load tests)"""
-    @_builtins.property
-    def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
-    def __init__(
-        self,
-        *,
-        temperature: _builtins.float = ...,
-        top_k: _builtins.int = ...,
-        top_p: _builtins.float = ...,
-        seed: _builtins.int | None = ...,
-        max_tokens: _builtins.int = ...,
-        stop: _abc.Iterable[_builtins.str] | None = ...,
-        ignore_eos: _builtins.bool = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "seed", b"seed"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "ignore_eos", b"ignore_eos", "max_tokens", b"max_tokens", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
-    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
-
-Global___GenerationParams: _TypeAlias = GenerationParams  # noqa: Y015
 
 @_typing.final
 class DecodeRequest(_message.Message):
@@ -85,14 +41,14 @@ class DecodeRequest(_message.Message):
         """the prompt, chat template applied"""
 
     @_builtins.property
-    def params(self) -> Global___GenerationParams: ...
+    def params(self) -> _stream_pb2.GenerationParams: ...
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
         tokens: _abc.Iterable[_builtins.int] | None = ...,
         prefill_node: _builtins.str = ...,
-        params: Global___GenerationParams | None = ...,
+        params: _stream_pb2.GenerationParams | None = ...,
         cache_salt: _builtins.bytes = ...,
         wire_dtype: _kv_pb2.KVDtype.ValueType = ...,
     ) -> None: ...
@@ -105,143 +61,30 @@ class DecodeRequest(_message.Message):
 Global___DecodeRequest: _TypeAlias = DecodeRequest  # noqa: Y015
 
 @_typing.final
-class TokenEvent(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    TOKEN_ID_FIELD_NUMBER: _builtins.int
-    TEXT_FIELD_NUMBER: _builtins.int
-    LOGPROB_FIELD_NUMBER: _builtins.int
-    token_id: _builtins.int
-    text: _builtins.str
-    """the new text; never a split UTF-8 character; may be empty"""
-    logprob: _builtins.float
-    def __init__(
-        self,
-        *,
-        token_id: _builtins.int = ...,
-        text: _builtins.str = ...,
-        logprob: _builtins.float = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["logprob", b"logprob", "text", b"text", "token_id", b"token_id"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___TokenEvent: _TypeAlias = TokenEvent  # noqa: Y015
-
-@_typing.final
-class Usage(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
-    CACHED_TOKENS_FIELD_NUMBER: _builtins.int
-    COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
-    prompt_tokens: _builtins.int
-    cached_tokens: _builtins.int
-    """what the prefill node took from its prefix store"""
-    completion_tokens: _builtins.int
-    def __init__(
-        self,
-        *,
-        prompt_tokens: _builtins.int = ...,
-        cached_tokens: _builtins.int = ...,
-        completion_tokens: _builtins.int = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "completion_tokens", b"completion_tokens", "prompt_tokens", b"prompt_tokens"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___Usage: _TypeAlias = Usage  # noqa: Y015
-
-@_typing.final
-class Timings(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    TTFT_MS_FIELD_NUMBER: _builtins.int
-    KV_TRANSFER_MS_FIELD_NUMBER: _builtins.int
-    KV_BYTES_FIELD_NUMBER: _builtins.int
-    DECODE_MS_FIELD_NUMBER: _builtins.int
-    PREFILL_COMPUTE_MS_FIELD_NUMBER: _builtins.int
-    STORE_READ_MS_FIELD_NUMBER: _builtins.int
-    ttft_ms: _builtins.float
-    """request in -> first token out, at the decode node"""
-    kv_transfer_ms: _builtins.float
-    """first token -> whole KV received and checked"""
-    kv_bytes: _builtins.int
-    decode_ms: _builtins.float
-    """KV received -> last token"""
-    prefill_compute_ms: _builtins.float
-    store_read_ms: _builtins.float
-    def __init__(
-        self,
-        *,
-        ttft_ms: _builtins.float = ...,
-        kv_transfer_ms: _builtins.float = ...,
-        kv_bytes: _builtins.int = ...,
-        decode_ms: _builtins.float = ...,
-        prefill_compute_ms: _builtins.float = ...,
-        store_read_ms: _builtins.float = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decode_ms", b"decode_ms", "kv_bytes", b"kv_bytes", "kv_transfer_ms", b"kv_transfer_ms", "prefill_compute_ms", b"prefill_compute_ms", "store_read_ms", b"store_read_ms", "ttft_ms", b"ttft_ms"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___Timings: _TypeAlias = Timings  # noqa: Y015
-
-@_typing.final
-class Finished(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    FINISH_REASON_FIELD_NUMBER: _builtins.int
-    USAGE_FIELD_NUMBER: _builtins.int
-    TIMINGS_FIELD_NUMBER: _builtins.int
-    finish_reason: _builtins.str
-    """"eos", "stop" (a stop string), "length" (max_tokens or context)"""
-    @_builtins.property
-    def usage(self) -> Global___Usage: ...
-    @_builtins.property
-    def timings(self) -> Global___Timings: ...
-    def __init__(
-        self,
-        *,
-        finish_reason: _builtins.str = ...,
-        usage: Global___Usage | None = ...,
-        timings: Global___Timings | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings", "usage", b"usage"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___Finished: _TypeAlias = Finished  # noqa: Y015
-
-@_typing.final
 class DecodeEvent(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TOKEN_FIELD_NUMBER: _builtins.int
     FINISHED_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def token(self) -> Global___TokenEvent: ...
+    def token(self) -> _stream_pb2.TokenEvent: ...
     @_builtins.property
-    def finished(self) -> Global___Finished: ...
+    def finished(self) -> _stream_pb2.Finished: ...
+    @_builtins.property
+    def text(self) -> _stream_pb2.TextEvent: ...
     def __init__(
         self,
         *,
-        token: Global___TokenEvent | None = ...,
-        finished: Global___Finished | None = ...,
+        token: _stream_pb2.TokenEvent | None = ...,
+        finished: _stream_pb2.Finished | None = ...,
+        text: _stream_pb2.TextEvent | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["finished", b"finished", "kind", b"kind", "token", b"token"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["finished", b"finished", "kind", b"kind", "text", b"text", "token", b"token"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finished", b"finished", "kind", b"kind", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finished", b"finished", "kind", b"kind", "text", b"text", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["token", "finished"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["token", "finished", "text"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

@@ -22,10 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from kvmesh.v1 import decode_pb2 as kvmesh_dot_v1_dot_decode__pb2
+from kvmesh.v1 import stream_pb2 as kvmesh_dot_v1_dot_stream__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1akvmesh/v1/generation.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/decode.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xa0\x01\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.kvmesh.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12+\n\x06params\x18\x04 \x01(\x0b\x32\x1b.kvmesh.v1.GenerationParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\xaf\x01\n\x07Started\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0cprefill_node\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65\x63ode_node\x18\x03 \x01(\t\x12\x16\n\x0erouting_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x15\n\rcached_tokens\x18\x06 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\r\x12\x0e\n\x06policy\x18\x08 \x01(\t\"\x8f\x01\n\rGenerateEvent\x12%\n\x07started\x18\x01 \x01(\x0b\x32\x12.kvmesh.v1.StartedH\x00\x12&\n\x05token\x18\x02 \x01(\x0b\x32\x15.kvmesh.v1.TokenEventH\x00\x12\'\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x13.kvmesh.v1.FinishedH\x00\x42\x06\n\x04kind2P\n\nGeneration\x12\x42\n\x08Generate\x12\x1a.kvmesh.v1.GenerateRequest\x1a\x18.kvmesh.v1.GenerateEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1akvmesh/v1/generation.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/stream.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xa0\x01\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.kvmesh.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12+\n\x06params\x18\x04 \x01(\x0b\x32\x1b.kvmesh.v1.GenerationParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\xaf\x01\n\x07Started\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0cprefill_node\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65\x63ode_node\x18\x03 \x01(\t\x12\x16\n\x0erouting_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x15\n\rcached_tokens\x18\x06 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\r\x12\x0e\n\x06policy\x18\x08 \x01(\t\"\xb5\x01\n\rGenerateEvent\x12%\n\x07started\x18\x01 \x01(\x0b\x32\x12.kvmesh.v1.StartedH\x00\x12&\n\x05token\x18\x02 \x01(\x0b\x32\x15.kvmesh.v1.TokenEventH\x00\x12\'\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x13.kvmesh.v1.FinishedH\x00\x12$\n\x04text\x18\x04 \x01(\x0b\x32\x14.kvmesh.v1.TextEventH\x00\x42\x06\n\x04kind2P\n\nGeneration\x12\x42\n\x08Generate\x12\x1a.kvmesh.v1.GenerateRequest\x1a\x18.kvmesh.v1.GenerateEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,7 +39,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STARTED']._serialized_start=275
   _globals['_STARTED']._serialized_end=450
   _globals['_GENERATEEVENT']._serialized_start=453
-  _globals['_GENERATEEVENT']._serialized_end=596
-  _globals['_GENERATION']._serialized_start=598
-  _globals['_GENERATION']._serialized_end=678
+  _globals['_GENERATEEVENT']._serialized_end=634
+  _globals['_GENERATION']._serialized_start=636
+  _globals['_GENERATION']._serialized_end=716
 # @@protoc_insertion_point(module_scope)

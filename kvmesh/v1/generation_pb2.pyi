@@ -7,7 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
-from kvmesh.v1 import decode_pb2 as _decode_pb2
+from kvmesh.v1 import stream_pb2 as _stream_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -62,14 +62,14 @@ class GenerateRequest(_message.Message):
         """the chat template is applied"""
 
     @_builtins.property
-    def params(self) -> _decode_pb2.GenerationParams: ...
+    def params(self) -> _stream_pb2.GenerationParams: ...
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         messages: _abc.Iterable[Global___ChatMessage] | None = ...,
         prompt: _builtins.str = ...,
-        params: _decode_pb2.GenerationParams | None = ...,
+        params: _stream_pb2.GenerationParams | None = ...,
         request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
@@ -130,26 +130,32 @@ class GenerateEvent(_message.Message):
     STARTED_FIELD_NUMBER: _builtins.int
     TOKEN_FIELD_NUMBER: _builtins.int
     FINISHED_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def started(self) -> Global___Started: ...
     @_builtins.property
-    def token(self) -> _decode_pb2.TokenEvent: ...
+    def token(self) -> _stream_pb2.TokenEvent: ...
     @_builtins.property
-    def finished(self) -> _decode_pb2.Finished:
+    def finished(self) -> _stream_pb2.Finished:
         """usage.cached_tokens: what the prefill node really reused"""
+
+    @_builtins.property
+    def text(self) -> _stream_pb2.TextEvent:
+        """held-back text released at the end (no token of its own)"""
 
     def __init__(
         self,
         *,
         started: Global___Started | None = ...,
-        token: _decode_pb2.TokenEvent | None = ...,
-        finished: _decode_pb2.Finished | None = ...,
+        token: _stream_pb2.TokenEvent | None = ...,
+        finished: _stream_pb2.Finished | None = ...,
+        text: _stream_pb2.TextEvent | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["finished", b"finished", "kind", b"kind", "started", b"started", "token", b"token"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["finished", b"finished", "kind", b"kind", "started", b"started", "text", b"text", "token", b"token"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finished", b"finished", "kind", b"kind", "started", b"started", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finished", b"finished", "kind", b"kind", "started", b"started", "text", b"text", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["started", "token", "finished"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["started", "token", "finished", "text"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

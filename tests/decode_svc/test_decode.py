@@ -15,7 +15,7 @@ from kvmesh.generate import Finished, generate
 from kvmesh.model.folder import ModelFolder
 from kvmesh.model.runner import ModelRunner, RunnerConfig
 from kvmesh.sampling import SamplingParams
-from kvmesh.v1 import decode_pb2, decode_pb2_grpc
+from kvmesh.v1 import decode_pb2, decode_pb2_grpc, stream_pb2
 from tests.helpers.relay import Relay
 from tests.helpers.servers import MakeServer, ServerThread
 
@@ -38,14 +38,14 @@ def _tok(folder: ModelFolder):  # type: ignore[no-untyped-def]
     return ChatTokenizer(folder)
 
 
-def _decode(address: str, prompt: list[int], prefill: str, **params: object) -> tuple[list[int], decode_pb2.Finished]:
+def _decode(address: str, prompt: list[int], prefill: str, **params: object) -> tuple[list[int], stream_pb2.Finished]:
     stub = decode_pb2_grpc.DecodeStub(grpc.insecure_channel(address))
     request = decode_pb2.DecodeRequest(
-        tokens=prompt, prefill_node=prefill, params=decode_pb2.GenerationParams(**params)
+        tokens=prompt, prefill_node=prefill, params=stream_pb2.GenerationParams(**params)
     )
     tokens, finished = [], None
     for ev in stub.Decode(request, timeout=60):
-        if ev.HasField("token") and ev.token.token_id >= 0:
+        if ev.HasField("token"):
             tokens.append(ev.token.token_id)
         if ev.HasField("finished"):
             finished = ev.finished
@@ -106,7 +106,7 @@ def test_cancelled_stream_frees_its_slot(tiny_fp32: ModelFolder, servers: MakeSe
     p, d = servers("prefill", tiny_fp32), servers("decode", tiny_fp32, slots=1, max_waiting=0)
     stub = decode_pb2_grpc.DecodeStub(grpc.insecure_channel(d.address))
     long = decode_pb2.DecodeRequest(
-        tokens=PROMPTS[0], prefill_node=p.address, params=decode_pb2.GenerationParams(max_tokens=150)
+        tokens=PROMPTS[0], prefill_node=p.address, params=stream_pb2.GenerationParams(max_tokens=150)
     )
     call = stub.Decode(long)
     next(call), next(call), next(call)
@@ -133,7 +133,7 @@ def test_damaged_kv_stream_is_data_loss_and_nothing_is_decoded(
     d = servers("decode", tiny_fp32)
     stub = decode_pb2_grpc.DecodeStub(grpc.insecure_channel(d.address))
     request = decode_pb2.DecodeRequest(
-        tokens=PROMPTS[3], prefill_node=relay.address, params=decode_pb2.GenerationParams(max_tokens=20)
+        tokens=PROMPTS[3], prefill_node=relay.address, params=stream_pb2.GenerationParams(max_tokens=20)
     )
     tokens = []
     try:
@@ -239,3 +239,25 @@ def _gated(step, gate: threading.Event):  # type: ignore[no-untyped-def]
         return step(tokens)
 
     return run
+
+
+def test_held_back_text_comes_as_a_text_event_of_no_token(tiny_fp32: ModelFolder, servers: MakeServer) -> None:
+    """A stop string the reply begins but never completes: the text held back for it comes at the
+    end as a TextEvent (no token id), and the reply's text is what it is without the stop."""
+    p, d = servers("prefill", tiny_fp32), servers("decode", tiny_fp32)
+    stub = decode_pb2_grpc.DecodeStub(grpc.insecure_channel(d.address))
+
+    def events(**params: object) -> list[decode_pb2.DecodeEvent]:
+        request = decode_pb2.DecodeRequest(
+            tokens=PROMPTS[0], prefill_node=p.address, params=stream_pb2.GenerationParams(**params)
+        )
+        return list(stub.Decode(request, timeout=60))
+
+    plain = events(max_tokens=12, ignore_eos=True)
+    text = "".join(e.token.text for e in plain if e.HasField("token"))
+    assert text and not any(e.HasField("text") for e in plain)
+    held = events(max_tokens=12, ignore_eos=True, stop=[text[-1] + "\x00never"])
+    kinds = [e.WhichOneof("kind") for e in held]
+    assert kinds == ["token"] * 12 + ["text", "finished"]
+    assert "".join(e.token.text or e.text.text for e in held[:-1]) == text
+    assert held[-2].text.text.endswith(text[-1]) and held[-1].finished.usage.completion_tokens == 12

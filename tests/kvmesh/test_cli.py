@@ -49,6 +49,35 @@ def test_a_sampling_flag_out_of_range_is_a_usage_error(flag: list[str]) -> None:
     assert f"argument {flag[0]}: must be an integer >=" in r.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["generate", "hi", "--max-tokens", "0"], "must be an integer >= 1"),
+        (["up", "--prefill", "-1"], "must be an integer >= 0"),
+        (["bogus"], "invalid choice"),
+        (["model"], "required"),
+    ],
+)
+def test_a_usage_error_is_one_line(args: list[str], words: str) -> None:
+    r = kvmesh(*args)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert words in r.stderr and "--help)" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["decode", "--port", "99999"], "port must be a port number from 0 to 65535"),
+        (["proxy", "--metrics-port", "-5"], "metrics_port must be a port number"),
+        (["worker", "--slots", "0"], "slots >= 1"),
+        (["up", "--prefill", "0", "--decode", "2"], "a node that prefills"),
+    ],
+)
+def test_a_setting_out_of_range_is_refused_before_anything_starts(args: list[str], words: str, tmp_path: Path) -> None:
+    _clear_error(kvmesh(*args, home=tmp_path), words)
+    assert not (tmp_path / "cluster" / "state.json").exists()
+
+
 def test_missing_model_folder(tmp_path: Path) -> None:
     _clear_error(kvmesh("generate", "hi", "--model", str(tmp_path / "nope")), "does not exist")
 

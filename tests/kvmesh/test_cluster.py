@@ -17,6 +17,7 @@ import pytest
 
 from kvmesh import cluster
 from kvmesh.client import Client
+from kvmesh.errors import KvmeshError, Unavailable
 from kvmesh.model.convert import convert_gguf
 from kvmesh.model.folder import ModelFolder
 from kvmesh.model.tiny import write_tiny_gguf
@@ -70,8 +71,8 @@ def _conversations(endpoint: str, kill: cluster.Process | None = None) -> list[T
             history[s].append({"role": "user", "content": f"Question {t} of session {s}?"})
             try:
                 reply = client.chat(history[s], session_id=f"session-{s}", max_tokens=8, timeout=60)
-            except grpc.RpcError as e:
-                turns.append(Turn(s, t, "", 0, 0, error=e.code().name))  # type: ignore[attr-defined]
+            except KvmeshError as e:
+                turns.append(Turn(s, t, "", 0, 0, error=e.status))
                 history[s].pop()
                 continue
             assert reply.started is not None and reply.finished is not None
@@ -188,11 +189,11 @@ def test_a_decode_node_killed_mid_stream(long_tiny: ModelFolder, home: Path) -> 
     assert all(e.HasField("token") for e in tokens)
     victim = next(p for p in procs if p.address == started.decode_node)
     os.kill(victim.pid, signal.SIGKILL)
-    with pytest.raises(grpc.RpcError) as failed:
+    with pytest.raises(Unavailable) as failed:  # kvmesh.client raises kvmesh's own errors
         for _ in events:
             pass
-    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
-    details = failed.value.details()  # type: ignore[attr-defined]
+    assert failed.value.status == "UNAVAILABLE" and isinstance(failed.value.__cause__, grpc.RpcError)
+    details = str(failed.value)
     assert f"from decode node {victim.address}" in details and "the stream broke after " in details
     assert int(details.split("after ")[1].split(" ")[0]) >= 5
     reply = client.chat([{"role": "user", "content": "Still there?"}], max_tokens=4, timeout=60)

@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 from kvmesh.client import Client
-from kvmesh.errors import InvalidArgument
+from kvmesh.errors import InvalidArgument, KvmeshError, Unauthenticated
 from kvmesh.generate import Finished, generate
 from kvmesh.model.folder import ModelFolder
 from kvmesh.model.runner import ModelRunner, RunnerConfig
@@ -124,21 +124,20 @@ def test_bad_input_at_the_front_door(
     proxy = cluster(prefill=1)
     client = Client(proxy.address)
     args = {"messages": [{"role": "user", "content": "hi"}], **kwargs}
-    with pytest.raises((grpc.RpcError, ValueError)) as err:
+    with pytest.raises((KvmeshError, ValueError)) as err:
         list(client.generate(**args))  # type: ignore[arg-type]
-    if isinstance(err.value, grpc.RpcError):
-        assert err.value.code() == code  # type: ignore[attr-defined]
+    if isinstance(err.value, KvmeshError):
+        assert err.value.status == code.name and isinstance(err.value.__cause__, grpc.RpcError)
         if words:
-            assert words in err.value.details()  # type: ignore[attr-defined]
+            assert words in str(err.value)
     assert client.chat([{"role": "user", "content": "still there?"}], max_tokens=3).finished is not None
 
 
 def test_api_keys_map_to_tenants(cluster: Callable[..., ServerThread]) -> None:
     proxy = cluster(prefill=1, api_keys=("k-a=tenant-a", "k-b=tenant-b"))
     for key in (None, "wrong"):
-        with pytest.raises(grpc.RpcError) as err:
+        with pytest.raises(Unauthenticated):
             Client(proxy.address, api_key=key).chat([{"role": "user", "content": "hi"}])
-        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}]
     a = Client(proxy.address, api_key="k-a")
     a.chat(messages, session_id="x", max_tokens=2)
@@ -156,9 +155,8 @@ def test_api_keys_from_a_file(cluster: Callable[..., ServerThread], tmp_path: Pa
     keys.write_text("# tenants\nk-file=tenant-f\n\n")
     proxy = cluster(prefill=1, api_keys_file=keys)
     assert Client(proxy.address, api_key="k-file").chat([{"role": "user", "content": "hi"}], max_tokens=2).finished
-    with pytest.raises(grpc.RpcError) as err:
+    with pytest.raises(Unauthenticated):
         Client(proxy.address, api_key="k-other").chat([{"role": "user", "content": "hi"}])
-    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
     for text, problem in (("# none\n", "lists no key"), ("k-secret\n", "KEY=TENANT")):
         keys.write_text(text)
         with pytest.raises(InvalidArgument, match=problem) as bad:
@@ -207,8 +205,9 @@ def test_nodes_found_through_dns(tiny_fp32: ModelFolder, servers: MakeServer) ->
 
 
 ATTACK = """
-import sys, threading, time, grpc
+import sys, threading, time
 from kvmesh.client import Client
+from kvmesh.errors import KvmeshError
 client, stop, first = Client(sys.argv[1]), threading.Event(), True
 threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
 hostile = [{"stop": ["x" * 600_000]}, {"prompt": "x" * (10 << 20), "messages": None},
@@ -219,8 +218,8 @@ while not stop.is_set() or not codes:
         try:
             list(client.generate(**{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, **h}))
             codes.append("OK")
-        except grpc.RpcError as e:
-            codes.append(e.code().name)
+        except KvmeshError as e:
+            codes.append(e.status)
         if first:
             print("attacking", flush=True)
             first = False
@@ -371,8 +370,8 @@ def test_one_tenants_flood_leaves_room_for_another(tiny_fp32: ModelFolder, serve
         try:
             list(Client(proxy.address, api_key="k-a").generate(prompt=f"{i} flood", max_tokens=230, ignore_eos=True))
             code = grpc.StatusCode.OK
-        except grpc.RpcError as e:
-            code = e.code()  # type: ignore[attr-defined]
+        except KvmeshError as e:
+            code = grpc.StatusCode[e.status]
         with lock:
             codes.append(code)
 
