@@ -231,6 +231,10 @@ class DecodeNode:
     def drain(self) -> None:
         self._draining = True
 
+    def idle(self) -> bool:
+        """No request admitted: none waiting, prefilling or decoding (what a drain waits for)."""
+        return self._admitted == 0
+
     async def close(self) -> None:
         self.batcher.close()
         await self.source.close()

@@ -30,7 +30,7 @@ class DecodeServer:
     async def stop(self) -> None:
         """Drain: new requests refused, running sequences finish within drain_seconds."""
         self.node.drain()
-        await self.host.stop(self.config.drain_seconds)
+        await self.host.stop(self.config.drain_seconds, self.node.idle)
         await self.node.close()
 
 

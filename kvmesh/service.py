@@ -56,6 +56,10 @@ class HostSettings(Protocol):
     def cluster_token(self) -> str: ...
 
 
+IDLE_POLL_S = 0.05  # how often a drain looks whether the node is idle
+FLUSH_S = 0.5  # an idle node's last replies this long to leave before the remaining streams are cancelled
+
+
 class ServiceHost:
     """A grpc.aio server bound to host:port at construction (so the port is known before start),
     with grpc.health.v1 and reflection for `services`; metrics on metrics_port (-1: none, 0: any)."""
@@ -106,9 +110,19 @@ class ServiceHost:
         for name in ("", *self.services):
             await self.health.set(name, status)
 
-    async def stop(self, drain_s: float) -> None:
-        """NOT_SERVING, refuse new calls, let running ones finish for drain_s, stop the metrics."""
+    async def stop(self, drain_s: float, idle: Callable[[], bool] | None = None) -> None:
+        """NOT_SERVING; running calls finish for at most drain_s, then the metrics stop. With
+        `idle` (the node's own work is done; the node refuses new work while draining) the drain
+        ends as soon as it is: what still runs then are streams that never end by themselves (the
+        proxy's health and cache watches), cancelled after FLUSH_S. Without, grpc waits for every
+        call, those included, for the whole drain_s."""
         await self.health.enter_graceful_shutdown()
+        if idle is not None:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + drain_s
+            while not idle() and loop.time() < deadline:
+                await asyncio.sleep(IDLE_POLL_S)
+            drain_s = min(FLUSH_S, max(deadline - loop.time(), 0.0))
         await self.server.stop(drain_s)
         if self._metrics:
             self._metrics[0].shutdown()

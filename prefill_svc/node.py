@@ -16,7 +16,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from kv_transfer.codec import Chunk, Layout, chunk_count, encode, layout_of
-from kvmesh.errors import ResourceExhausted
+from kvmesh.errors import ResourceExhausted, Unavailable
 from kvmesh.model.folder import ModelFolder
 from kvmesh.model.prepare import default_model_dir, kvmesh_home
 from kvmesh.model.runner import ModelRunner, Provider, RunnerConfig
@@ -80,15 +80,14 @@ class PrefillNode:
         self._queued = 0
         self._running = 0
         self._serving = 0
+        self.draining = False  # new prefills refused (UNAVAILABLE: the caller retries elsewhere)
         self._lookup = self._hits = 0
 
     async def start(self, node_id: str) -> None:
         """Start the writer (its events reach this loop) and prefill the pinned system prompts."""
         self.node_id = self.node_id or node_id
         self.events = CacheEvents(asyncio.get_running_loop())
-        self.writer = StoreWriter(
-            self.store, self._on_store_event, lambda: not (self._running or self._serving), on_fault=self._fault
-        )
+        self.writer = StoreWriter(self.store, self._on_store_event, self.idle, on_fault=self._fault)
         self.engine = PrefillEngine(
             self.runner,
             self.store,
@@ -121,6 +120,8 @@ class PrefillNode:
         self, tokens: Sequence[int], params: SamplingParams, salt: bytes, request_id: str = ""
     ) -> PrefillOutcome:
         assert self.engine is not None, "start() first"
+        if self.draining:
+            raise Unavailable("this prefill node is draining")
         # The queue counts tokens to compute, as the proxy's routing does (cached ones are nearly free).
         keys = self.engine.lookup_keys(tokens, salt)  # hashed once: for the queue here and the prefill
         work = self.engine.uncached_tokens(tokens, salt, keys) if tokens else 0
@@ -183,6 +184,10 @@ class PrefillNode:
             yield
         finally:
             self._serving -= 1
+
+    def idle(self) -> bool:
+        """No prefill running and no KV stream in progress (what a drain waits for)."""
+        return not (self._running or self._serving)
 
     async def pin(self, tokens: Sequence[int], salt: bytes) -> int:
         assert self.engine is not None, "start() first"

@@ -28,8 +28,9 @@ class PrefillServer:
         return self.host.port
 
     async def stop(self) -> None:
-        """Drain (running calls finish for drain_seconds), then close the store."""
-        await self.host.stop(self.config.drain_seconds)
+        """Drain (running calls finish, for drain_seconds at most), then close the store."""
+        self.node.draining = True
+        await self.host.stop(self.config.drain_seconds, self.node.idle)
         await self.node.close()
 
 

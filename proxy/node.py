@@ -5,10 +5,11 @@ stream relayed to the client, retried once on the next candidate if it fails bef
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -58,6 +59,14 @@ def _others(pool: list[NodeState], exclude: set[str]) -> list[NodeState]:
     return [n for n in healthy if n.node_id not in exclude] or healthy
 
 
+class _Retry(Exception):
+    """An attempt that failed before its first token: the next candidate may take the request."""
+
+    def __init__(self, error: Upstream) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 @dataclass(frozen=True)
 class Plan:
     request_id: str
@@ -78,6 +87,8 @@ class ProxyNode:
         self.policy = make_policy(config.policy, config.load_bound)
         self.tenants = config.tenants()
         self.metrics = ProxyMetrics()
+        self.active = 0  # Generate calls in progress (drain waits for none)
+        self.draining = False
 
     def tenant(self, api_key: str | None) -> Tenant | None:
         """Keys configured: the key must name a tenant (its secret salt, its share). Else open: None,
@@ -136,77 +147,94 @@ class ProxyNode:
 
     async def generate(self, plan: Plan, timeout_s: float | None) -> AsyncIterator[generation_pb2.GenerateEvent]:
         """The decode node's events relayed, after a Started event; one retry before the first token."""
-        start = time.perf_counter()
-        failed: set[str] = set()
-        last_error: Upstream | None = None
-        keys = self.keys(plan)
-        for attempt in (1, 2):
-            await self.backends.wait_healthy(min(timeout_s or WAIT_HEALTHY_S, WAIT_HEALTHY_S))
-            decision, decode_node = self.route(plan, keys, failed)
-            self.metrics.decisions.labels(self.policy.name, decision.reason, decision.node_id).inc()
-            prefill_node = self.backends.prefill[decision.node_id]
-            claim = _Claim(
-                prefill_node,
-                self.backends.decode[decode_node],
-                len(plan.tokens) - decision.cached_tokens,
-                [k for k in keys if k not in prefill_node.blocks],
+        if self.draining:
+            raise Unavailable("the proxy is draining")
+        self.active += 1
+        try:
+            start, failed, keys = time.perf_counter(), set[str](), self.keys(plan)
+            for attempt in (1, 2):
+                try:  # aclosing: a client that goes away ends the attempt (and its claim) at once
+                    async with contextlib.aclosing(self._attempt(plan, keys, failed, attempt, timeout_s, start)) as it:
+                        async for event in it:
+                            yield event
+                    return
+                except _Retry as retry:
+                    if attempt == 2:
+                        raise retry.error from retry
+        finally:
+            self.active -= 1
+
+    async def _attempt(
+        self, plan: Plan, keys: list[bytes], failed: set[str], attempt: int, timeout_s: float | None, start: float
+    ) -> AsyncGenerator[generation_pb2.GenerateEvent, None]:
+        """One try: route, call the decode node, relay. Failing before the first token it raises
+        _Retry (the nodes it tried added to `failed`), after it the error itself."""
+        await self.backends.wait_healthy(min(timeout_s or WAIT_HEALTHY_S, WAIT_HEALTHY_S))
+        decision, decode_node = self.route(plan, keys, failed)
+        self.metrics.decisions.labels(self.policy.name, decision.reason, decision.node_id).inc()
+        prefill_node = self.backends.prefill[decision.node_id]
+        claim = _Claim(
+            prefill_node,
+            self.backends.decode[decode_node],
+            len(plan.tokens) - decision.cached_tokens,
+            [k for k in keys if k not in prefill_node.blocks],
+        )
+        call = self._decode_call(plan, decision.node_id, decode_node, timeout_s)
+        started, relayed = False, 0
+        first_s = self.config.stall_timeout_s + PER_TOKEN_S * (claim.work + prefill_node.queued_tokens)
+        try:
+            async for event in within(call, first_s, self.config.stall_timeout_s):
+                if not started:
+                    started = True
+                    self._routed(plan, decision, decode_node)
+                    claim.prefilled()
+                    self.metrics.ttft.observe(time.perf_counter() - start)
+                    yield self._started(plan, decision, decode_node, attempt)
+                if event.HasField("finished"):
+                    claim.release()  # before the client hears it: its next request sees the load as it is
+                    yield generation_pb2.GenerateEvent(finished=event.finished)
+                elif event.HasField("text"):
+                    yield generation_pb2.GenerateEvent(text=event.text)
+                else:
+                    relayed += 1
+                    yield generation_pb2.GenerateEvent(token=event.token)
+        except (grpc.aio.AioRpcError, Stalled) as e:
+            if isinstance(e, Stalled):  # a node that stopped answering: the same as one that failed
+                self.metrics.stalls.inc()
+            error = upstream(e, f"decode node {decode_node}")
+            log.warning(
+                "attempt failed",
+                extra={
+                    "request_id": plan.request_id,
+                    "prefill_node": decision.node_id,
+                    "decode_node": decode_node,
+                    "attempt": attempt,
+                    "code": error.status,
+                    "error": str(error)[:200],  # may quote client text
+                },
             )
-            call = self._decode_call(plan, decision.node_id, decode_node, timeout_s)
-            started, relayed = False, 0
-            first_s = self.config.stall_timeout_s + PER_TOKEN_S * (claim.work + prefill_node.queued_tokens)
-            try:
-                async for event in within(call, first_s, self.config.stall_timeout_s):
-                    if not started:
-                        started = True
-                        log.info(
-                            "routed",
-                            extra={
-                                "request_id": plan.request_id,
-                                "session_id": plan.session_id,
-                                "prefill_node": decision.node_id,
-                                "decode_node": decode_node,
-                                "reason": decision.reason,
-                                "prompt_tokens": len(plan.tokens),
-                            },
-                        )
-                        claim.prefilled()
-                        self.metrics.ttft.observe(time.perf_counter() - start)
-                        yield self._started(plan, decision, decode_node, attempt)
-                    if event.HasField("finished"):
-                        claim.release()  # before the client hears it: its next request sees the load as it is
-                        yield generation_pb2.GenerateEvent(finished=event.finished)
-                    elif event.HasField("text"):
-                        yield generation_pb2.GenerateEvent(text=event.text)
-                    else:
-                        relayed += 1
-                        yield generation_pb2.GenerateEvent(token=event.token)
-                return
-            except (grpc.aio.AioRpcError, Stalled) as e:
-                if isinstance(e, Stalled):  # a node that stopped answering: the same as one that failed
-                    self.metrics.stalls.inc()
-                last_error = upstream(e, f"decode node {decode_node}")
-                log.warning(
-                    "attempt failed",
-                    extra={
-                        "request_id": plan.request_id,
-                        "prefill_node": decision.node_id,
-                        "decode_node": decode_node,
-                        "attempt": attempt,
-                        "code": last_error.status,
-                        "error": str(last_error)[:200],  # may quote client text
-                    },
-                )
-                if started:  # the client has tokens: no retry, but say where the stream broke
-                    where = f"the stream broke after {relayed} tokens from decode node {decode_node}"
-                    raise upstream(e, where) from e
-                if last_error.status in NO_RETRY:
-                    raise last_error from e
-                failed.update({decision.node_id, decode_node})  # the next candidate, not these again
-            finally:
-                call.cancel()
-                claim.release()
-        assert last_error is not None
-        raise last_error
+            if started:  # the client has tokens: no retry, but say where the stream broke
+                raise upstream(e, f"the stream broke after {relayed} tokens from decode node {decode_node}") from e
+            if error.status in NO_RETRY:
+                raise error from e
+            failed.update({decision.node_id, decode_node})  # the next candidate, not these again
+            raise _Retry(error) from e
+        finally:
+            call.cancel()
+            claim.release()
+
+    def _routed(self, plan: Plan, decision: Decision, decode_node: str) -> None:
+        log.info(
+            "routed",
+            extra={
+                "request_id": plan.request_id,
+                "session_id": plan.session_id,
+                "prefill_node": decision.node_id,
+                "decode_node": decode_node,
+                "reason": decision.reason,
+                "prompt_tokens": len(plan.tokens),
+            },
+        )
 
     def _decode_call(self, plan: Plan, prefill: str, decode: str, timeout_s: float | None) -> grpc.aio.UnaryStreamCall:  # type: ignore[type-arg]
         request = decode_pb2.DecodeRequest(

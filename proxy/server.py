@@ -46,7 +46,8 @@ class ProxyServer:
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
-        await self.host.stop(self.config.drain_seconds)
+        self.node.draining = True
+        await self.host.stop(self.config.drain_seconds, lambda: self.node.active == 0)
         await self.node.backends.close()
 
 

@@ -42,7 +42,8 @@ class WorkerServer:
     async def stop(self) -> None:
         """Drain as a decode node does, then close both halves (the store last)."""
         self.node.drain()
-        await self.host.stop(self.config.decode.drain_seconds)
+        self.prefill.draining = True
+        await self.host.stop(self.config.decode.drain_seconds, lambda: self.node.idle() and self.prefill.idle())
         await self.node.close()
 
 

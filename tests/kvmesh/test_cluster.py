@@ -21,7 +21,8 @@ from kvmesh.errors import KvmeshError, Unavailable
 from kvmesh.model.convert import convert_gguf
 from kvmesh.model.folder import ModelFolder
 from kvmesh.model.tiny import write_tiny_gguf
-from kvmesh.v1 import prefill_pb2, prefill_pb2_grpc
+from kvmesh.rpc import token_metadata
+from kvmesh.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 SYSTEMS = [
     "You are the archivist of a harbour town. " * 30,  # ~1,200 tokens each (byte-level tiny vocab)
@@ -234,3 +235,35 @@ def test_a_frozen_node_is_noticed_and_its_requests_answered_elsewhere(
         assert time.monotonic() < deadline, "the thawed node was not routed to again"
         events = list(client.generate(prompt=f"{i} {time.monotonic()} back?", max_tokens=2, timeout=30))
         seen.add(getattr(events[0].started, f"{kind}_node"))
+
+
+def test_a_drained_node_finishes_its_request_then_exits_at_once(long_tiny: ModelFolder, home: Path) -> None:
+    """SIGTERM to a decode node with a request in progress (held before its first token by a frozen
+    prefill node): the request is answered in full, and the node exits once it is idle, not when
+    its 30 s drain is over (the proxy's health watch on it never ends by itself)."""
+    procs = cluster.up(cluster.ClusterSpec(prefill=1, decode=1, port=53251, model=str(long_tiny.path)))
+    prefill, decode = procs[0], procs[1]
+    load = decode_pb2_grpc.DecodeStub(grpc.insecure_channel(decode.address)).GetLoad
+    meta = token_metadata(cluster.cluster_token())
+    os.kill(prefill.pid, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            messages = [{"role": "user", "content": "still answered?"}]
+            call = pool.submit(Client(procs[-1].address).chat, messages, max_tokens=8, ignore_eos=True, timeout=60)
+            deadline = time.monotonic() + 20
+            while load(decode_pb2.GetDecodeLoadRequest(), metadata=meta).waiting < 1:  # admitted, waiting for KV
+                assert time.monotonic() < deadline, "the request never reached the decode node"
+                time.sleep(0.05)
+            os.kill(decode.pid, signal.SIGTERM)
+            time.sleep(1.0)  # draining now, the request still held
+            assert cluster._alive(decode.pid)
+            os.kill(prefill.pid, signal.SIGCONT)
+            reply = call.result(timeout=60)
+    finally:
+        os.kill(prefill.pid, signal.SIGCONT)
+    assert reply.finished is not None and reply.finished.usage.completion_tokens == 8
+    deadline = time.monotonic() + 15  # half the drain: it left because it was idle
+    while cluster._alive(decode.pid):
+        cluster._reap(decode.pid)
+        assert time.monotonic() < deadline, "the drained node waited out its drain"
+        time.sleep(0.1)
