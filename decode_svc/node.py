@@ -14,7 +14,7 @@ from typing import cast
 from decode_svc.batcher import Batcher, Sequence
 from decode_svc.config import DecodeConfig
 from decode_svc.metrics import DecodeMetrics
-from decode_svc.sources import PrefillJob, RemotePrefill, Source
+from decode_svc.sources import Prefilled, PrefillJob, RemotePrefill, Source
 from kvmesh.errors import InvalidArgument, KvmeshError, ResourceExhausted, Unavailable
 from kvmesh.model.folder import ModelFolder
 from kvmesh.model.prepare import default_model_dir
@@ -133,70 +133,32 @@ class DecodeNode:
         return budget
 
     async def decode(self, job: DecodeJob, timeout_s: float | None) -> AsyncIterator[Token | HeldBack | Done]:
+        """The first token as soon as the prefill gives it, then the batch's; Done with usage."""
         budget = self._admit(job)
         start = time.perf_counter()
         seq: Sequence | None = None
         try:
-            prefill_job = PrefillJob(
-                job.request_id,
-                job.tokens,
-                job.params,
-                job.salt,
-                job.wire_dtype,
-                job.prefill_node,
-                timeout_s or self.config.prefill_timeout_s,
-            )
-            info, kv_pending = await self.source.start(prefill_job)
-            ttft = time.perf_counter() - start
-            self.metrics.ttft.observe(ttft)
-            text = _Text(self.tokenizer, job.params.stop)
-            sampler = Sampler(job.params)
-            sampler.skip()  # the prefill node drew the first token with the same seed
-
-            def done(reason: str, transfer: float = 0.0, decode: float = 0.0) -> Done:
-                log.info(
-                    "decode done",
-                    extra={
-                        "request_id": job.request_id,
-                        "reason": reason,
-                        "prompt_tokens": len(job.tokens),
-                        "cached_tokens": info.cached_tokens,
-                        "completion_tokens": text.count,
-                        "ttft_ms": round(ttft * 1000, 1),
-                        "kv_bytes": info.kv_bytes,
-                    },
-                )
-                return Done(
-                    reason,
-                    len(job.tokens),
-                    info.cached_tokens,
-                    text.count,
-                    ttft * 1000,
-                    transfer * 1000,
-                    info.kv_bytes,
-                    decode * 1000,
-                    info.compute_ms,
-                    info.store_read_ms,
-                )
-
+            info, kv_pending = await self.source.start(self._prefill_job(job, timeout_s))
+            reply = _Reply(self.tokenizer, job, info, time.perf_counter() - start)
+            self.metrics.ttft.observe(reply.ttft)
             eos = () if job.params.ignore_eos else self.tokenizer.eos_token_ids
             if info.first_token in eos:
                 kv_pending.cancel()  # nothing to decode: stop the KV stream
-                yield done("eos")
+                yield reply.done("eos")
                 return
-            delta, stopped = text.push(info.first_token)
-            yield Token(info.first_token, delta, info.first_logprob)
+            first, stopped = reply.push(info.first_token, info.first_logprob)
+            yield first
             if stopped or budget == 1:
                 kv_pending.cancel()
-                tail = "" if stopped else text.flush()
-                if tail:
-                    yield HeldBack(tail)
-                yield done("stop" if stopped else "length")
+                for event in reply.end("stop" if stopped else "length"):
+                    yield event
                 return
             kv = await kv_pending.result()
-            received = time.perf_counter()
+            reply.received(time.perf_counter() - start)
             self.metrics.kv_bytes.inc(info.kv_bytes)
-            self.metrics.transfer.observe(received - start - ttft)
+            self.metrics.transfer.observe(reply.transfer_s)
+            sampler = Sampler(job.params)
+            sampler.skip()  # the prefill node drew the first token with the same seed
             events: asyncio.Queue[tuple[int, float] | tuple[str, str]] = asyncio.Queue()
             loop = asyncio.get_running_loop()
 
@@ -211,22 +173,23 @@ class DecodeNode:
                 if item == ("end", "error"):
                     raise KvmeshError("the decode step failed")  # INTERNAL; the node is NOT_SERVING
                 if item[0] == "end":
-                    tail = text.flush()
-                    if tail:
-                        yield HeldBack(tail)
-                    yield done(str(item[1]), received - start - ttft, time.perf_counter() - received)
+                    for event in reply.end(str(item[1])):
+                        yield event
                     return
-                token, logprob = cast(tuple[int, float], item)
-                delta, stopped = text.push(token)
-                yield Token(token, delta, logprob)
+                token, stopped = reply.push(*cast(tuple[int, float], item))
+                yield token
                 if stopped:
-                    yield done("stop", received - start - ttft, time.perf_counter() - received)
+                    yield reply.done("stop")
                     return
         finally:
             if seq is not None:
                 self.batcher.cancel(seq)  # a no-op for a finished sequence; frees a cancelled one's slot
             self._admitted -= 1
             self._reserved -= len(job.tokens) + budget
+
+    def _prefill_job(self, job: DecodeJob, timeout_s: float | None) -> PrefillJob:
+        timeout = timeout_s or self.config.prefill_timeout_s
+        return PrefillJob(job.request_id, job.tokens, job.params, job.salt, job.wire_dtype, job.prefill_node, timeout)
 
     def drain(self) -> None:
         self._draining = True
@@ -240,17 +203,59 @@ class DecodeNode:
         await self.source.close()
 
 
-class _Text:
-    """Token ids -> text deltas: incremental detokenization, then stop strings."""
+class _Reply:
+    """One request's reply as it is made: token ids -> text deltas (incremental detokenization,
+    then stop strings), and its Done with usage and timings (logged)."""
 
-    def __init__(self, tokenizer: ChatTokenizer, stop: tuple[str, ...]) -> None:
-        self._detok, self._stops = StreamDecoder(tokenizer), StopMatcher(stop)
+    def __init__(self, tokenizer: ChatTokenizer, job: DecodeJob, info: Prefilled, ttft_s: float) -> None:
+        self._detok, self._stops = StreamDecoder(tokenizer), StopMatcher(job.params.stop)
+        self.job, self.info, self.ttft = job, info, ttft_s
         self.count = 0
+        self.transfer_s = 0.0
+        self._received = 0.0  # perf_counter when the KV was in
 
-    def push(self, token: int) -> tuple[str, bool]:
+    def push(self, token: int, logprob: float) -> tuple[Token, bool]:
+        """-> the token's event, and whether a stop string ended the reply with it."""
         self.count += 1
-        return self._stops.push(self._detok.push(token))
+        delta, stopped = self._stops.push(self._detok.push(token))
+        return Token(token, delta, logprob), stopped
 
-    def flush(self) -> str:
+    def received(self, since_start_s: float) -> None:
+        self.transfer_s, self._received = since_start_s - self.ttft, time.perf_counter()
+
+    def end(self, reason: str) -> list[HeldBack | Done]:
+        """The reply ends for `reason`: the text held back for a stop string that never came, then
+        Done (after a stop string, what was held back was the stop string: dropped)."""
+        if reason == "stop":
+            return [self.done(reason)]
         tail, _ = self._stops.push(self._detok.flush())
-        return tail + self._stops.flush()
+        tail += self._stops.flush()
+        return [HeldBack(tail), self.done(reason)] if tail else [self.done(reason)]
+
+    def done(self, reason: str) -> Done:
+        decode_s = time.perf_counter() - self._received if self._received else 0.0
+        job, info = self.job, self.info
+        log.info(
+            "decode done",
+            extra={
+                "request_id": job.request_id,
+                "reason": reason,
+                "prompt_tokens": len(job.tokens),
+                "cached_tokens": info.cached_tokens,
+                "completion_tokens": self.count,
+                "ttft_ms": round(self.ttft * 1000, 1),
+                "kv_bytes": info.kv_bytes,
+            },
+        )
+        return Done(
+            reason,
+            len(job.tokens),
+            info.cached_tokens,
+            self.count,
+            self.ttft * 1000,
+            self.transfer_s * 1000,
+            info.kv_bytes,
+            decode_s * 1000,
+            info.compute_ms,
+            info.store_read_ms,
+        )
