@@ -33,6 +33,12 @@ class DecodeMetrics:
             registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2),
         )
+        self.written_back = Counter(
+            "kvmesh_decode_written_back_tokens",
+            "Tokens of finished sequences' KV sent back to a prefix store, by outcome (stored, dropped, failed)",
+            ["outcome"],
+            registry=r,
+        )
         self.running = Gauge("kvmesh_decode_running_sequences", "Sequences in the batch", registry=r)
         self.waiting = Gauge("kvmesh_decode_waiting", "Admitted requests not yet in the batch", registry=r)
 

@@ -4,6 +4,7 @@ text. Asyncio-facing; no protobuf here (the servicer converts)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -11,12 +12,14 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import cast
 
-from decode_svc.batcher import Batcher, Sequence
+from decode_svc.batcher import Batcher, KeepKV, Sequence
 from decode_svc.config import DecodeConfig
 from decode_svc.metrics import DecodeMetrics
-from decode_svc.sources import Prefilled, PrefillJob, RemotePrefill, Source
+from decode_svc.sources import Prefilled, PrefillJob, RemotePrefill, Source, StoreJob
+from decode_svc.writeback import WriteBack
 from kvmesh.errors import InvalidArgument, KvmeshError, ResourceExhausted, Unavailable
 from kvmesh.model.folder import ModelFolder
+from kvmesh.model.kv import KVCache
 from kvmesh.model.prepare import default_model_dir
 from kvmesh.model.runner import ModelRunner, Provider, RunnerConfig
 from kvmesh.model.tokenizer import ChatTokenizer, StreamDecoder
@@ -24,6 +27,14 @@ from kvmesh.model.turns import Turns
 from kvmesh.sampling import Sampler, SamplingParams, StopMatcher
 
 log = logging.getLogger(__name__)
+# Done waits this long at most for the sequence's write-back to reach the prefill node's store
+# writer (its blocks are then found by the next prompt: the writer writes them at once for it).
+WRITE_BACK_WAIT_S = 2.0
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 @dataclass(frozen=True)
@@ -34,6 +45,7 @@ class DecodeJob:
     prefill_node: str
     salt: bytes = b""
     wire_dtype: int = 0
+    keep_kv: bool = False  # write the new full blocks back to the prefill node's store at the end
 
 
 @dataclass(frozen=True)
@@ -93,6 +105,9 @@ class DecodeNode:
         self.node_id = config.node_id
         self.on_unhealthy: Callable[[], None] = lambda: None  # the server's: health NOT_SERVING
         self.batcher.on_fault = self._fault
+        self.writeback = WriteBack(
+            lambda: self.source, lambda outcome, n: self.metrics.written_back.labels(outcome).inc(n)
+        )
         self._reserved = 0
         self._admitted = 0
         self._draining = False
@@ -166,6 +181,8 @@ class DecodeNode:
                 loop.call_soon_threadsafe(events.put_nowait, item)
 
             seq = Sequence(job.request_id, info.first_token, sampler, budget - 1, eos, emit, group=job.salt)
+            stored: asyncio.Future[None] = loop.create_future()
+            seq.tokens, seq.keep = [*job.tokens, info.first_token], self._keep(job, info, stored)
             self.batcher.submit(seq, kv)
             del kv
             while True:
@@ -173,6 +190,9 @@ class DecodeNode:
                 if item == ("end", "error"):
                     raise KvmeshError("the decode step failed")  # INTERNAL; the node is NOT_SERVING
                 if item[0] == "end":
+                    if seq.keep is not None:  # the next turn, sent once Done is heard, finds the blocks stored
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(asyncio.shield(stored), WRITE_BACK_WAIT_S)
                     for event in reply.end(str(item[1])):
                         yield event
                     return
@@ -187,9 +207,29 @@ class DecodeNode:
             self._admitted -= 1
             self._reserved -= len(job.tokens) + budget
 
+    def _keep(self, job: DecodeJob, info: Prefilled, stored: asyncio.Future[None]) -> KeepKV | None:
+        """The write-back of a sequence asked to keep its KV, from the first block its prompt did
+        not fill (the prefill node stored those before); `stored` is set once it is done."""
+        if not job.keep_kv or not info.block_size:
+            return None
+        first = len(job.tokens) // info.block_size
+        loop = stored.get_loop()
+
+        def send(tokens: list[int], kv: KVCache | None) -> None:  # from the batcher thread
+            if kv is None:
+                loop.call_soon_threadsafe(_settle, stored)
+            else:
+                self.writeback.offer(StoreJob(job.request_id, tokens, job.salt, first, kv, job.prefill_node, stored))
+
+        return KeepKV(first, info.block_size, send)
+
     def _prefill_job(self, job: DecodeJob, timeout_s: float | None) -> PrefillJob:
         timeout = timeout_s or self.config.prefill_timeout_s
         return PrefillJob(job.request_id, job.tokens, job.params, job.salt, job.wire_dtype, job.prefill_node, timeout)
+
+    def start(self) -> None:
+        """On the server's loop: the write-back task."""
+        self.writeback.start()
 
     def drain(self) -> None:
         self._draining = True
@@ -200,6 +240,7 @@ class DecodeNode:
 
     async def close(self) -> None:
         self.batcher.close()
+        await self.writeback.close()
         await self.source.close()
 
 

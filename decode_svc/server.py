@@ -23,6 +23,7 @@ class DecodeServer:
     async def start(self) -> int:
         self.node.on_unhealthy = self.host.unhealthy_from_thread()
         self.node.node_id = self.config.node_id or f"{socket.gethostname()}:{self.host.port}"
+        self.node.start()
         decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(self.node), self.host.server)
         await self.host.start()
         return self.host.port

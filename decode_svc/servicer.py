@@ -50,6 +50,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             request.prefill_node,
             request.cache_salt,
             request.wire_dtype,
+            request.keep_kv,
         )
         async for event in self.node.decode(job, context.time_remaining()):
             yield event_to_pb(event)

@@ -3,13 +3,15 @@ prefill node over gRPC; a colocated worker's in-process one is worker/source.py.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
 
-from kv_transfer.wire import layout_from_pb, prefill_method, pull, read_header
+from kv_transfer.codec import encode, layout_of
+from kv_transfer.wire import layout_from_pb, layout_to_pb, prefill_method, pull, read_header
 from kvmesh.aio import PER_TOKEN_S, Stalled, within
 from kvmesh.errors import DataLoss, Upstream
 from kvmesh.model.kv import KVCache, KVLayout
@@ -17,7 +19,9 @@ from kvmesh.params_pb import sampling_to_pb
 from kvmesh.rpc import cluster_channel, upstream
 from kvmesh.sampling import SamplingParams
 from kvmesh.service import GRPC_OPTIONS
-from kvmesh.v1 import kv_pb2, prefill_pb2
+from kvmesh.v1 import kv_pb2, prefill_pb2, prefill_pb2_grpc
+
+STORE_TIMEOUT_S = 30.0  # a write-back's whole call (at most a context's KV: 377 MB of SmolLM2)
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class Prefilled:
     compute_ms: float
     store_read_ms: float
     kv_bytes: int
+    block_size: int  # of the prefill node's store (0: none): a write-back sends its full blocks
 
 
 class PendingKV:
@@ -56,9 +61,26 @@ class PrefillJob:
     timeout_s: float
 
 
+@dataclass(frozen=True)
+class StoreJob:
+    """A finished sequence's new full blocks, for the prefix store of the node that prefilled it."""
+
+    request_id: str
+    tokens: list[int]  # from the sequence's first, to the end of the last full block sent
+    salt: bytes
+    first_block: int  # kv starts at this block
+    kv: KVCache
+    prefill_node: str
+    done: asyncio.Future[None] | None = None  # set when stored, dropped or failed (on the loop)
+
+
 class Source(Protocol):
     async def start(self, job: PrefillJob) -> tuple[Prefilled, PendingKV]:
         """The first token and what it took at once; the KV behind it pending."""
+        ...
+
+    async def store(self, job: StoreJob) -> int:
+        """Hand KV back to the store it came from. -> blocks it took."""
         ...
 
     async def close(self) -> None: ...
@@ -75,12 +97,16 @@ class RemotePrefill:
         self.stall_s = stall_s
         self._channels: dict[str, grpc.aio.Channel] = {}
 
+    def _channel(self, node: str) -> grpc.aio.Channel:
+        channel = self._channels.get(node)
+        if channel is None:
+            channel = self._channels[node] = cluster_channel(node, self._token, GRPC_OPTIONS)
+        return channel
+
     async def start(self, job: PrefillJob) -> tuple[Prefilled, PendingKV]:
         if not job.prefill_node:
             raise Upstream("INVALID_ARGUMENT", "the request names no prefill node")
-        channel = self._channels.get(job.prefill_node)
-        if channel is None:
-            channel = self._channels[job.prefill_node] = cluster_channel(job.prefill_node, self._token, GRPC_OPTIONS)
+        channel = self._channel(job.prefill_node)
         request = prefill_pb2.PrefillRequest(
             request_id=job.request_id,
             tokens=job.tokens,
@@ -107,6 +133,7 @@ class RemotePrefill:
             header.compute_ms,
             header.store_read_ms,
             header.total_bytes,
+            header.block_size,
         )
         return info, PendingKV(lambda: self._receive(header, it, call, job.prefill_node), call.cancel)
 
@@ -140,6 +167,37 @@ class RemotePrefill:
             raise upstream(e, "prefill node " + node) from e
         finally:
             call.cancel()  # a no-op once the stream ended; stops the node's work when we gave up
+
+    async def store(self, job: StoreJob) -> int:
+        """StoreKV on the node that prefilled the sequence: a header, the KV's chunks (views; one copy
+        each into its message)."""
+        layout = layout_of(job.kv, self.layout.dtype)
+        chunks = list(encode(job.kv, self.layout.dtype))
+        header = prefill_pb2.StoreKVHeader(
+            request_id=job.request_id,
+            tokens=job.tokens,
+            cache_salt=job.salt,
+            first_block=job.first_block,
+            kv=kv_pb2.KVHeader(
+                model_fingerprint=self.fingerprint,
+                layout=layout_to_pb(layout),
+                chunk_count=len(chunks),
+                total_bytes=layout.total_bytes,
+            ),
+        )
+
+        async def requests() -> AsyncIterator[prefill_pb2.StoreKVRequest]:
+            yield prefill_pb2.StoreKVRequest(header=header)
+            for c in chunks:
+                chunk = kv_pb2.KVChunk(index=c.index, offset=c.offset, data=bytes(c.data), checksum=c.checksum)
+                yield prefill_pb2.StoreKVRequest(chunk=chunk)
+
+        stub = prefill_pb2_grpc.PrefillStub(self._channel(job.prefill_node))
+        try:
+            reply = await stub.StoreKV(requests(), timeout=STORE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as e:
+            raise upstream(e, "prefill node " + job.prefill_node) from e
+        return int(reply.blocks)
 
     async def close(self) -> None:
         for channel in self._channels.values():

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from kvmesh.aio import Stalled
-from kvmesh.errors import KvmeshError, Upstream
+from kvmesh.errors import InvalidArgument, KvmeshError, Upstream
 
 log = logging.getLogger(__name__)
 OnError = Callable[[str, str], None]  # (method, status name), e.g. for a metric
@@ -99,6 +99,8 @@ def _refuse(handler: Handler, guard: _Guard) -> Handler:
         yield None  # unreachable: abort raised
 
     decode = _decoder(None)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(refuse, decode, handler.response_serializer)
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(refuse_stream, decode, handler.response_serializer)
     return grpc.unary_unary_rpc_method_handler(refuse, decode, handler.response_serializer)
@@ -128,6 +130,26 @@ def _streaming(behavior: Callable[..., AsyncIterator[Any]], guard: _Guard) -> Ca
         try:
             async for item in behavior(request, context):
                 yield item
+        except BaseException as e:
+            if _passes(e):
+                raise
+            await guard.handle(e, context)
+
+    return call
+
+
+def _client_streaming(behavior: Callable[..., Awaitable[Any]], guard: _Guard) -> Callable[..., Awaitable[Any]]:
+    """A request stream whose messages are checked one by one as the servicer reads them."""
+
+    async def call(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def checked() -> AsyncIterator[Any]:
+            async for request in requests:
+                if isinstance(request, _Undecodable):
+                    raise InvalidArgument(f"undecodable request: {request.error}"[:300])
+                yield request
+
+        try:
+            return await behavior(checked(), context)
         except BaseException as e:
             if _passes(e):
                 raise
@@ -194,10 +216,12 @@ class ErrorBoundary(grpc.aio.ServerInterceptor):
             sent = dict(details.invocation_metadata or ()).get(TOKEN_KEY)
             if not isinstance(sent, str) or not hmac.compare_digest(sent, self.token):
                 return _refuse(handler, _Guard(details.method, self.on_error))
-        if handler is None or handler.request_streaming:  # kvmesh has no client-streaming method
+        if handler is None:
             return handler
         guard = _Guard(details.method, self.on_error)
         decode, encode = _decoder(handler.request_deserializer), handler.response_serializer
+        if handler.request_streaming and inspect.iscoroutinefunction(handler.stream_unary):
+            return grpc.stream_unary_rpc_method_handler(_client_streaming(handler.stream_unary, guard), decode, encode)
         if handler.response_streaming and inspect.isasyncgenfunction(handler.unary_stream):
             return grpc.unary_stream_rpc_method_handler(_streaming(handler.unary_stream, guard), decode, encode)
         if not handler.response_streaming and inspect.iscoroutinefunction(handler.unary_unary):

@@ -87,23 +87,38 @@ class PrefillEngine:
         logits, kv = self._run(tokens[cached:], past)
         token, logprob = Sampler(params).sample(logits)
         if keys:
-
-            def store_blocks(store: PrefixStore, events: EventSink) -> None:
-                # In transactions of PUT_BATCH blocks (~11 MB, ~15 ms), pausing between them for
-                # requests that arrived: a 2,000-token prompt's put would otherwise hold a core
-                # for ~130 ms against them.
-                value, parent = _block_of(kv, self.block_size), None
-                for start in range(0, len(keys), PUT_BATCH):
-                    if start:
-                        self.writer.pause()
-                    batch = keys[start : start + PUT_BATCH]
-                    if not store.put(batch, _shifted(value, start), events, parent):
-                        return
-                    parent = batch[-1]
-                self.reserve(len(keys) * self.block_size)  # the next request reads them at once
-
-            self.writer.submit(store_blocks, keys)
+            self._store(keys, _block_of(kv, self.block_size), None, len(keys))
         return PrefillOutcome(kv, cached, token, logprob, bad, read - start, time.perf_counter() - read)
+
+    def store_kv(self, tokens: Sequence[int], salt: bytes, first_block: int, kv: KVCache) -> int:
+        """KV made elsewhere (a decode node's: prompt and reply) for the full blocks of `tokens` from
+        `first_block` on, `kv` holding exactly those: queued for the store below the blocks before
+        (stored when those still are). -> blocks queued."""
+        keys = self.lookup_keys(tokens, salt)[first_block:] if self.cache else []
+        if not keys:
+            return 0
+        parent = self.keys(tokens[: first_block * self.block_size], salt)[-1] if first_block else None
+        self._store(keys, _block_of(kv, self.block_size), parent, first_block + len(keys))
+        return len(keys)
+
+    def _store(self, keys: list[bytes], value: Callable[[int], np.ndarray], parent: bytes | None, chain: int) -> None:
+        """Queue a chain of blocks for the writer, below `parent`; `chain`: blocks from the root."""
+
+        def job(store: PrefixStore, events: EventSink) -> None:
+            # In transactions of PUT_BATCH blocks (~11 MB, ~15 ms), pausing between them for
+            # requests that arrived: a 2,000-token prompt's put would otherwise hold a core
+            # for ~130 ms against them.
+            below = parent
+            for start in range(0, len(keys), PUT_BATCH):
+                if start:
+                    self.writer.pause()
+                batch = keys[start : start + PUT_BATCH]
+                if not store.put(batch, _shifted(value, start), events, below):
+                    return
+                below = batch[-1]
+            self.reserve(chain * self.block_size)  # the next request reads them at once
+
+        self.writer.submit(job, keys)
 
     def _run(self, tokens: Sequence[int], past: KVCache | None) -> tuple[np.ndarray, KVCache]:
         """The model over `tokens` after `past`: at once, or chunk by chunk taking turns with the

@@ -29,6 +29,11 @@ class PrefillMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
         )
         self.kv_bytes_sent = Counter("kvmesh_kv_bytes_sent", "KV bytes streamed to decode nodes", registry=r)
+        self.written_back = Counter(
+            "kvmesh_prefill_written_back_blocks",
+            "Decode nodes' KV blocks (replies) queued for the store",
+            registry=r,
+        )
         self.evictions = Counter("kvmesh_prefix_store_evictions", "Blocks evicted or dropped", registry=r)
         self.faults = Counter(
             "kvmesh_prefill_faults",

@@ -16,8 +16,9 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from kv_transfer.codec import Chunk, Layout, chunk_count, encode, layout_of
-from kvmesh.errors import ResourceExhausted, Unavailable
+from kvmesh.errors import DataLoss, InvalidArgument, ResourceExhausted, Unavailable
 from kvmesh.model.folder import ModelFolder
+from kvmesh.model.kv import KVCache
 from kvmesh.model.prepare import default_model_dir, kvmesh_home
 from kvmesh.model.runner import ModelRunner, Provider, RunnerConfig
 from kvmesh.model.tokenizer import ChatTokenizer
@@ -184,6 +185,32 @@ class PrefillNode:
             yield
         finally:
             self._serving -= 1
+
+    def check_store(self, fingerprint: str, layout: Layout, tokens: Sequence[int], first_block: int) -> None:
+        """A peer's StoreKV header, before any chunk is read: KV of this model, exactly the full
+        blocks of `tokens` from `first_block`, tokens within the vocabulary and the context."""
+        mine, bs = self.runner.layout, self.config.block_size
+        if fingerprint != self.folder.fingerprint:
+            raise DataLoss(f"KV of another model ({fingerprint[:64]!r})")
+        if (layout.layers, layout.kv_heads, layout.head_dim) != (mine.layers, mine.kv_heads, mine.head_dim):
+            raise DataLoss(f"KV layout {layout.layers}x{layout.kv_heads}x{layout.head_dim} is not this model's")
+        if len(tokens) >= self.runner.max_context:
+            raise InvalidArgument(f"{len(tokens)} tokens do not fit the context of {self.runner.max_context}")
+        self.runner.check_tokens(tokens)
+        blocks = len(tokens) // bs
+        if not 0 <= first_block <= blocks or layout.tokens != (blocks - first_block) * bs:
+            raise DataLoss(
+                f"KV of {layout.tokens} tokens from block {first_block} is not the full blocks of {len(tokens)} tokens"
+            )
+
+    async def store_kv(self, tokens: Sequence[int], salt: bytes, first_block: int, kv: KVCache) -> int:
+        """KV a decode node made (check_store first): queued for the store. -> blocks queued."""
+        assert self.engine is not None, "start() first"
+        if self.draining:
+            raise Unavailable("this prefill node is draining")
+        blocks = self.engine.store_kv(tokens, salt, first_block, kv)
+        self.metrics.written_back.inc(blocks)
+        return blocks
 
     def idle(self) -> bool:
         """No prefill running and no KV stream in progress (what a drain waits for)."""

@@ -8,8 +8,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from kv_transfer.codec import Assembler, Chunk
 from kv_transfer.fastwire import encode_chunk_response
-from kv_transfer.wire import layout_to_pb, wire_dtype
+from kv_transfer.wire import layout_from_pb, layout_to_pb, wire_dtype
+from kvmesh.errors import DataLoss
 from kvmesh.params_pb import sampling_from_pb
 from kvmesh.v1 import kv_pb2, prefill_pb2
 from prefill_svc.node import PrefillNode
@@ -48,6 +50,7 @@ class PrefillServicer:
             total_bytes=layout.total_bytes,
             store_read_ms=outcome.store_read_s * 1000,
             compute_ms=outcome.compute_s * 1000,
+            block_size=self.node.config.block_size if self.node.config.prefix_cache else 0,
         )
         yield prefill_pb2.PrefillResponse(header=header).SerializeToString()
         for chunk in chunks:
@@ -86,6 +89,32 @@ class PrefillServicer:
         tokens = await self.node.pin(list(request.tokens), request.cache_salt)
         return prefill_pb2.PinResponse(pinned_tokens=tokens, blocks=tokens // self.node.config.block_size)
 
+    async def StoreKV(
+        self, requests: AsyncIterator[prefill_pb2.StoreKVRequest], context: Context
+    ) -> prefill_pb2.StoreKVResponse:
+        """The header checked before any chunk is read; each chunk checked as it comes (DataLoss)."""
+        it = aiter(requests)
+        header = await _header(it)
+        layout, tokens = layout_from_pb(header.kv.layout), list(header.tokens)
+        self.node.check_store(header.kv.model_fingerprint, layout, tokens, header.first_block)
+        if header.kv.total_bytes != layout.total_bytes:
+            raise DataLoss(f"KV sizes do not follow from the layout ({header.kv.total_bytes} bytes)")
+        assembler = Assembler(layout, header.kv.chunk_count)
+        async for request in it:
+            if not request.HasField("chunk"):
+                raise DataLoss("a second header inside a StoreKV stream")
+            c = request.chunk
+            assembler.add(Chunk(c.index, c.offset, c.data, c.checksum))
+        blocks = await self.node.store_kv(tokens, header.cache_salt, header.first_block, assembler.finish())
+        return prefill_pb2.StoreKVResponse(blocks=blocks)
+
+
+async def _header(requests: AsyncIterator[prefill_pb2.StoreKVRequest]) -> prefill_pb2.StoreKVHeader:
+    first = await anext(requests, None)
+    if first is None or not first.HasField("header"):
+        raise DataLoss("a StoreKV stream starts with its header")
+    return first.header
+
 
 def handlers(servicer: PrefillServicer) -> grpc.GenericRpcHandler:
     """kvmesh.v1.Prefill's methods; Prefill's responses are already serialized."""
@@ -102,6 +131,9 @@ def handlers(servicer: PrefillServicer) -> grpc.GenericRpcHandler:
             ),
             "Pin": grpc.unary_unary_rpc_method_handler(
                 servicer.Pin, p.PinRequest.FromString, p.PinResponse.SerializeToString
+            ),
+            "StoreKV": grpc.stream_unary_rpc_method_handler(
+                servicer.StoreKV, p.StoreKVRequest.FromString, p.StoreKVResponse.SerializeToString
             ),
         },
     )

@@ -48,6 +48,17 @@ class ProxyConfig:
             "(set it in the environment, not on the command line; empty: internal services are open)"
         ),
     )
+    write_back: bool = field(
+        default=True,
+        metadata=doc(
+            "decode nodes send each finished sequence's new full blocks (reply included) back to the prefill "
+            "node's store, so a conversation's next turn computes only its new tokens"
+        ),
+    )
+    sessions_kept: int = field(
+        default=4096,
+        metadata=doc("sessions whose last turn's token ids are kept, so the next turn reuses the generated ids"),
+    )
     drain_seconds: float = field(default=30.0, metadata=doc("on SIGTERM, how long running calls may finish"))
     stall_timeout_s: float = field(
         default=5.0,

@@ -26,6 +26,7 @@ from kvmesh.sampling import SamplingParams
 from kvmesh.v1 import decode_pb2, decode_pb2_grpc, generation_pb2
 from proxy.backends import Backends
 from proxy.config import ProxyConfig
+from proxy.conversations import Conversations
 from proxy.metrics import ProxyMetrics
 from proxy.routing import Decision, NodeState, Request, make_policy
 from proxy.tenants import Tenant
@@ -59,6 +60,23 @@ def _others(pool: list[NodeState], exclude: set[str]) -> list[NodeState]:
     return [n for n in healthy if n.node_id not in exclude] or healthy
 
 
+class _Reply:
+    """What a relayed stream said: its text and token ids, and whether it finished."""
+
+    def __init__(self) -> None:
+        self.text, self.ids, self.finished = "", list[int](), False
+
+    def add(self, event: generation_pb2.GenerateEvent) -> None:
+        kind = event.WhichOneof("kind")
+        if kind == "token":
+            self.text += event.token.text
+            self.ids.append(event.token.token_id)
+        elif kind == "text":
+            self.text += event.text.text
+        elif kind == "finished":
+            self.finished = True
+
+
 class _Retry(Exception):
     """An attempt that failed before its first token: the next candidate may take the request."""
 
@@ -74,6 +92,9 @@ class Plan:
     tokens: list[int]
     salt: bytes
     params: SamplingParams
+    messages: Sequence[Message] = ()  # a chat's, with its plain tokenization (a raw prompt: none)
+    rendered: Sequence[int] = ()
+    remember: bool = False  # the client named the session: its turn is kept for the next one
 
 
 class ProxyNode:
@@ -87,6 +108,7 @@ class ProxyNode:
         self.policy = make_policy(config.policy, config.load_bound)
         self.tenants = config.tenants()
         self.metrics = ProxyMetrics()
+        self.conversations = Conversations(self.tokenizer, config.sessions_kept)
         self.active = 0  # Generate calls in progress (drain waits for none)
         self.draining = False
 
@@ -112,7 +134,11 @@ class ProxyNode:
         request_id: str,
     ) -> Plan:
         _check_sizes(session_id, request_id, messages, prompt, self.max_prompt_bytes)
-        tokens = self.tokenizer.encode_chat(messages) if messages else self.tokenizer.encode(prompt)
+        if messages:  # a named session's last turn may give the exact ids of the history
+            rendered = self.tokenizer.encode_chat(messages)
+            tokens = self.conversations.tokens(salt, session_id, messages, rendered) if session_id else rendered
+        else:
+            rendered, tokens = [], self.tokenizer.encode(prompt)
         if not tokens:
             raise InvalidArgument("empty prompt: send messages or a prompt")
         if len(tokens) >= self.context:
@@ -120,7 +146,9 @@ class ProxyNode:
         if len(tokens) + params.max_tokens > self.context:
             room = self.context - len(tokens)
             raise InvalidArgument(f"max_tokens {params.max_tokens} goes beyond the context: {room} tokens are left")
-        return Plan(request_id or uuid.uuid4().hex, session_id or request_id or uuid.uuid4().hex, tokens, salt, params)
+        request_id = request_id or uuid.uuid4().hex
+        remember = bool(messages and session_id)
+        return Plan(request_id, session_id or request_id, tokens, salt, params, messages, rendered, remember)
 
     def keys(self, plan: Plan) -> list[bytes]:
         root = root_key(self.folder.fingerprint, self.backends.block_size, plan.salt)
@@ -150,13 +178,19 @@ class ProxyNode:
         if self.draining:
             raise Unavailable("the proxy is draining")
         self.active += 1
+        reply = _Reply()
         try:
             start, failed, keys = time.perf_counter(), set[str](), self.keys(plan)
             for attempt in (1, 2):
                 try:  # aclosing: a client that goes away ends the attempt (and its claim) at once
                     async with contextlib.aclosing(self._attempt(plan, keys, failed, attempt, timeout_s, start)) as it:
                         async for event in it:
+                            reply.add(event)
                             yield event
+                    if plan.remember and reply.finished:
+                        self.conversations.remember(
+                            plan.salt, plan.session_id, plan.messages, plan.rendered, plan.tokens, reply.text, reply.ids
+                        )
                     return
                 except _Retry as retry:
                     if attempt == 2:
@@ -243,6 +277,7 @@ class ProxyNode:
             prefill_node=prefill,
             params=params_to_pb(plan.params),
             cache_salt=plan.salt,
+            keep_kv=self.config.write_back,
         )
         return decode_pb2_grpc.DecodeStub(self.backends.channels[decode]).Decode(request, timeout=timeout_s)
 

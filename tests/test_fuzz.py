@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from kvmesh.client import Client
 from kvmesh.model.folder import ModelFolder
-from kvmesh.v1 import decode_pb2, generation_pb2, prefill_pb2, stream_pb2
+from kvmesh.v1 import decode_pb2, generation_pb2, kv_pb2, prefill_pb2, stream_pb2
 from proxy.config import ProxyConfig
 from proxy.server import ProxyServer
 from tests.helpers.servers import MakeServer, ServerThread
@@ -39,6 +39,8 @@ METHODS = [
     ("worker", "/kvmesh.v1.Decode/Decode", True),
     ("worker", "/kvmesh.v1.Decode/GetLoad", False),
     ("worker", "/kvmesh.v1.Prefill/Prefill", True),
+    ("prefill", "/kvmesh.v1.Prefill/StoreKV", None),  # client streaming: the fuzzed bytes, then a seed
+    ("worker", "/kvmesh.v1.Prefill/StoreKV", None),
 ]
 # Valid messages with hostile values, as seeds beside the random bytes
 SEEDS = [
@@ -50,6 +52,13 @@ SEEDS = [
     prefill_pb2.PinRequest(tokens=[7] * 40),
     decode_pb2.DecodeRequest(tokens=[3] * 10, params=stream_pb2.GenerationParams(max_tokens=2**32 - 1)),
     decode_pb2.DecodeRequest(tokens=[4, -7], params=stream_pb2.GenerationParams(seed=2**64 - 1, max_tokens=3)),
+    prefill_pb2.StoreKVRequest(header=prefill_pb2.StoreKVHeader(tokens=[5] * 32, first_block=9)),
+    prefill_pb2.StoreKVRequest(
+        header=prefill_pb2.StoreKVHeader(
+            tokens=[5] * 16, kv=kv_pb2.KVHeader(layout=kv_pb2.KVLayout(layers=2**31, tokens=16, dtype=1))
+        )
+    ),
+    prefill_pb2.StoreKVRequest(chunk=kv_pb2.KVChunk(index=0, data=b"x" * 64)),
 ]
 
 
@@ -65,9 +74,12 @@ def nodes(tiny_fp32: ModelFolder, module_servers: MakeServer) -> Iterator[dict[s
     proxy.stop()
 
 
-def _call(channel: grpc.Channel, method: str, streaming: bool, data: bytes) -> grpc.StatusCode:
+def _call(channel: grpc.Channel, method: str, streaming: bool | None, data: bytes) -> grpc.StatusCode:
+    """streaming: True a response stream, False unary, None a request stream (data, then a seed)."""
     try:
-        if streaming:
+        if streaming is None:
+            channel.stream_unary(method)(iter([data, SEEDS[-1].SerializeToString()]), timeout=20)
+        elif streaming:
             call = channel.unary_stream(method)(data, timeout=20)
             for i, _ in enumerate(call):
                 if i >= 0:  # WatchCache never ends by itself: its first event is enough
@@ -83,7 +95,7 @@ def _call(channel: grpc.Channel, method: str, streaming: bool, data: bytes) -> g
 
 @pytest.mark.parametrize(("server", "method", "streaming"), METHODS)
 def test_fuzzed_bytes_get_documented_codes(
-    nodes: dict[str, ServerThread], server: str, method: str, streaming: bool
+    nodes: dict[str, ServerThread], server: str, method: str, streaming: bool | None
 ) -> None:
     with grpc.insecure_channel(nodes[server].address) as channel:
 

@@ -34,6 +34,7 @@ class WorkerServer:
         self.node.on_unhealthy = self.prefill.on_unhealthy = self.host.unhealthy_from_thread()
         self.node.node_id = self.config.decode.node_id or f"{socket.gethostname()}:{self.host.port}"
         await self.prefill.start(self.node.node_id)
+        self.node.start()
         decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(self.node), self.host.server)
         self.host.server.add_generic_rpc_handlers((handlers(PrefillServicer(self.prefill)),))
         await self.host.start()

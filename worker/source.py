@@ -3,7 +3,7 @@ cache events and Prefill service, as a prefill node's), the KV handed over as is
 
 from __future__ import annotations
 
-from decode_svc.sources import PendingKV, Prefilled, PrefillJob
+from decode_svc.sources import PendingKV, Prefilled, PrefillJob, StoreJob
 from kvmesh.model.kv import KVCache
 from prefill_svc.node import PrefillNode
 
@@ -21,12 +21,16 @@ class LocalPrefill:
             outcome.compute_s * 1000,
             outcome.store_read_s * 1000,
             0,
+            self.node.config.block_size if self.node.config.prefix_cache else 0,
         )
 
         async def handed_over() -> KVCache:
             return outcome.kv
 
         return info, PendingKV(handed_over, lambda: None)
+
+    async def store(self, job: StoreJob) -> int:
+        return await self.node.store_kv(job.tokens, job.salt, job.first_block, job.kv)
 
     async def close(self) -> None:
         await self.node.close()

@@ -212,9 +212,9 @@ class SlotBatch:
         self.active -= 1
         return moved
 
-    def read(self, slot: int) -> KVCache:
-        """The KV a slot holds, (1, kv_heads, tokens, head_dim) per layer and part."""
-        return self.kv.read(slot, int(self.lengths[slot]))
+    def read(self, slot: int, tokens: int | None = None) -> KVCache:
+        """The KV a slot holds (its first `tokens`), (1, kv_heads, tokens, head_dim) per layer and part."""
+        return self.kv.read(slot, int(self.lengths[slot]) if tokens is None else tokens)
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """tokens (B,) for slots 0..B-1 -> logits (B, vocab); each slot grows by one token.
@@ -334,6 +334,10 @@ class SequentialBatch:
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         return np.stack([d.step(int(t)) for d, t in zip(self._decoders, tokens, strict=True)])
+
+    def read(self, slot: int, tokens: int | None = None) -> KVCache:
+        kv = self._decoders[slot].kv()
+        return kv if tokens is None else kv.prefix(tokens)
 
 
 def make_batch(runner: ModelRunner, slots: int, capacity: int) -> SlotBatch | SequentialBatch:

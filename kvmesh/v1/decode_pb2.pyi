@@ -30,12 +30,15 @@ class DecodeRequest(_message.Message):
     PARAMS_FIELD_NUMBER: _builtins.int
     CACHE_SALT_FIELD_NUMBER: _builtins.int
     WIRE_DTYPE_FIELD_NUMBER: _builtins.int
+    KEEP_KV_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     prefill_node: _builtins.str
     """host:port of the prefill node to pull the KV from"""
     cache_salt: _builtins.bytes
     """passed on to the prefill node"""
     wire_dtype: _kv_pb2.KVDtype.ValueType
+    keep_kv: _builtins.bool
+    """at the end, the new full blocks (reply included) go back to the prefill node's store"""
     @_builtins.property
     def tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """the prompt, chat template applied"""
@@ -51,10 +54,11 @@ class DecodeRequest(_message.Message):
         params: _stream_pb2.GenerationParams | None = ...,
         cache_salt: _builtins.bytes = ...,
         wire_dtype: _kv_pb2.KVDtype.ValueType = ...,
+        keep_kv: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_salt", b"cache_salt", "params", b"params", "prefill_node", b"prefill_node", "request_id", b"request_id", "tokens", b"tokens", "wire_dtype", b"wire_dtype"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_salt", b"cache_salt", "keep_kv", b"keep_kv", "params", b"params", "prefill_node", b"prefill_node", "request_id", b"request_id", "tokens", b"tokens", "wire_dtype", b"wire_dtype"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12kvmesh/v1/kv.proto\x12\tkvmesh.v1\"q\n\x08KVLayout\x12\x0e\n\x06layers\x18\x01 \x01(\r\x12\x10\n\x08kv_heads\x18\x02 \x01(\r\x12\x10\n\x08head_dim\x18\x03 \x01(\r\x12!\n\x05\x64type\x18\x04 \x01(\x0e\x32\x12.kvmesh.v1.KVDtype\x12\x0e\n\x06tokens\x18\x05 \x01(\r\"\xe2\x01\n\x08KVHeader\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12#\n\x06layout\x18\x02 \x01(\x0b\x32\x13.kvmesh.v1.KVLayout\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x13\n\x0b\x66irst_token\x18\x04 \x01(\x05\x12\x15\n\rfirst_logprob\x18\x05 \x01(\x02\x12\x13\n\x0b\x63hunk_count\x18\x06 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x07 \x01(\x04\x12\x15\n\rstore_read_ms\x18\x08 \x01(\x02\x12\x12\n\ncompute_ms\x18\t \x01(\x02\"W\n\x07KVChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x04\x12\r\n\x05\x61lign\x18\x05 \x01(\x0c*O\n\x07KVDtype\x12\x18\n\x14KV_DTYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10KV_DTYPE_FLOAT32\x10\x01\x12\x14\n\x10KV_DTYPE_FLOAT16\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12kvmesh/v1/kv.proto\x12\tkvmesh.v1\"q\n\x08KVLayout\x12\x0e\n\x06layers\x18\x01 \x01(\r\x12\x10\n\x08kv_heads\x18\x02 \x01(\r\x12\x10\n\x08head_dim\x18\x03 \x01(\r\x12!\n\x05\x64type\x18\x04 \x01(\x0e\x32\x12.kvmesh.v1.KVDtype\x12\x0e\n\x06tokens\x18\x05 \x01(\r\"\xf6\x01\n\x08KVHeader\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12#\n\x06layout\x18\x02 \x01(\x0b\x32\x13.kvmesh.v1.KVLayout\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x13\n\x0b\x66irst_token\x18\x04 \x01(\x05\x12\x15\n\rfirst_logprob\x18\x05 \x01(\x02\x12\x13\n\x0b\x63hunk_count\x18\x06 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x07 \x01(\x04\x12\x15\n\rstore_read_ms\x18\x08 \x01(\x02\x12\x12\n\ncompute_ms\x18\t \x01(\x02\x12\x12\n\nblock_size\x18\n \x01(\r\"W\n\x07KVChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x04\x12\r\n\x05\x61lign\x18\x05 \x01(\x0c*O\n\x07KVDtype\x12\x18\n\x14KV_DTYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10KV_DTYPE_FLOAT32\x10\x01\x12\x14\n\x10KV_DTYPE_FLOAT16\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvmesh.v1.kv_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KVDTYPE']._serialized_start=466
-  _globals['_KVDTYPE']._serialized_end=545
+  _globals['_KVDTYPE']._serialized_start=486
+  _globals['_KVDTYPE']._serialized_end=565
   _globals['_KVLAYOUT']._serialized_start=33
   _globals['_KVLAYOUT']._serialized_end=146
   _globals['_KVHEADER']._serialized_start=149
-  _globals['_KVHEADER']._serialized_end=375
-  _globals['_KVCHUNK']._serialized_start=377
-  _globals['_KVCHUNK']._serialized_end=464
+  _globals['_KVHEADER']._serialized_end=395
+  _globals['_KVCHUNK']._serialized_start=397
+  _globals['_KVCHUNK']._serialized_end=484
 # @@protoc_insertion_point(module_scope)

@@ -85,6 +85,7 @@ class KVHeader(_message.Message):
     TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     STORE_READ_MS_FIELD_NUMBER: _builtins.int
     COMPUTE_MS_FIELD_NUMBER: _builtins.int
+    BLOCK_SIZE_FIELD_NUMBER: _builtins.int
     model_fingerprint: _builtins.str
     cached_tokens: _builtins.int
     """how many of layout.tokens came from the prefix store"""
@@ -97,6 +98,8 @@ class KVHeader(_message.Message):
     """reading and checking the cached blocks"""
     compute_ms: _builtins.float
     """the model over the uncached tokens"""
+    block_size: _builtins.int
+    """the prefill node's store's (a decode node writing KV back sends its full blocks); 0: no store"""
     @_builtins.property
     def layout(self) -> Global___KVLayout: ...
     def __init__(
@@ -111,10 +114,11 @@ class KVHeader(_message.Message):
         total_bytes: _builtins.int = ...,
         store_read_ms: _builtins.float = ...,
         compute_ms: _builtins.float = ...,
+        block_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["layout", b"layout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "chunk_count", b"chunk_count", "compute_ms", b"compute_ms", "first_logprob", b"first_logprob", "first_token", b"first_token", "layout", b"layout", "model_fingerprint", b"model_fingerprint", "store_read_ms", b"store_read_ms", "total_bytes", b"total_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "cached_tokens", b"cached_tokens", "chunk_count", b"chunk_count", "compute_ms", b"compute_ms", "first_logprob", b"first_logprob", "first_token", b"first_token", "layout", b"layout", "model_fingerprint", b"model_fingerprint", "store_read_ms", b"store_read_ms", "total_bytes", b"total_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

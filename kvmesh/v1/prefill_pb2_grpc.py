@@ -56,6 +56,11 @@ class PrefillStub:
                 request_serializer=kvmesh_dot_v1_dot_prefill__pb2.PinRequest.SerializeToString,
                 response_deserializer=kvmesh_dot_v1_dot_prefill__pb2.PinResponse.FromString,
                 _registered_method=True)
+        self.StoreKV = channel.stream_unary(
+                '/kvmesh.v1.Prefill/StoreKV',
+                request_serializer=kvmesh_dot_v1_dot_prefill__pb2.StoreKVRequest.SerializeToString,
+                response_deserializer=kvmesh_dot_v1_dot_prefill__pb2.StoreKVResponse.FromString,
+                _registered_method=True)
 
 
 class PrefillServicer:
@@ -89,6 +94,15 @@ class PrefillServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StoreKV(self, request_iterator, context):
+        """KV computed elsewhere (a decode node's: prompt + reply) for this node's store: a header,
+        then the KV's chunks as in a Prefill stream. Stored in the background (the store's budget
+        and LRU hold); the response comes when it is received and checked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +125,11 @@ def add_PrefillServicer_to_server(servicer, server):
                     servicer.Pin,
                     request_deserializer=kvmesh_dot_v1_dot_prefill__pb2.PinRequest.FromString,
                     response_serializer=kvmesh_dot_v1_dot_prefill__pb2.PinResponse.SerializeToString,
+            ),
+            'StoreKV': grpc.stream_unary_rpc_method_handler(
+                    servicer.StoreKV,
+                    request_deserializer=kvmesh_dot_v1_dot_prefill__pb2.StoreKVRequest.FromString,
+                    response_serializer=kvmesh_dot_v1_dot_prefill__pb2.StoreKVResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +242,33 @@ class Prefill:
             '/kvmesh.v1.Prefill/Pin',
             kvmesh_dot_v1_dot_prefill__pb2.PinRequest.SerializeToString,
             kvmesh_dot_v1_dot_prefill__pb2.PinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StoreKV(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/kvmesh.v1.Prefill/StoreKV',
+            kvmesh_dot_v1_dot_prefill__pb2.StoreKVRequest.SerializeToString,
+            kvmesh_dot_v1_dot_prefill__pb2.StoreKVResponse.FromString,
             options,
             channel_credentials,
             insecure,

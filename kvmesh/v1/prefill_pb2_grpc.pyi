@@ -41,6 +41,11 @@ class PrefillStub:
     GetLoad: _grpc.UnaryUnaryMultiCallable[_prefill_pb2.GetLoadRequest, _prefill_pb2.LoadReport]
     Pin: _grpc.UnaryUnaryMultiCallable[_prefill_pb2.PinRequest, _prefill_pb2.PinResponse]
     """Prefill a prompt now and keep its blocks: never evicted, warm across restarts."""
+    StoreKV: _grpc.StreamUnaryMultiCallable[_prefill_pb2.StoreKVRequest, _prefill_pb2.StoreKVResponse]
+    """KV computed elsewhere (a decode node's: prompt + reply) for this node's store: a header,
+    then the KV's chunks as in a Prefill stream. Stored in the background (the store's budget
+    and LRU hold); the response comes when it is received and checked.
+    """
 
 @_typing.type_check_only
 class PrefillAsyncStub(PrefillStub):
@@ -55,6 +60,11 @@ class PrefillAsyncStub(PrefillStub):
     GetLoad: _aio.UnaryUnaryMultiCallable[_prefill_pb2.GetLoadRequest, _prefill_pb2.LoadReport]  # type: ignore[assignment]
     Pin: _aio.UnaryUnaryMultiCallable[_prefill_pb2.PinRequest, _prefill_pb2.PinResponse]  # type: ignore[assignment]
     """Prefill a prompt now and keep its blocks: never evicted, warm across restarts."""
+    StoreKV: _aio.StreamUnaryMultiCallable[_prefill_pb2.StoreKVRequest, _prefill_pb2.StoreKVResponse]  # type: ignore[assignment]
+    """KV computed elsewhere (a decode node's: prompt + reply) for this node's store: a header,
+    then the KV's chunks as in a Prefill stream. Stored in the background (the store's budget
+    and LRU hold); the response comes when it is received and checked.
+    """
 
 class PrefillServicer(metaclass=_abc_1.ABCMeta):
     """A prefill node: prompt tokens in, the KV of the whole prompt and the first token out. It keeps the
@@ -90,5 +100,16 @@ class PrefillServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_prefill_pb2.PinResponse, _abc.Awaitable[_prefill_pb2.PinResponse]]:
         """Prefill a prompt now and keep its blocks: never evicted, warm across restarts."""
+
+    @_abc_1.abstractmethod
+    def StoreKV(
+        self,
+        request_iterator: _MaybeAsyncIterator[_prefill_pb2.StoreKVRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_prefill_pb2.StoreKVResponse, _abc.Awaitable[_prefill_pb2.StoreKVResponse]]:
+        """KV computed elsewhere (a decode node's: prompt + reply) for this node's store: a header,
+        then the KV's chunks as in a Prefill stream. Stored in the background (the store's budget
+        and LRU hold); the response comes when it is received and checked.
+        """
 
 def add_PrefillServicer_to_server(servicer: PrefillServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,5 +1,6 @@
 """The proxy over real gRPC on 127.0.0.1: real prefill and decode nodes (tiny model) behind it."""
 
+import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -387,3 +388,62 @@ def test_one_tenants_flood_leaves_room_for_another(tiny_fp32: ModelFolder, serve
         assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) > 0
     finally:
         proxy.stop()
+
+
+def _three_turns(client: Client, session: str, edit: bool = False) -> list[tuple[str, int, int, int]]:
+    """A chat of three turns; edit: the client changes the first reply before sending it back.
+    -> per turn (reply, prompt tokens, cached tokens, completion tokens)."""
+    history = [{"role": "system", "content": "Be brief."}]  # the tiny model's context is 256 tokens
+    out = []
+    for turn in range(3):
+        history.append({"role": "user", "content": f"{turn} + {turn}?"})
+        reply = client.chat(history, session_id=session, max_tokens=24, ignore_eos=True)
+        assert reply.finished is not None and reply.started is not None
+        usage = reply.finished.usage
+        out.append((reply.text, usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens))
+        text = reply.text + (" (edited)" if edit and turn == 0 else "")
+        history.append({"role": "assistant", "content": text})
+    return out
+
+
+@pytest.mark.parametrize("shape", ["disaggregated", "worker"])
+def test_the_whole_conversation_stays_cached(
+    tiny_fp32: ModelFolder, cluster: Callable[..., ServerThread], servers: MakeServer, shape: str
+) -> None:
+    """Turns 2 and 3 find the previous turn whole in the store, reply included (at most one partial
+    block recomputed beyond the new tokens), and say the same as a cluster without a store."""
+    proxy = cluster(prefill=1, decode=1) if shape == "disaggregated" else cluster(prefill=0, decode=0, workers=1)
+    turns = _three_turns(Client(proxy.address), "chat-1")
+    for (_, prev_prompt, _, prev_made), (_, prompt, cached, _) in itertools.pairwise(turns):
+        new = prompt - prev_prompt - prev_made  # the user message and the template's tokens
+        assert prompt - cached <= new + 8, (prompt, cached, new)  # block size 8
+    plain = ServerThread(
+        lambda: ProxyServer(
+            ProxyConfig(
+                model=tiny_fp32.path,
+                port=0,
+                prefill=(servers("prefill", tiny_fp32, prefix_cache=False).address,),
+                decode=(servers("decode", tiny_fp32, slot_tokens=250).address,),
+                block_size=8,
+                drain_seconds=1.0,
+            )
+        )
+    )
+    try:
+        assert plain.call(plain.server.node.backends.wait_healthy(20))
+        baseline = _three_turns(Client(plain.address), "chat-1")
+    finally:
+        plain.stop()
+    assert [t[0] for t in turns] == [t[0] for t in baseline]
+    assert all(t[2] == 0 for t in baseline)
+
+
+def test_an_edited_history_still_gets_its_longest_correct_prefix(cluster: Callable[..., ServerThread]) -> None:
+    proxy = cluster(prefill=1, decode=1)
+    client = Client(proxy.address)
+    edited = _three_turns(client, "chat-edited", edit=True)
+    _, prompt1, _, _ = edited[0]
+    _, prompt2, cached2, _ = edited[1]
+    assert prompt1 // 8 * 8 <= cached2 < prompt2 - 8  # the first prompt's blocks, not the edited reply
+    fresh = _three_turns(client, "chat-other", edit=True)  # the same conversation again, a new session
+    assert [t[0] for t in fresh] == [t[0] for t in edited]

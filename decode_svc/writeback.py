@@ -1,0 +1,78 @@
+"""Write-back: a finished (or cancelled) sequence's new full blocks, prompt tail and reply, go to
+the prefix store of the node that prefilled it, so the conversation's next turn finds them there.
+
+The decode thread copies the blocks out of the sequence's slot as it leaves (the only work on the
+step path: ~1 ms per 16 blocks); this task sends them, one at a time, while decoding goes on. A
+backlog beyond `limit_bytes` drops the newest (counted): a store is a cache, never a reason to
+hold memory or stall."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from decode_svc.sources import Source, StoreJob
+from kvmesh.errors import KvmeshError
+
+log = logging.getLogger(__name__)
+
+
+class WriteBack:
+    def __init__(
+        self, source: Callable[[], Source], on_outcome: Callable[[str, int], None], limit_bytes: int = 512 << 20
+    ) -> None:
+        """source: where KV goes back (the node's, asked per job: a colocated worker sets it after
+        construction); on_outcome(outcome, tokens): "stored" | "dropped" | "failed", for metrics."""
+        self._source, self._on_outcome, self._limit = source, on_outcome, limit_bytes
+        self._jobs: asyncio.Queue[StoreJob] = asyncio.Queue()
+        self._pending_bytes = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.create_task(self._run(), name="kv-write-back")
+
+    def offer(self, job: StoreJob) -> None:
+        """From the decode thread."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._queue, job)
+
+    def _queue(self, job: StoreJob) -> None:
+        if self._pending_bytes + _bytes(job) > self._limit:
+            self._on_outcome("dropped", job.kv.length)
+            _settle(job)
+            return
+        self._pending_bytes += _bytes(job)
+        self._jobs.put_nowait(job)
+
+    async def _run(self) -> None:
+        while True:
+            job = await self._jobs.get()
+            try:
+                await self._source().store(job)
+                self._on_outcome("stored", job.kv.length)
+            except Exception as e:  # the prefill node is gone or refused: the next turn recomputes
+                self._on_outcome("failed", job.kv.length)
+                level = logging.WARNING if isinstance(e, KvmeshError) else logging.ERROR
+                log.log(level, "write-back failed", extra={"request_id": job.request_id, "error": str(e)[:200]})
+            finally:
+                self._pending_bytes -= _bytes(job)
+                _settle(job)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+def _settle(job: StoreJob) -> None:
+    if job.done is not None and not job.done.done():
+        job.done.set_result(None)
+
+
+def _bytes(job: StoreJob) -> int:
+    return sum(k.nbytes + v.nbytes for k, v in zip(job.kv.keys, job.kv.values, strict=True))
