@@ -60,9 +60,12 @@ class Batcher:
         capacity: int,
         on_step: Callable[[int, float], None],
         turns: Turns | None = None,
+        warm_tokens: int | None = None,
+        budget_tokens: int | None = None,
     ) -> None:
-        """turns: a colocated worker's, shared with its prefill (steps and prefill chunks alternate)."""
-        self.batch = make_batch(runner, slots, capacity)
+        """turns: a colocated worker's, shared with its prefill (steps and prefill chunks alternate);
+        warm_tokens, budget_tokens: the slots' memory (see HostSlots)."""
+        self.batch = make_batch(runner, slots, capacity, warm_tokens, budget_tokens)
         self._turns = turns
         self.on_fault: Callable[[BaseException], None] = lambda e: None  # the node's: NOT_SERVING
         self._on_step = on_step  # (batch size, step seconds), for metrics

@@ -99,9 +99,17 @@ class DecodeNode:
         self.runner = ModelRunner(self.folder, runner_config)
         log.info("decode numerics: %s", self.runner.decode_numerics)
         self.tokenizer = ChatTokenizer(self.folder)
-        self.capacity = min(config.slot_tokens, self.runner.max_context)
+        self.capacity = min(config.slot_tokens or self.runner.max_context, self.runner.max_context)
         self.metrics = DecodeMetrics()
-        self.batcher = Batcher(self.runner, config.slots, self.capacity, self.metrics.on_step, turns)
+        self.batcher = Batcher(
+            self.runner,
+            config.slots,
+            self.capacity,
+            self.metrics.on_step,
+            turns,
+            min(config.warm_tokens, self.capacity),
+            config.kv_budget_tokens,
+        )
         self.node_id = config.node_id
         self.on_unhealthy: Callable[[], None] = lambda: None  # the server's: health NOT_SERVING
         self.batcher.on_fault = self._fault
@@ -142,6 +150,11 @@ class DecodeNode:
         budget = min(job.params.max_tokens, self.capacity - len(job.tokens))
         if self._admitted >= self.config.slots + self.config.max_waiting:
             raise ResourceExhausted(f"{self._admitted} requests admitted: all slots busy and the wait list full")
+        if self._reserved + len(job.tokens) + budget > self.config.kv_budget_tokens:
+            raise ResourceExhausted(
+                f"{len(job.tokens)} prompt + {budget} new tokens do not fit the KV budget: "
+                f"{self._reserved} of {self.config.kv_budget_tokens} tokens reserved"
+            )
         self._admitted += 1
         self._reserved += len(job.tokens) + budget
         self.metrics.waiting.set(max(self._admitted - self.batcher.running, 0))

@@ -41,22 +41,75 @@ def _cache(arrays: list[np.ndarray]) -> KVCache:
 
 
 class HostSlots:
-    """Slots in host memory: one numpy array per layer and part, (slots, kv_heads, capacity, head_dim).
+    """Slots in host memory: one numpy array per layer and part, (slots, kv_heads, capacity, head_dim),
+    in anonymous memory reserved for the whole capacity (the model's context) but resident only
+    where tokens have been held.
 
-    Their pages are faulted in once, when the slots are made (`prefault`), not by the copy of a
-    joining sequence's KV or by the steps writing each new token: first-touch page faults cost
-    ~0.1-1 GB/s on this kind of machine (a 512-token join took 150-380 ms to copy into fresh
-    slot memory, 1-9 ms into touched memory, and stalled every running stream meanwhile)."""
+    First-touch page faults cost ~0.1-1.5 GB/s on this kind of machine (a 512-token join into
+    fresh memory took 150-380 ms and stalled every running stream), so each slot's first
+    `warm_tokens` are faulted in at start, and a join or a move into a slot faults in the range it
+    needs at once (MADV_POPULATE_WRITE, ~1.4 GB/s, faster than faulting page by page while
+    copying). Pages stay once faulted, so a slot that held a long sequence takes the next one
+    without faults, until the slots together hold more than `budget_tokens`: then a slot left
+    free gives back what it held beyond its warm part."""
 
-    def __init__(self, layout: KVLayout, slots: int, capacity: int) -> None:
+    def __init__(self, layout: KVLayout, slots: int, capacity: int, warm_tokens: int, budget_tokens: int) -> None:
         shape = (slots, layout.kv_heads, capacity, layout.head_dim)
-        self.buffers = [prefaulted(shape, layout.dtype) for _ in range(2 * layout.layers)]
+        self.buffers = [reserved(shape, layout.dtype) for _ in range(2 * layout.layers)]
+        self._heads, self._capacity = layout.kv_heads, capacity
+        self._row = layout.head_dim * layout.dtype.itemsize  # bytes of one token of one head
+        self.warm = min(warm_tokens, capacity)
+        self.budget = budget_tokens
+        self.faulted = np.zeros(slots, np.int64)  # per slot: its first `faulted` tokens are resident
+        for slot in range(slots):
+            self.ensure(slot, self.warm)
+
+    def _advise(self, slot: int, start: int, end: int, advice: int) -> None:
+        """madvise the tokens [start, end) of `slot` in every buffer and head: POPULATE rounds out
+        to whole pages, DONTNEED in (never a page holding a token below `start`)."""
+        page = mmap.PAGESIZE
+        for buf in self.buffers:
+            for head in range(self._heads):
+                region = buf.ctypes.data + (slot * self._heads + head) * self._capacity * self._row
+                a, b = region + start * self._row, region + end * self._row
+                a, b = (
+                    (a // page * page, -(-b // page) * page)
+                    if advice == _MADV_POPULATE_WRITE
+                    else (-(-a // page) * page, b // page * page)
+                )
+                if b > a:
+                    _libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), advice)
+
+    def ensure(self, slot: int, tokens: int) -> None:
+        """Fault in slot's first `tokens` (a no-op where they are)."""
+        have = int(self.faulted[slot])
+        if tokens > have:
+            self._advise(slot, have, tokens, _MADV_POPULATE_WRITE)
+            self.faulted[slot] = tokens
+
+    def vacated(self, slot: int) -> None:
+        """`slot` holds nothing now: over the budget, it gives back what it held beyond its warm part."""
+        if self.faulted.sum() > self.budget and self.faulted[slot] > self.warm:
+            self._advise(slot, self.warm, int(self.faulted[slot]), _MADV_DONTNEED)
+            self.faulted[slot] = self.warm
+
+    @property
+    def resident_tokens(self) -> int:
+        return int(self.faulted.sum())
 
     def write(self, slot: int, kv: KVCache) -> None:
+        self.ensure(slot, kv.length + 1)
         for buf, src in zip(self.buffers, _arrays(kv), strict=True):
             buf[slot, :, : kv.length] = src[0]  # converts, if the KV came in another float type
 
+    def grew(self, lengths: np.ndarray) -> None:
+        """A step wrote each active slot's next token (its page faulted in by the write itself:
+        one small fault per 16 tokens and head); the marks follow. lengths: (B,)."""
+        b = len(lengths)
+        np.maximum(self.faulted[:b], lengths, out=self.faulted[:b])
+
     def move(self, src: int, dst: int, tokens: int) -> None:
+        self.ensure(dst, tokens + 1)
         for buf in self.buffers:
             buf[dst, :, :tokens] = buf[src, :, :tokens]
 
@@ -72,17 +125,22 @@ class HostSlots:
 
 
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14: fault pages in writable, contents untouched
+_MADV_DONTNEED = 4  # give the pages back: zeros when touched again
 _libc = ctypes.CDLL(None, use_errno=True)  # ctypes calls release the GIL (mmap.madvise does not)
+
+
+def reserved(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+    """Zeros in anonymous memory, page-aligned, none of it resident until touched or populated."""
+    count = int(np.prod(shape))
+    region = mmap.mmap(-1, max(1, count * np.dtype(dtype).itemsize))  # the array keeps it alive
+    return np.frombuffer(region, dtype, count=count).reshape(shape)
 
 
 def prefaulted(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
     """Zeros in anonymous memory whose pages are already faulted in (resident from now on)."""
-    count = int(np.prod(shape))
-    size = max(1, count * np.dtype(dtype).itemsize)
-    region = mmap.mmap(-1, size)  # page-aligned, zero-filled; the array keeps it alive
-    array = np.frombuffer(region, dtype, count=count).reshape(shape)
+    array = reserved(shape, dtype)
     address = ctypes.c_void_p(array.ctypes.data)
-    if _libc.madvise(address, ctypes.c_size_t(size), _MADV_POPULATE_WRITE) != 0:
+    if _libc.madvise(address, ctypes.c_size_t(max(1, array.nbytes)), _MADV_POPULATE_WRITE) != 0:
         array.fill(0)  # an older kernel: touch every page by writing it
     return array
 
@@ -149,6 +207,13 @@ class DeviceSlots:
         self._copy.run_with_iobinding(io)
         return _cache([stage[:, :, :tokens].copy() for stage in self._stage])
 
+    # Device memory is allocated whole when the slots are made: nothing to fault in or give back.
+    def grew(self, lengths: np.ndarray) -> None:
+        pass
+
+    def vacated(self, slot: int) -> None:
+        pass
+
     def bind(self, io: ort.IOBinding, b: int) -> None:
         shape = [b, *self.slot_shape[1:]]
         for j, (past, present) in enumerate(_names(len(self.buffers) // 2)):
@@ -158,9 +223,19 @@ class DeviceSlots:
 
 
 class SlotBatch:
-    def __init__(self, runner: ModelRunner, slots: int, capacity: int, on_device: bool | None = None) -> None:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        slots: int,
+        capacity: int,
+        on_device: bool | None = None,
+        warm_tokens: int | None = None,
+        budget_tokens: int | None = None,
+    ) -> None:
         """on_device: slots in the session's device memory through `DeviceSlots` (default: when the
-        session runs on CUDA; True on CPU runs that path on host memory, for tests)."""
+        session runs on CUDA; True on CPU runs that path on host memory, for tests). Host slots:
+        warm_tokens of each resident from the start (default all), pages beyond given back by free
+        slots while they hold more than budget_tokens together (default: never), see HostSlots."""
         if not runner.shares_buffers:
             raise InvalidArgument("batched decode needs a GroupQueryAttention graph")
         self.runner, self.slots, self.capacity = runner, slots, capacity
@@ -171,7 +246,15 @@ class SlotBatch:
             raise InvalidArgument(f"a {device} session keeps its decode slots in device memory")
         self._rebind_inputs = device != "cpu"  # host inputs are copied to the device when bound
         self.kv = (
-            DeviceSlots(runner, slots, capacity, device) if on_device else HostSlots(runner.layout, slots, capacity)
+            DeviceSlots(runner, slots, capacity, device)
+            if on_device
+            else HostSlots(
+                runner.layout,
+                slots,
+                capacity,
+                capacity if warm_tokens is None else warm_tokens,
+                slots * capacity if budget_tokens is None else budget_tokens,
+            )
         )
         self.lengths = np.zeros(slots, np.int64)  # tokens held per slot
         # Inputs bound once per batch size and updated in place: ids (slots, 1); the mask spans the
@@ -210,6 +293,7 @@ class SlotBatch:
         self.lengths[last] = 0
         self._mask[last] = 0
         self.active -= 1
+        self.kv.vacated(last)
         return moved
 
     def read(self, slot: int, tokens: int | None = None) -> KVCache:
@@ -228,6 +312,7 @@ class SlotBatch:
             self._bind(b)
         self._mask[np.arange(b), self.lengths[:b]] = 1  # each row's new position
         self.lengths[:b] += 1
+        self.kv.grew(self.lengths[:b])
         self._ids[:b, 0] = tokens
         if self._rebind_inputs:
             # A host input of a CUDA session is copied to the device when it is bound, not when the
@@ -340,8 +425,12 @@ class SequentialBatch:
         return kv if tokens is None else kv.prefix(tokens)
 
 
-def make_batch(runner: ModelRunner, slots: int, capacity: int) -> SlotBatch | SequentialBatch:
-    return (SlotBatch if runner.shares_buffers else SequentialBatch)(runner, slots, capacity)
+def make_batch(
+    runner: ModelRunner, slots: int, capacity: int, warm_tokens: int | None = None, budget_tokens: int | None = None
+) -> SlotBatch | SequentialBatch:
+    if runner.shares_buffers:
+        return SlotBatch(runner, slots, capacity, warm_tokens=warm_tokens, budget_tokens=budget_tokens)
+    return SequentialBatch(runner, slots, capacity)
 
 
 def decode_loop(runner: ModelRunner, kv: KVCache, capacity: int) -> Decoder:
