@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +18,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from kvmesh import cluster
 from kvmesh.cluster import MALLOC
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,3 +123,38 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
 
 def _fmt(v: object) -> str:
     return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cluster_spec(args: argparse.Namespace) -> cluster.ClusterSpec:
+    """What `kvmesh up` would start here (or --shape's flags), on a free block of ports."""
+    from kvmesh.cli import parse
+    from kvmesh.commands import up_spec
+
+    port = args.port or _free_port_block()
+    spec, why = up_spec(parse(["up", "--port", str(port), "--model", str(args.model), *(args.shape or "").split()]))
+    print(f"kvmesh shape: {cluster.describe(spec)} ({why})", file=sys.stderr)
+    return spec
+
+
+def _free_port_block() -> int:
+    """A port whose next 40 are free too (the cluster's nodes take port+10.., +20.., +30..)."""
+    for _ in range(50):
+        base = free_port()
+        if base + 40 < 65536 and all(_port_free(base + i) for i in range(1, 40)):
+            return base
+    raise RuntimeError("no block of free ports")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True

@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,7 +38,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import llama_server
-from bench.common import Stream, pct, table, window_rate, with_malloc_settings
+from bench.common import Stream, cluster_spec, free_port, pct, table, window_rate, with_malloc_settings
 from kvmesh import cluster
 from kvmesh.client import AsyncClient
 from kvmesh.model.folder import ModelFolder
@@ -53,17 +52,11 @@ WORKLOADS = ("short", "long", "batch")
 Run = Callable[[str, int], Awaitable[Stream]]  # (prompt text, new tokens) -> one timed stream
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Peer:
     """llama-server as a process; `run` streams one /completion."""
 
     def __init__(self, binary: Path, gguf: Path, threads: int, slots: int, slot_tokens: int) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(self.port)]
         cmd += ["-t", str(threads), "-tb", str(threads), "-np", str(slots), "-c", str(slots * slot_tokens)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -272,35 +265,6 @@ def main() -> None:
             "runs": results,
         }
         args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
-
-
-def cluster_spec(args: argparse.Namespace) -> cluster.ClusterSpec:
-    """What `kvmesh up` would start here (or --shape's flags), on a free block of ports."""
-    from kvmesh.cli import parse
-    from kvmesh.commands import up_spec
-
-    port = args.port or _free_port_block()
-    spec, why = up_spec(parse(["up", "--port", str(port), "--model", str(args.model), *(args.shape or "").split()]))
-    print(f"kvmesh shape: {cluster.describe(spec)} ({why})", file=sys.stderr)
-    return spec
-
-
-def _free_port_block() -> int:
-    """A port whose next 40 are free too (the cluster's nodes take port+10.., +20.., +30..)."""
-    for _ in range(50):
-        base = _free_port()
-        if base + 40 < 65536 and all(_port_free(base + i) for i in range(1, 40)):
-            return base
-    raise RuntimeError("no block of free ports")
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 if __name__ == "__main__":

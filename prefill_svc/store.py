@@ -305,7 +305,6 @@ class PrefixStore:
         txn.put(name, struct.pack("<Q", self._counter(txn, name) + delta), db=self.info)
 
 
-URGENT_WAIT_S = 2.0  # how long a prefill waits for queued blocks it needs before computing them
 
 
 def _lowest_priority() -> None:
@@ -324,8 +323,8 @@ class StoreWriter:
     `quiet` tells when the node is neither running the model nor streaming KV: a job waits for
     it, so a write does not take a core from a request in flight, but never past max_wait_s from
     its submission: under steady load jobs run late by at most that, and a backlog never grows.
-    A prefill that needs blocks still waiting here (the same new prefix, twice in a row) has them
-    written at once (`write_now`) rather than computing them again."""
+    A prefill that needs blocks still waiting here (the same new prefix, twice in a row) reads them
+    from the queued job's memory (PrefillEngine._pending) rather than waiting or computing them."""
 
     def __init__(
         self,
@@ -368,19 +367,6 @@ class StoreWriter:
         with self._lock:
             self._unfinished += 1
         self._jobs.put((run, time.monotonic() + self._max_wait_s))
-
-    def write_now(self, key: bytes, timeout_s: float = URGENT_WAIT_S) -> bool:
-        """If a queued put holds `key`: run every queued job now, busy node or not, waiting at most
-        `timeout_s` (the writer runs at the lowest priority: under a busy decode batch it may not get
-        there; the caller then computes the blocks). -> whether they were written."""
-        with self._lock:
-            if key not in self._writing:
-                return False
-        self._urgent.set()
-        try:
-            return self.flush(timeout_s)
-        finally:
-            self._urgent.clear()
 
     @property
     def pending(self) -> int:

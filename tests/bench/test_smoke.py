@@ -75,3 +75,12 @@ def test_peer_kvmesh_side(real_int4: ModelFolder, tmp_path: Path, shape: str) ->
         ("batch", "itl_p99_ms"),
     }
     assert "colocated" in str(report["shape"]) if not shape else "1 prefill + 1 decode" in str(report["shape"])
+
+
+def test_multiturn(real_int4: ModelFolder, tmp_path: Path) -> None:
+    sizes = ("--sessions", "2", "--turns", "2", "--system-tokens", "48", "--user-tokens", "8", "--reply-tokens", "16")
+    stdout, report = _bench("multiturn.py", tmp_path, *sizes)
+    assert "write-back on / off" in stdout
+    results = report["results"]
+    assert {(r["reply_tokens"], r["write_back"]) for r in results} == {(16, True), (16, False)}  # type: ignore[attr-defined]
+    assert all(len(s) == 2 for r in results for s in r["turns"])  # type: ignore[attr-defined]

@@ -51,14 +51,15 @@ def test_without_the_prefix_cache_every_prompt_is_computed_whole(make_engine: En
     _same(again, first)
 
 
-def test_a_prefix_still_waiting_to_be_written_is_written_not_recomputed(make_engine: EngineFactory) -> None:
+def test_a_prefix_still_waiting_to_be_written_is_read_from_memory_not_recomputed(make_engine: EngineFactory) -> None:
     engine, events = make_engine(busy=True)
     first = engine.prefill(PROMPT, GREEDY)
     assert engine.writer.pending == 1 and events.log == []  # the put waits for a quiet moment
-    again = engine.prefill(PROMPT, GREEDY)  # the same prompt at once: its blocks are written now
-    assert again.cached_tokens == 5 * BLOCK
-    assert events.log[0] == ("stored", engine.keys(PROMPT, b""))
+    again = engine.prefill(PROMPT, GREEDY)  # the same prompt at once: its queued blocks are reused
+    assert again.cached_tokens == 5 * BLOCK and events.log == []  # not waiting for the writer
     _same(again, first)
+    engine.writer.close()  # runs what is queued at once
+    assert events.log[0] == ("stored", engine.keys(PROMPT, b"")) and not engine._pending
 
 
 def test_partial_hit_reuses_the_shared_blocks(make_engine: EngineFactory) -> None:

@@ -1,0 +1,252 @@
+"""Multi-turn chats through the proxy: is the whole conversation, reply included, cached?
+
+Workload: --sessions chats at once (4), each --turns turns (5): one shared --system-tokens system
+prompt (2,000), a --user-tokens user message per turn (100, different in every turn and session),
+greedy replies of exactly --reply-tokens each (64 and 512; EOS ignored), the reply's text sent back
+as the assistant turn, as a chat client does. kvmesh: the local cluster in the shape `kvmesh up`
+picks for this machine (or --shape), a fresh KVMESH_HOME (empty store) per configuration, with the
+proxy's reply write-back on and off (KVMESH_PROXY_WRITE_BACK), their order alternating by reply
+length. Per turn the proxy's usage: prompt tokens, cached tokens (what the store supplied),
+computed = prompt - cached; new = the tokens after the previous turn's prompt and reply (the user
+message and the template's markers); TTFT at the client. The decode side's resident memory (the
+decode or worker processes' VmRSS): at rest after start, its peak while the sessions run, after.
+
+Targets (the issue's): computed per later turn <= new + 16 with write-back; TTFT of turns 2-5 with
+write-back <= 0.7x without at 512-token replies.
+
+  python bench/multiturn.py [--reply-tokens 64 512] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import cluster_spec, pct, table, with_malloc_settings
+from kvmesh import cluster
+from kvmesh.client import AsyncClient
+from kvmesh.loadgen.workload import text_of
+from kvmesh.model.folder import ModelFolder
+from kvmesh.model.prepare import default_model_dir
+from kvmesh.model.tokenizer import ChatTokenizer
+
+
+def _rss(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            pass
+    return total
+
+
+class Peak(threading.Thread):
+    """The largest summed RSS of `pids`, sampled every 0.2 s until stopped."""
+
+    def __init__(self, pids: list[int]) -> None:
+        super().__init__(daemon=True)
+        self.pids, self.peak, self._stop_event = pids, 0, threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(0.2):
+            self.peak = max(self.peak, _rss(self.pids))
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join()
+        return self.peak
+
+
+async def _session(
+    client: AsyncClient, name: str, system: str, users: list[str], reply_tokens: int
+) -> list[dict[str, float]]:
+    history = [{"role": "system", "content": system}]
+    turns = []
+    for user in users:
+        history.append({"role": "user", "content": user})
+        sent, first, text = time.perf_counter(), 0.0, ""
+        usage: Any = None
+        async for ev in client.generate(
+            history, session_id=name, max_tokens=reply_tokens, ignore_eos=True, timeout=900
+        ):
+            kind = ev.WhichOneof("kind")
+            if kind == "token":
+                first = first or time.perf_counter()
+                text += ev.token.text
+            elif kind == "text":
+                text += ev.text.text
+            elif kind == "finished":
+                usage = ev.finished.usage
+        assert usage is not None
+        turns.append(
+            {
+                "ttft_s": first - sent,
+                "prompt": usage.prompt_tokens,
+                "cached": usage.cached_tokens,
+                "completion": usage.completion_tokens,
+            }
+        )
+        history.append({"role": "assistant", "content": text})
+    for prev, turn in itertools.pairwise(turns):
+        turn["new"] = turn["prompt"] - prev["prompt"] - prev["completion"]
+    return turns
+
+
+def run_config(args: argparse.Namespace, write_back: bool, reply_tokens: int, texts: dict[str, Any]) -> dict[str, Any]:
+    home = Path(tempfile.mkdtemp(prefix="kvmesh-multiturn-"))
+    os.environ["KVMESH_HOME"] = str(home)
+    os.environ["KVMESH_PROXY_WRITE_BACK"] = "1" if write_back else "0"
+    spec = cluster_spec(args)
+    procs = cluster.up(spec)
+    decode_pids = [p.pid for p in procs if p.kind in ("decode", "worker")]
+    try:
+        time.sleep(1.0)
+        rest = _rss(decode_pids)
+        peak = Peak(decode_pids)
+
+        async def sessions() -> list[list[dict[str, float]]]:
+            client = AsyncClient(f"127.0.0.1:{spec.port}")
+            try:
+                return await asyncio.gather(
+                    *(
+                        _session(client, f"s{i}", texts["system"], texts["users"][i], reply_tokens)
+                        for i in range(args.sessions)
+                    )
+                )
+            finally:
+                await client.close()
+
+        start = time.perf_counter()
+        per_session = asyncio.run(sessions())
+        wall = time.perf_counter() - start
+        high = peak.stop()
+        after = _rss(decode_pids)
+    finally:
+        cluster.down()
+    later = [t for s in per_session for t in s[1:]]
+    computed = [t["prompt"] - t["cached"] for t in later]
+    excess = [t["prompt"] - t["cached"] - t["new"] for t in later]
+    return {
+        "write_back": write_back,
+        "reply_tokens": reply_tokens,
+        "shape": cluster.describe(spec),
+        "turns": per_session,
+        "computed_later_mean": float(np.mean(computed)) if computed else 0.0,
+        "new_later_mean": float(np.mean([t["new"] for t in later])) if later else 0.0,
+        "excess_later_max": max(excess) if excess else 0,
+        "ttft_first_p50_s": pct([s[0]["ttft_s"] for s in per_session], 50),
+        "ttft_later_p50_s": pct([t["ttft_s"] for t in later], 50) if later else 0.0,
+        "ttft_later_p99_s": pct([t["ttft_s"] for t in later], 99) if later else 0.0,
+        "rss_rest_mb": rest / 1e6,
+        "rss_peak_mb": max(high, after) / 1e6,
+        "rss_after_mb": after / 1e6,
+        "wall_s": wall,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sessions", type=int, default=4)
+    ap.add_argument("--turns", type=int, default=5)
+    ap.add_argument("--system-tokens", type=int, default=2000)
+    ap.add_argument("--user-tokens", type=int, default=100)
+    ap.add_argument("--reply-tokens", type=int, nargs="+", default=[64, 512])
+    ap.add_argument("--model", type=Path, default=None, help="model folder (default: the prepared SmolLM2 int4)")
+    ap.add_argument("--shape", help="kvmesh's cluster as `kvmesh up` flags, e.g. '--prefill 1 --decode 1'")
+    ap.add_argument("--port", type=int, default=0, help="the proxy's port (0: a free block)")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    with_malloc_settings()
+    args.model = args.model or default_model_dir("int4")
+    tok = ChatTokenizer(ModelFolder.load(args.model))
+    rng = np.random.default_rng(7)
+    texts = {
+        "system": text_of(rng, args.system_tokens, tok.encode, tok.decode),
+        "users": [
+            [text_of(rng, args.user_tokens, tok.encode, tok.decode) for _ in range(args.turns)]
+            for _ in range(args.sessions)
+        ],
+    }
+    results = []
+    for i, reply in enumerate(args.reply_tokens):
+        for write_back in (True, False) if i % 2 == 0 else (False, True):
+            r = run_config(args, write_back, reply, texts)
+            print(f"reply {reply}, write-back {'on' if write_back else 'off'}: {r['wall_s']:.0f} s", file=sys.stderr)
+            results.append(r)
+    print(
+        f"\n{args.sessions} sessions x {args.turns} turns, {args.system_tokens}-token system prompt, "
+        f"{args.user_tokens}-token user messages; shape: {results[0]['shape']}"
+    )
+    rows = []
+    for r in results:
+        rows.append(
+            [
+                r["reply_tokens"],
+                "on" if r["write_back"] else "off",
+                round(r["computed_later_mean"], 1),
+                round(r["new_later_mean"], 1),
+                r["excess_later_max"],
+                round(r["ttft_first_p50_s"] * 1000),
+                round(r["ttft_later_p50_s"] * 1000),
+                round(r["ttft_later_p99_s"] * 1000),
+                round(r["rss_rest_mb"]),
+                round(r["rss_peak_mb"]),
+                round(r["rss_after_mb"]),
+            ]
+        )
+    table(
+        [
+            "reply",
+            "write-back",
+            "computed/turn",
+            "new/turn",
+            "excess max",
+            "TTFT1 p50 ms",
+            "TTFT2+ p50 ms",
+            "TTFT2+ p99 ms",
+            "RSS rest MB",
+            "RSS peak MB",
+            "RSS after MB",
+        ],
+        rows,
+    )
+    ratios = {}
+    for reply in args.reply_tokens:
+        on = next(r for r in results if r["reply_tokens"] == reply and r["write_back"])
+        off = next(r for r in results if r["reply_tokens"] == reply and not r["write_back"])
+        ratios[reply] = {
+            "ttft_later_p50": on["ttft_later_p50_s"] / off["ttft_later_p50_s"] if off["ttft_later_p50_s"] else 0.0,
+            "ttft_later_p99": on["ttft_later_p99_s"] / off["ttft_later_p99_s"] if off["ttft_later_p99_s"] else 0.0,
+            "computed_later": on["computed_later_mean"] / off["computed_later_mean"]
+            if off["computed_later_mean"]
+            else 0.0,
+        }
+    print("\nwrite-back on / off (target at 512-token replies: TTFT of turns 2+ <= 0.7; computed <= new + 16)")
+    table(
+        ["reply", "TTFT2+ p50", "TTFT2+ p99", "computed/turn"],
+        [
+            [k, round(v["ttft_later_p50"], 2), round(v["ttft_later_p99"], 2), round(v["computed_later"], 3)]
+            for k, v in ratios.items()
+        ],
+    )
+    if args.json:
+        args.json.write_text(json.dumps({"results": results, "on_over_off": ratios}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
