@@ -86,6 +86,18 @@ class _Retry(Exception):
 
 
 @dataclass(frozen=True)
+class Call:
+    """A request as either front door (gRPC Generate, the OpenAI HTTP API) hands it over."""
+
+    api_key: str | None
+    session_id: str
+    messages: Sequence[Message]
+    prompt: str
+    params: SamplingParams
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
 class Plan:
     request_id: str
     session_id: str
@@ -123,6 +135,18 @@ class ProxyNode:
         if tenant is None:
             raise Unauthenticated("unknown API key")
         return tenant
+
+    async def serve(self, call: Call, timeout_s: float | None) -> AsyncIterator[generation_pb2.GenerateEvent]:
+        """The one path of every front door: the tenant (API key), the plan (tokenized off the event
+        loop: up to a context's worth of text), the tenant's limits, then generate."""
+        tenant = self.tenant(call.api_key)
+        salt = tenant.salt if tenant else b""
+        plan = await asyncio.to_thread(
+            self.plan, call.session_id, call.messages, call.prompt, call.params, salt, call.request_id
+        )
+        with tenant.call(len(plan.tokens) + call.params.max_tokens) if tenant else contextlib.nullcontext():
+            async for event in self.generate(plan, timeout_s):
+                yield event
 
     def plan(
         self,

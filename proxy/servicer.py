@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
 
 from kvmesh.params_pb import params_from_pb
 from kvmesh.v1 import generation_pb2, generation_pb2_grpc
-from proxy.node import ProxyNode
+from proxy.node import Call, ProxyNode
 
 Context = grpc.aio.ServicerContext[object, object]
 
@@ -31,14 +29,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def Generate(
         self, request: generation_pb2.GenerateRequest, context: Context
     ) -> AsyncIterator[generation_pb2.GenerateEvent]:
-        tenant = self.node.tenant(api_key(context))
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
-        params = params_from_pb(request.params)
-        salt = tenant.salt if tenant else b""
-        # tokenizing (up to the context's worth of text) runs off the event loop
-        plan = await asyncio.to_thread(
-            self.node.plan, request.session_id, messages, request.prompt, params, salt, request.request_id
+        call = Call(
+            api_key(context),
+            request.session_id,
+            messages,
+            request.prompt,
+            params_from_pb(request.params),
+            request.request_id,
         )
-        with tenant.call(len(plan.tokens) + params.max_tokens) if tenant else contextlib.nullcontext():
-            async for event in self.node.generate(plan, context.time_remaining()):
-                yield event
+        async for event in self.node.serve(call, context.time_remaining()):
+            yield event

@@ -132,7 +132,10 @@ _libc = ctypes.CDLL(None, use_errno=True)  # ctypes calls release the GIL (mmap.
 def reserved(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
     """Zeros in anonymous memory, page-aligned, none of it resident until touched or populated."""
     count = int(np.prod(shape))
-    region = mmap.mmap(-1, max(1, count * np.dtype(dtype).itemsize))  # the array keeps it alive
+    # Private: MADV_DONTNEED then frees the pages (a shared anonymous map, mmap's default, keeps
+    # them in its shmem object and only unmaps them). The array keeps the map alive.
+    size = max(1, count * np.dtype(dtype).itemsize)
+    region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     return np.frombuffer(region, dtype, count=count).reshape(shape)
 
 
