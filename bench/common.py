@@ -137,7 +137,9 @@ def cluster_spec(args: argparse.Namespace) -> cluster.ClusterSpec:
     from kvmesh.commands import up_spec
 
     port = args.port or _free_port_block()
-    spec, why = up_spec(parse(["up", "--port", str(port), "--model", str(args.model), *(args.shape or "").split()]))
+    spec, why = up_spec(
+        parse(["up", "--port", str(port), "--http-port", "0", "--model", str(args.model), *(args.shape or "").split()])
+    )
     print(f"kvmesh shape: {cluster.describe(spec)} ({why})", file=sys.stderr)
     return spec
 

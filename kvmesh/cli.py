@@ -144,6 +144,7 @@ def _cluster_commands(sub: Commands) -> None:
     cluster_up.add_argument("--prefill", type=_at_least(0), help="prefill nodes")
     cluster_up.add_argument("--decode", type=_at_least(0), help="decode nodes")
     cluster_up.add_argument("--port", type=int, default=50051, help="the proxy's port; nodes use the next ones")
+    cluster_up.add_argument("--http-port", type=int, default=8000, help="the proxy's OpenAI HTTP API (0: off)")
     cluster_up.add_argument("--policy", default="cache_aware", help="routing policy")
     cluster_up.add_argument("--model", help="model folder (default: the prepared SmolLM2 int4)")
     cluster_up.add_argument("--threads", type=_at_least(1), help="ONNX Runtime threads per node")

@@ -45,6 +45,7 @@ class ClusterSpec:
     pin: bool = False  # prefill nodes on the first half of the cores, decode nodes on the rest
     threads: int = 1
     prefix_cache: bool = True
+    http_port: int = 0  # the proxy's OpenAI HTTP API (0: off; `kvmesh up` asks for 8000)
 
     def __post_init__(self) -> None:
         if min(self.prefill, self.decode, self.workers) < 0 or self.threads < 1:
@@ -55,6 +56,7 @@ class ClusterSpec:
                 "that prefills and one that decodes (a colocated worker does both)"
             )
         check_port("port", self.port, low=1)
+        check_port("http_port", self.http_port)
 
 
 # Hand-set shapes fill what they leave out from these (the pools of the first builds).
@@ -153,7 +155,8 @@ def up(spec: ClusterSpec) -> list[Process]:
                     flags += ["--store", str(cluster_dir() / name / "store"), *cache_flag]
                 procs.append(_start(name, kind, p, flags, logs, pools[kind] if spec.pin else None, env))
         backends = [f for p in procs for f in (f"--{p.kind}", p.address)]
-        proxy_flags = ["proxy", "--port", str(port), "--policy", spec.policy, *backends, *model_flag]
+        proxy_flags = ["proxy", "--port", str(port), "--http-port", str(spec.http_port), "--policy", spec.policy]
+        proxy_flags += [*backends, *model_flag]
         procs.append(_start("proxy", "proxy", port, proxy_flags, logs, None, env))
         _state_file().write_text(json.dumps([asdict(p) for p in procs], indent=2))
         _wait_serving(procs, timeout_s=120)

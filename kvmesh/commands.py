@@ -217,7 +217,7 @@ def up_spec(args: argparse.Namespace) -> tuple[cluster.ClusterSpec, str]:
     """The cluster `kvmesh up ARGS` starts, and why that shape."""
     shape, why = cluster.shape_for(len(os.sched_getaffinity(0)), args.prefill, args.decode, args.workers, args.threads)
     shape["pin"] = bool(args.pin or shape.get("pin", False))
-    rest = {name: getattr(args, name) for name in ("port", "policy", "model", "prefix_cache")}
+    rest = {name: getattr(args, name) for name in ("port", "policy", "model", "prefix_cache", "http_port")}
     return cluster.ClusterSpec(**shape, **rest), why  # type: ignore[arg-type]
 
 
@@ -227,7 +227,8 @@ def cluster_up(args: argparse.Namespace) -> int:
     procs = cluster.up(spec)
     for p in procs:
         print(f"{p.name:10} {p.address:16} pid {p.pid}  log {p.log}")
-    print(f"kvmesh is up: the endpoint is {procs[-1].address} (kvmesh status; kvmesh down)")
+    http = f", OpenAI API http://127.0.0.1:{spec.http_port}/v1" if spec.http_port else ""
+    print(f"kvmesh is up: the endpoint is {procs[-1].address} (gRPC){http} (kvmesh status; kvmesh down)")
     return 0
 
 

@@ -305,8 +305,6 @@ class PrefixStore:
         txn.put(name, struct.pack("<Q", self._counter(txn, name) + delta), db=self.info)
 
 
-
-
 def _lowest_priority() -> None:
     """The calling thread at nice 19: it runs when model runs leave a core free. On 2 cores a
     write beside a decode step (two ORT threads) took one of them: a colocated worker's decode

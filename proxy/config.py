@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmesh.errors import InvalidArgument
-from kvmesh.settings import check_ports, doc
+from kvmesh.settings import check_port, check_ports, doc
 from proxy.routing import POLICIES
 from proxy.tenants import Limits, Tenant, parse
 
@@ -16,6 +16,10 @@ class ProxyConfig:
     model: Path | None = field(default=None, metadata=doc("model folder: tokenizer, chat template, fingerprint"))
     host: str = field(default="127.0.0.1", metadata=doc("address to listen on"))
     port: int = field(default=50051, metadata=doc("gRPC port (0: any free port, printed at start)"))
+    http_port: int = field(default=8000, metadata=doc("the OpenAI-compatible HTTP API's port (0: off)"))
+    model_id: str = field(
+        default="", metadata=doc("the model's name in the OpenAI API (default: the model folder's, less its precision)")
+    )
     prefill: tuple[str, ...] = field(default=(), metadata=doc("a prefill node's host:port"))
     decode: tuple[str, ...] = field(default=(), metadata=doc("a decode node's host:port"))
     worker: tuple[str, ...] = field(
@@ -70,6 +74,7 @@ class ProxyConfig:
 
     def __post_init__(self) -> None:
         check_ports(self)
+        check_port("http_port", self.http_port)
         if self.policy not in POLICIES:
             raise InvalidArgument(f"routing policy must be one of {', '.join(POLICIES)}, not {self.policy!r}")
         if self.load_bound <= 1.0:

@@ -19,3 +19,9 @@ class ProxyMetrics:
         )
         self.stalls = Counter("kvmesh_proxy_stalls", "Calls to a node that stopped answering", registry=r)
         self.errors = Counter("kvmesh_proxy_errors", "Calls ended with an error status", ["code"], registry=r)
+        self.http_requests = Counter(
+            "kvmesh_proxy_http_requests",
+            "OpenAI HTTP API requests by endpoint and status",
+            ["endpoint", "status"],
+            registry=r,
+        )

@@ -67,7 +67,7 @@ def nodes(tiny_fp32: ModelFolder, module_servers: MakeServer) -> Iterator[dict[s
     start = module_servers
     prefill = start("prefill", tiny_fp32)
     worker = start("worker", tiny_fp32, slot_tokens=250)
-    config = ProxyConfig(model=tiny_fp32.path, port=0, worker=(worker.address,), block_size=8)
+    config = ProxyConfig(model=tiny_fp32.path, port=0, http_port=0, worker=(worker.address,), block_size=8)
     proxy = ServerThread(lambda: ProxyServer(config))
     assert proxy.call(proxy.server.node.backends.wait_healthy(20))
     yield {"proxy": proxy, "prefill": prefill, "worker": worker}

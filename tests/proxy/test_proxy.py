@@ -32,6 +32,7 @@ def cluster(tiny_fp32: ModelFolder, servers: MakeServer) -> Iterator[Callable[..
         config = ProxyConfig(
             model=tiny_fp32.path,
             port=0,
+            http_port=0,
             prefill=tuple(p.address for p in ps),
             decode=tuple(d.address for d in ds),
             worker=tuple(w.address for w in ws),
@@ -190,6 +191,7 @@ def test_nodes_found_through_dns(tiny_fp32: ModelFolder, servers: MakeServer) ->
     config = ProxyConfig(
         model=tiny_fp32.path,
         port=0,
+        http_port=0,
         prefill=(f"dns:localhost:{p.port}",),
         decode=(f"dns:localhost:{d.port}",),
         drain_seconds=1.0,
@@ -296,6 +298,7 @@ def test_internal_calls_need_the_cluster_token_and_tenant_salts_are_secret(
     config = ProxyConfig(
         model=tiny_fp32.path,
         port=0,
+        http_port=0,
         prefill=(p.address,),
         decode=(d.address,),
         block_size=8,
@@ -361,7 +364,13 @@ def test_one_tenants_flood_leaves_room_for_another(tiny_fp32: ModelFolder, serve
     d = servers("decode", tiny_fp32, slots=4, slot_tokens=250, max_waiting=8)
     keys = ("k-a=tenant-a streams=6", "k-b=tenant-b")
     config = ProxyConfig(
-        model=tiny_fp32.path, port=0, prefill=(p.address,), decode=(d.address,), block_size=8, api_keys=keys
+        model=tiny_fp32.path,
+        port=0,
+        http_port=0,
+        prefill=(p.address,),
+        decode=(d.address,),
+        block_size=8,
+        api_keys=keys,
     )
     proxy = ServerThread(lambda: ProxyServer(config))
     codes: list[grpc.StatusCode] = []
@@ -422,6 +431,7 @@ def test_the_whole_conversation_stays_cached(
             ProxyConfig(
                 model=tiny_fp32.path,
                 port=0,
+                http_port=0,
                 prefill=(servers("prefill", tiny_fp32, prefix_cache=False).address,),
                 decode=(servers("decode", tiny_fp32, slot_tokens=250).address,),
                 block_size=8,
