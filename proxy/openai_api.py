@@ -231,7 +231,8 @@ def _kvmesh(started: generation_pb2.Started) -> dict[str, Any]:
 
 
 def _headers(started: generation_pb2.Started) -> dict[str, str]:
-    return {f"x-kvmesh-{k.replace('_', '-')}": str(v) for k, v in _kvmesh(started).items()}
+    route = f"prefill={started.prefill_node}; decode={started.decode_node}; reason={started.routing_reason}"
+    return {"x-kvmesh-request-id": started.request_id, "x-kvmesh-route": route}
 
 
 def _usage(finished: Any) -> dict[str, Any]:
@@ -255,7 +256,9 @@ class OpenAIFrontDoor:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
-        self.runner = web.AppRunner(app, access_log=None)
+        # handler_cancellation: a client that goes away cancels its handler at once, and with it the
+        # upstream call (the decode slot is freed at the next step)
+        self.runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         self.port = 0
 
     async def start(self, host: str, port: int) -> int:
@@ -279,7 +282,8 @@ class OpenAIFrontDoor:
 
     def _error(self, endpoint: str, error: KvmeshError) -> web.Response:
         status, body = error_body(error.status, str(error)[:1000])
-        return self._json(endpoint, status, body)
+        retry = {"retry-after": "1"} if status == 429 else None  # a full queue or a tenant's share: soon
+        return self._json(endpoint, status, body, retry)
 
     async def models(self, request: web.Request) -> web.Response:
         try:

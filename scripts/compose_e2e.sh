@@ -63,7 +63,7 @@ say "up"
 start=$(date +%s)
 # (podman without systemd cannot run compose healthchecks and says so: that noise goes to the log)
 "${compose[@]}" --podman-run-args='--dns-option=timeout:1 --dns-option=attempts:5' up -d >"$work/up.log" 2>&1
-if ! "$py" tests/compose_check.py --endpoint 127.0.0.1:"${KVMESH_PORT:-50051}" --project "$project"; then
+if ! "$py" tests/compose_check.py --endpoint 127.0.0.1:"${KVMESH_PORT:-50051}" --http "http://127.0.0.1:${KVMESH_HTTP_PORT:-8000}" --project "$project"; then
   say "FAILED; container logs follow"
   for c in $(podman ps -a --filter "label=io.podman.compose.project=$project" --format '{{.Names}}'); do
     echo "== $c" >&2; podman logs --tail 30 "$c" >&2 || true

@@ -47,9 +47,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--endpoint", default="127.0.0.1:50051")
     ap.add_argument("--project", default="kvmesh")
+    ap.add_argument("--http", default="http://127.0.0.1:8000", help="the proxy's OpenAI HTTP API")
     args = ap.parse_args()
     client = Client(args.endpoint)
     wait_serving(client, 240)
+    openai_api(args.http)
     turns = [{"role": "user", "content": "What is the capital of France?"}]
     first = client.chat(turns, session_id="compose-check", max_tokens=24, timeout=60)
     print(f"turn 1: {first.text!r} via {first.started.prefill_node}")  # type: ignore[union-attr]
@@ -69,6 +71,22 @@ def main() -> None:
     assert third.finished is not None and third.started.prefill_node.split(":")[0] != victim  # type: ignore[union-attr]
     print(f"after the kill: {third.text!r} via {third.started.prefill_node}")  # type: ignore[union-attr]
     scale(args.project, client)
+
+
+def openai_api(base: str) -> None:
+    """The published HTTP port answers as the OpenAI API does (the SDK as a user points it)."""
+    import openai
+
+    sdk = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=60)
+    model = sdk.models.list().data[0].id
+    reply = sdk.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=16,
+        temperature=0,
+    )
+    print(f"OpenAI API ({model}): {reply.choices[0].message.content!r}")
+    assert "Paris" in (reply.choices[0].message.content or "")
 
 
 def scale(project: str, client: Client) -> None:

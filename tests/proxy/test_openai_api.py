@@ -4,6 +4,7 @@ against a real proxy with a prefill and a decode node on 127.0.0.1, the tiny mod
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -67,7 +68,7 @@ def test_chat_answers_as_the_grpc_api_does_and_says_where_it_went(proxy: Proxy) 
     sdk, model = proxy.sdk(), _model(proxy)
     raw = sdk.chat.completions.with_raw_response.create(model=model, messages=MESSAGES, max_tokens=12, temperature=0)  # type: ignore[arg-type]
     reply = raw.parse()
-    assert raw.headers["x-kvmesh-prefill-node"] and raw.headers["x-kvmesh-routing-reason"]
+    assert raw.headers["x-kvmesh-request-id"] and "reason=" in raw.headers["x-kvmesh-route"]
     grpc_reply = Client(proxy.server.address).chat(MESSAGES, max_tokens=12)
     assert reply.object == "chat.completion" and reply.choices[0].message.role == "assistant"
     assert reply.choices[0].message.content == grpc_reply.text
@@ -172,12 +173,12 @@ def test_api_keys_and_sessions(tiny_fp32: ModelFolder, servers: MakeServer) -> N
         sdk = proxy.sdk("k-a")
         model = sdk.models.list().data[0].id
         history = [*MESSAGES]
-        first = sdk.chat.completions.create(model=model, messages=history, max_tokens=8, user="s-1")  # type: ignore[arg-type]
+        first = sdk.chat.completions.create(model=model, messages=history, max_tokens=8, prompt_cache_key="s-1")  # type: ignore[arg-type]
         history += [
             {"role": "assistant", "content": first.choices[0].message.content},
             {"role": "user", "content": "More."},
         ]
-        second = sdk.chat.completions.create(model=model, messages=history, max_tokens=8, user="s-1")  # type: ignore[arg-type]
+        second = sdk.chat.completions.create(model=model, messages=history, max_tokens=8, prompt_cache_key="s-1")  # type: ignore[arg-type]
         cached = second.usage.prompt_tokens_details.cached_tokens  # type: ignore[union-attr]
         assert cached >= first.usage.prompt_tokens // 8 * 8  # type: ignore[union-attr]
         assert second.model_extra["kvmesh"]["routing_reason"] in ("cached_prefix", "session_affinity")  # type: ignore[index]
@@ -188,3 +189,44 @@ def test_api_keys_and_sessions(tiny_fp32: ModelFolder, servers: MakeServer) -> N
             )
             == 2
         )
+
+
+def test_over_a_tenants_share_is_a_rate_limit_error(tiny_fp32: ModelFolder, servers: MakeServer) -> None:
+    for proxy in _start(tiny_fp32, servers, api_keys=("k-small=small tokens=20",)):
+        sdk = proxy.sdk("k-small")
+        with pytest.raises(openai.RateLimitError) as err:
+            sdk.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=50)  # type: ignore[arg-type]
+        assert err.value.response.headers["retry-after"] == "1"
+
+
+def test_a_client_that_goes_away_frees_its_slot(tiny_fp32: ModelFolder, servers: MakeServer) -> None:
+    p, d = servers("prefill", tiny_fp32), servers("decode", tiny_fp32, slots=1, max_waiting=0, slot_tokens=250)
+    port = _free_port()
+    config = ProxyConfig(model=tiny_fp32.path, port=0, http_port=port, prefill=(p.address,), decode=(d.address,))
+    server = ServerThread(lambda: ProxyServer(config))
+    try:
+        assert server.call(server.server.node.backends.wait_healthy(20))
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 190, "stream": True, "temperature": 0}
+        with httpx.stream("POST", url, json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")  # streaming; then the client leaves
+        deadline = time.monotonic() + 10
+        while d.server.node.batcher.running and time.monotonic() < deadline:  # left at the next step
+            time.sleep(0.02)
+        again = httpx.post(url, json={**body, "stream": False, "max_tokens": 4}, timeout=60)
+        assert again.status_code == 200, again.text  # the one slot was free again
+    finally:
+        server.stop()
+
+
+def test_a_huge_body_is_refused_while_another_stream_flows(proxy: Proxy) -> None:
+    url = proxy.http + "/v1/chat/completions"
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 190, "stream": True, "temperature": 0}
+    with httpx.stream("POST", url, json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        first = next(lines)
+        huge = httpx.post(url, content=b"{" + b" " * (16 << 20) + b"}", timeout=60)
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert first.startswith("data: ") and huge.status_code == 413
+    assert rest[-1] == "data: [DONE]"
