@@ -56,9 +56,10 @@ def test_disagg(real_int4: ModelFolder, tmp_path: Path) -> None:
 
 
 def test_proxy(real_int4: ModelFolder, tmp_path: Path) -> None:
-    stdout, report = _bench("proxy.py", tmp_path, "--requests", "2", "--new-tokens", "16")
+    stdout, report = _bench("proxy.py", tmp_path, "--requests", "2", "--new-tokens", "16", "--concurrent", "4")
     assert "token event p50 ms (added)" in stdout
     assert report["workload"]["requests"] == 2  # type: ignore[index]
+    assert report["http"]["concurrent"] == 4 and report["http"]["concurrent_errors"] == 0  # type: ignore[index]
 
 
 @pytest.mark.parametrize("shape", ["", "--prefill 1 --decode 1 --threads 1"])
