@@ -230,3 +230,12 @@ def test_a_huge_body_is_refused_while_another_stream_flows(proxy: Proxy) -> None
         rest = [line for line in lines if line.startswith("data: ")]
     assert first.startswith("data: ") and huge.status_code == 413
     assert rest[-1] == "data: [DONE]"
+
+
+def test_the_sdk_raises_its_own_typed_errors(proxy: Proxy) -> None:
+    sdk = proxy.sdk()
+    with pytest.raises(openai.NotFoundError) as missing:
+        sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=2)  # type: ignore[arg-type]
+    assert missing.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError, match="n is not supported"):
+        sdk.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2, n=3)  # type: ignore[arg-type]
