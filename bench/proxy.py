@@ -179,18 +179,8 @@ def main() -> None:
     table(
         ["metric", "direct", "through proxy", "added"],
         [
-            [
-                "first token p50 ms",
-                report["ttft_direct_p50_ms"],
-                report["ttft_proxy_p50_ms"],
-                report["ttft_proxy_p50_ms"] - report["ttft_direct_p50_ms"],
-            ],
-            [
-                "first token p99 ms",
-                report["ttft_direct_p99_ms"],
-                report["ttft_proxy_p99_ms"],
-                report["ttft_proxy_p99_ms"] - report["ttft_direct_p99_ms"],
-            ],
+            _row("first token p50 ms", report, "ttft_direct_p50_ms", "ttft_proxy_p50_ms"),
+            _row("first token p99 ms", report, "ttft_direct_p99_ms", "ttft_proxy_p99_ms"),
             ["token event p50 ms (added)", "", "", report["added_per_event_p50_ms"]],
             ["token event p99 ms (added)", "", "", report["added_per_event_p99_ms"]],
         ],
@@ -199,6 +189,10 @@ def main() -> None:
     report["http"] = http_report(http)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _row(name: str, figures: dict[str, Any], base: str, other: str) -> list[object]:
+    return [name, figures[base], figures[other], figures[other] - figures[base]]
 
 
 def http_report(http: dict[str, Any]) -> dict[str, Any]:
@@ -234,30 +228,11 @@ def http_report(http: dict[str, Any]) -> dict[str, Any]:
     table(
         ["metric", "gRPC", "HTTP", "HTTP - gRPC"],
         [
-            [
-                "first token p50 ms",
-                out["ttft_grpc_p50_ms"],
-                out["ttft_http_p50_ms"],
-                out["ttft_http_p50_ms"] - out["ttft_grpc_p50_ms"],
-            ],
-            [
-                "first token p99 ms",
-                out["ttft_grpc_p99_ms"],
-                out["ttft_http_p99_ms"],
-                out["ttft_http_p99_ms"] - out["ttft_grpc_p99_ms"],
-            ],
-            [
-                "inter-token gap p50 ms",
-                out["gap_grpc_p50_ms"],
-                out["gap_http_p50_ms"],
-                out["gap_http_p50_ms"] - out["gap_grpc_p50_ms"],
-            ],
-            [
-                "inter-token gap p99 ms",
-                out["gap_grpc_p99_ms"],
-                out["gap_http_p99_ms"],
-                out["gap_http_p99_ms"] - out["gap_grpc_p99_ms"],
-            ],
+            _row(f"{name} {q} ms", out, f"{key}_grpc_{q}_ms", f"{key}_http_{q}_ms")
+            for key, name in (("ttft", "first token"), ("gap", "inter-token gap"))
+            for q in ("p50", "p99")
+        ]
+        + [
             ["token event, paired, p50 ms (added)", "", "", out["added_per_event_p50_ms"]],
             ["token event, paired, p99 ms (added)", "", "", out["added_per_event_p99_ms"]],
         ],

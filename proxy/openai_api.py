@@ -66,22 +66,8 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
 }
 # Fields that do not change the output: accepted as they are.
 ACCEPTED = {"metadata", "store", "service_tier", "parallel_tool_calls", "stream_options", "user", "safety_identifier"}
-CHAT_FIELDS = {
+COMMON_FIELDS = {
     "model",
-    "messages",
-    "max_tokens",
-    "max_completion_tokens",
-    "temperature",
-    "top_p",
-    "seed",
-    "stop",
-    "stream",
-    "logprobs",
-    "prompt_cache_key",
-}
-COMPLETION_FIELDS = {
-    "model",
-    "prompt",
     "max_tokens",
     "temperature",
     "top_p",
@@ -91,6 +77,8 @@ COMPLETION_FIELDS = {
     "logprobs",
     "prompt_cache_key",
 }
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens"}
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
 
 
 class NotFound(KvmeshError):
