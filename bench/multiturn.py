@@ -74,9 +74,9 @@ class Peak(threading.Thread):
 
 async def _session(
     client: AsyncClient, name: str, system: str, users: list[str], reply_tokens: int
-) -> list[dict[str, float]]:
+) -> list[dict[str, Any]]:
     history = [{"role": "system", "content": system}]
-    turns = []
+    turns: list[dict[str, Any]] = []
     for user in users:
         history.append({"role": "user", "content": user})
         sent, first, text = time.perf_counter(), 0.0, ""
@@ -99,6 +99,7 @@ async def _session(
                 "prompt": usage.prompt_tokens,
                 "cached": usage.cached_tokens,
                 "completion": usage.completion_tokens,
+                "text": text,
             }
         )
         history.append({"role": "assistant", "content": text})
@@ -119,7 +120,7 @@ def run_config(args: argparse.Namespace, write_back: bool, reply_tokens: int, te
         rest = _rss(decode_pids)
         peak = Peak(decode_pids)
 
-        async def sessions() -> list[list[dict[str, float]]]:
+        async def sessions() -> list[list[dict[str, Any]]]:
             client = AsyncClient(f"127.0.0.1:{spec.port}")
             try:
                 return await asyncio.gather(
@@ -235,12 +236,26 @@ def main() -> None:
             "computed_later": on["computed_later_mean"] / off["computed_later_mean"]
             if off["computed_later_mean"]
             else 0.0,
+            # replies turn by turn, on and off: the reused reply KV is the decode steps' (int8
+            # activations on int4 folders), a turn without write-back recomputes it exactly
+            "same_text_turns": sum(
+                a["text"] == b["text"]
+                for sa, sb in zip(on["turns"], off["turns"], strict=True)
+                for a, b in zip(sa, sb, strict=True)
+            ),
+            "turns": sum(len(s) for s in on["turns"]),
         }
     print("\nwrite-back on / off (target at 512-token replies: TTFT of turns 2+ <= 0.7; computed <= new + 16)")
     table(
-        ["reply", "TTFT2+ p50", "TTFT2+ p99", "computed/turn"],
+        ["reply", "TTFT2+ p50", "TTFT2+ p99", "computed/turn", "same reply text (turns)"],
         [
-            [k, round(v["ttft_later_p50"], 2), round(v["ttft_later_p99"], 2), round(v["computed_later"], 3)]
+            [
+                k,
+                round(v["ttft_later_p50"], 2),
+                round(v["ttft_later_p99"], 2),
+                round(v["computed_later"], 3),
+                f"{v['same_text_turns']} of {v['turns']}",
+            ]
             for k, v in ratios.items()
         ],
     )
