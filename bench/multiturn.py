@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import cluster_spec, pct, table, with_malloc_settings
 from kvmesh import cluster
 from kvmesh.client import AsyncClient
+from kvmesh.loadgen.driver import timed_turn
 from kvmesh.loadgen.workload import text_of
 from kvmesh.model.folder import ModelFolder
 from kvmesh.model.prepare import default_model_dir
@@ -77,28 +78,19 @@ async def _session(
 ) -> list[dict[str, Any]]:
     history = [{"role": "system", "content": system}]
     turns: list[dict[str, Any]] = []
-    for user in users:
+    for i, user in enumerate(users):
         history.append({"role": "user", "content": user})
-        sent, first, text = time.perf_counter(), 0.0, ""
-        usage: Any = None
-        async for ev in client.generate(
-            history, session_id=name, max_tokens=reply_tokens, ignore_eos=True, timeout=900
-        ):
-            kind = ev.WhichOneof("kind")
-            if kind == "token":
-                first = first or time.perf_counter()
-                text += ev.token.text
-            elif kind == "text":
-                text += ev.text.text
-            elif kind == "finished":
-                usage = ev.finished.usage
-        assert usage is not None
+        r, text = await timed_turn(
+            client, name, history, i, time.perf_counter(), max_tokens=reply_tokens, ignore_eos=True
+        )
+        if r.error:
+            raise RuntimeError(f"session {name}, turn {i}: {r.error}")
         turns.append(
             {
-                "ttft_s": first - sent,
-                "prompt": usage.prompt_tokens,
-                "cached": usage.cached_tokens,
-                "completion": usage.completion_tokens,
+                "ttft_s": r.ttft_s,
+                "prompt": r.prompt_tokens,
+                "cached": r.cached_tokens,
+                "completion": r.completion_tokens,
                 "text": text,
             }
         )

@@ -16,7 +16,7 @@ from decode_svc.batcher import Batcher, KeepKV, Sequence
 from decode_svc.config import DecodeConfig
 from decode_svc.metrics import DecodeMetrics
 from decode_svc.sources import Prefilled, PrefillJob, RemotePrefill, Source, StoreJob
-from decode_svc.writeback import WriteBack
+from decode_svc.writeback import WriteBack, settle
 from kvmesh.errors import InvalidArgument, KvmeshError, ResourceExhausted, Unavailable
 from kvmesh.model.folder import ModelFolder
 from kvmesh.model.kv import KVCache
@@ -30,11 +30,6 @@ log = logging.getLogger(__name__)
 # Done waits this long at most for the sequence's write-back to reach the prefill node's store
 # writer (its blocks are then found by the next prompt: the writer writes them at once for it).
 WRITE_BACK_WAIT_S = 2.0
-
-
-def _settle(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 @dataclass(frozen=True)
@@ -230,7 +225,7 @@ class DecodeNode:
 
         def send(tokens: list[int], kv: KVCache | None) -> None:  # from the batcher thread
             if kv is None:
-                loop.call_soon_threadsafe(_settle, stored)
+                loop.call_soon_threadsafe(settle, stored)
             else:
                 self.writeback.offer(StoreJob(job.request_id, tokens, job.salt, first, kv, job.prefill_node, stored))
 

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from kv_transfer.codec import encode, layout_of
+from kv_transfer.codec import check_same_model, check_sizes, encode, layout_of
 from kv_transfer.wire import layout_from_pb, layout_to_pb, prefill_method, pull, read_header
 from kvmesh.aio import PER_TOKEN_S, Stalled, within
 from kvmesh.errors import DataLoss, Upstream
@@ -140,25 +140,15 @@ class RemotePrefill:
     def _check(self, header: kv_pb2.KVHeader, prompt_tokens: int) -> None:
         """A peer's header is untrusted: it must describe this prompt's KV for this very model, in
         sizes that follow from that, before anything is allocated or decoded (else DATA_LOSS)."""
-        lay, mine = header.layout, self.layout
-        if header.model_fingerprint != self.fingerprint:
-            raise DataLoss(f"KV of another model ({header.model_fingerprint[:64]!r})")
-        if (lay.layers, lay.kv_heads, lay.head_dim) != (mine.layers, mine.kv_heads, mine.head_dim):
-            raise DataLoss(f"KV layout {lay.layers}x{lay.kv_heads}x{lay.head_dim} is not this model's")
-        if lay.tokens != prompt_tokens or header.cached_tokens > prompt_tokens:
+        layout = layout_from_pb(header.layout)  # DataLoss for an unknown dtype
+        check_same_model(header.model_fingerprint, layout, self.fingerprint, self.layout)
+        if layout.tokens != prompt_tokens or header.cached_tokens > prompt_tokens:
             raise DataLoss(
-                f"KV of {lay.tokens} tokens ({header.cached_tokens} cached) for a {prompt_tokens}-token prompt"
+                f"KV of {layout.tokens} tokens ({header.cached_tokens} cached) for a {prompt_tokens}-token prompt"
             )
         if self.vocab and not 0 <= header.first_token < self.vocab:
             raise DataLoss(f"first token {header.first_token} is outside the vocabulary")
-        layout = layout_from_pb(lay)  # DataLoss for an unknown dtype
-        if (
-            header.total_bytes != layout.total_bytes
-            or not 0 < header.chunk_count <= layout.total_bytes // 16 + 2 * lay.layers
-        ):
-            raise DataLoss(
-                f"KV sizes do not follow from the layout ({header.total_bytes} bytes, {header.chunk_count} chunks)"
-            )
+        check_sizes(layout, header.total_bytes, header.chunk_count)
 
     async def _receive(self, header: kv_pb2.KVHeader, it: AsyncIterator[bytes], call: Any, node: str) -> KVCache:
         try:

@@ -43,7 +43,7 @@ class WriteBack:
     def _queue(self, job: StoreJob) -> None:
         if self._pending_bytes + _bytes(job) > self._limit:
             self._on_outcome("dropped", job.kv.length)
-            _settle(job)
+            settle(job.done)
             return
         self._pending_bytes += _bytes(job)
         self._jobs.put_nowait(job)
@@ -60,7 +60,7 @@ class WriteBack:
                 log.log(level, "write-back failed", extra={"request_id": job.request_id, "error": str(e)[:200]})
             finally:
                 self._pending_bytes -= _bytes(job)
-                _settle(job)
+                settle(job.done)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -69,9 +69,10 @@ class WriteBack:
                 await self._task
 
 
-def _settle(job: StoreJob) -> None:
-    if job.done is not None and not job.done.done():
-        job.done.set_result(None)
+def settle(future: asyncio.Future[None] | None) -> None:
+    """Tell whoever waits for a write-back that it is over (stored, dropped or failed)."""
+    if future is not None and not future.done():
+        future.set_result(None)
 
 
 def _bytes(job: StoreJob) -> int:

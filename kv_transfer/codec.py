@@ -22,7 +22,7 @@ import numpy as np
 import xxhash
 
 from kvmesh.errors import DataLoss, InvalidArgument
-from kvmesh.model.kv import KVCache
+from kvmesh.model.kv import KVCache, KVLayout
 
 CHUNK_BYTES = (4 << 20) - 1024
 WIRE_DTYPES: dict[str, np.dtype] = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
@@ -53,6 +53,21 @@ class Chunk:
     offset: int
     data: bytes | memoryview  # a view into the array (sending) or into the received message
     checksum: int
+
+
+def check_same_model(fingerprint: str, layout: Layout, own_fingerprint: str, own: KVLayout) -> None:
+    """A peer's KV must be this very model's (fingerprint) in its layout, else DataLoss."""
+    if fingerprint != own_fingerprint:
+        raise DataLoss(f"KV of another model ({fingerprint[:64]!r})")
+    if (layout.layers, layout.kv_heads, layout.head_dim) != (own.layers, own.kv_heads, own.head_dim):
+        raise DataLoss(f"KV layout {layout.layers}x{layout.kv_heads}x{layout.head_dim} is not this model's")
+
+
+def check_sizes(layout: Layout, total_bytes: int, chunks: int) -> None:
+    """A header's sizes must follow from its layout (a chunk holds >= 16 bytes, never spans two
+    arrays), before anything is allocated for them, else DataLoss."""
+    if total_bytes != layout.total_bytes or not 0 < chunks <= layout.total_bytes // 16 + 2 * layout.layers:
+        raise DataLoss(f"KV sizes do not follow from the layout ({total_bytes} bytes, {chunks} chunks)")
 
 
 def layout_of(kv: KVCache, wire_dtype: np.dtype) -> Layout:

@@ -102,11 +102,11 @@ class PrefillEngine:
         """KV made elsewhere (a decode node's: prompt and reply) for the full blocks of `tokens` from
         `first_block` on, `kv` holding exactly those: queued for the store below the blocks before
         (stored when those still are). -> blocks queued."""
-        keys = self.lookup_keys(tokens, salt)[first_block:] if self.cache else []
+        chain = self.lookup_keys(tokens, salt)
+        keys = chain[first_block:]
         if not keys:
             return 0
-        parent = self.keys(tokens[: first_block * self.block_size], salt)[-1] if first_block else None
-        self._store(keys, _block_of(kv, self.block_size), parent, first_block + len(keys))
+        self._store(keys, _block_of(kv, self.block_size), chain[first_block - 1] if first_block else None, len(chain))
         return len(keys)
 
     def _store(self, keys: list[bytes], value: Callable[[int], np.ndarray], parent: bytes | None, chain: int) -> None:

@@ -15,7 +15,7 @@ from typing import cast
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from kv_transfer.codec import Chunk, Layout, chunk_count, encode, layout_of
+from kv_transfer.codec import Chunk, Layout, check_same_model, chunk_count, encode, layout_of
 from kvmesh.errors import DataLoss, InvalidArgument, ResourceExhausted, Unavailable
 from kvmesh.model.folder import ModelFolder
 from kvmesh.model.kv import KVCache
@@ -189,11 +189,8 @@ class PrefillNode:
     def check_store(self, fingerprint: str, layout: Layout, tokens: Sequence[int], first_block: int) -> None:
         """A peer's StoreKV header, before any chunk is read: KV of this model, exactly the full
         blocks of `tokens` from `first_block`, tokens within the vocabulary and the context."""
-        mine, bs = self.runner.layout, self.config.block_size
-        if fingerprint != self.folder.fingerprint:
-            raise DataLoss(f"KV of another model ({fingerprint[:64]!r})")
-        if (layout.layers, layout.kv_heads, layout.head_dim) != (mine.layers, mine.kv_heads, mine.head_dim):
-            raise DataLoss(f"KV layout {layout.layers}x{layout.kv_heads}x{layout.head_dim} is not this model's")
+        check_same_model(fingerprint, layout, self.folder.fingerprint, self.runner.layout)
+        bs = self.config.block_size
         if len(tokens) >= self.runner.max_context:
             raise InvalidArgument(f"{len(tokens)} tokens do not fit the context of {self.runner.max_context}")
         self.runner.check_tokens(tokens)

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from kv_transfer.codec import Assembler, Chunk
+from kv_transfer.codec import Assembler, Chunk, check_sizes
 from kv_transfer.fastwire import encode_chunk_response
 from kv_transfer.wire import layout_from_pb, layout_to_pb, wire_dtype
 from kvmesh.errors import DataLoss
@@ -97,8 +97,7 @@ class PrefillServicer:
         header = await _header(it)
         layout, tokens = layout_from_pb(header.kv.layout), list(header.tokens)
         self.node.check_store(header.kv.model_fingerprint, layout, tokens, header.first_block)
-        if header.kv.total_bytes != layout.total_bytes:
-            raise DataLoss(f"KV sizes do not follow from the layout ({header.kv.total_bytes} bytes)")
+        check_sizes(layout, header.kv.total_bytes, header.kv.chunk_count)
         assembler = Assembler(layout, header.kv.chunk_count)
         async for request in it:
             if not request.HasField("chunk"):

@@ -16,6 +16,7 @@ import grpc
 
 from kvmesh.aio import PER_TOKEN_S, Stalled, within
 from kvmesh.blockhash import block_keys, root_key
+from kvmesh.client import Reply
 from kvmesh.errors import InvalidArgument, Unauthenticated, Unavailable, Upstream
 from kvmesh.model.folder import ModelFolder
 from kvmesh.model.prepare import default_model_dir
@@ -58,23 +59,6 @@ def _others(pool: list[NodeState], exclude: set[str]) -> list[NodeState]:
     """The healthy nodes of a pool not in `exclude`, or all its healthy nodes if that leaves none."""
     healthy = [n for n in pool if n.healthy]
     return [n for n in healthy if n.node_id not in exclude] or healthy
-
-
-class _Reply:
-    """What a relayed stream said: its text and token ids, and whether it finished."""
-
-    def __init__(self) -> None:
-        self.text, self.ids, self.finished = "", list[int](), False
-
-    def add(self, event: generation_pb2.GenerateEvent) -> None:
-        kind = event.WhichOneof("kind")
-        if kind == "token":
-            self.text += event.token.text
-            self.ids.append(event.token.token_id)
-        elif kind == "text":
-            self.text += event.text.text
-        elif kind == "finished":
-            self.finished = True
 
 
 class _Retry(Exception):
@@ -202,18 +186,25 @@ class ProxyNode:
         if self.draining:
             raise Unavailable("the proxy is draining")
         self.active += 1
-        reply = _Reply()
+        reply = Reply() if plan.remember else None  # text and ids kept only for a session's next turn
         try:
             start, failed, keys = time.perf_counter(), set[str](), self.keys(plan)
             for attempt in (1, 2):
                 try:  # aclosing: a client that goes away ends the attempt (and its claim) at once
                     async with contextlib.aclosing(self._attempt(plan, keys, failed, attempt, timeout_s, start)) as it:
                         async for event in it:
-                            reply.add(event)
+                            if reply is not None:
+                                reply.add(event)
                             yield event
-                    if plan.remember and reply.finished:
+                    if reply is not None and reply.finished is not None:
                         self.conversations.remember(
-                            plan.salt, plan.session_id, plan.messages, plan.rendered, plan.tokens, reply.text, reply.ids
+                            plan.salt,
+                            plan.session_id,
+                            plan.messages,
+                            plan.rendered,
+                            plan.tokens,
+                            reply.text,
+                            reply.token_ids,
                         )
                     return
                 except _Retry as retry:

@@ -38,15 +38,14 @@ class Result:
     error: str = ""
 
 
-async def _turn(
-    client: AsyncClient, session: Session, messages: list[dict[str, str]], turn: int, max_tokens: int, t0: float
+async def timed_turn(
+    client: AsyncClient, session_id: str, messages: list[dict[str, str]], turn: int, t0: float, **params: Any
 ) -> tuple[Result, str]:
-    result = Result(session.session_id, turn, time.perf_counter() - t0)
+    """One chat turn through the proxy, timed at the client. -> its Result and the reply's text."""
+    result = Result(session_id, turn, time.perf_counter() - t0)
     text, last = "", 0.0
     try:
-        async for event in client.generate(
-            messages, session_id=session.session_id, timeout=REQUEST_TIMEOUT_S, max_tokens=max_tokens
-        ):
+        async for event in client.generate(messages, session_id=session_id, timeout=REQUEST_TIMEOUT_S, **params):
             now = time.perf_counter() - t0
             kind = event.WhichOneof("kind")
             if kind == "started":
@@ -80,7 +79,9 @@ async def _session(
     for i, turn in enumerate(session.turns):
         await asyncio.sleep(turn.think_s)
         messages.append({"role": "user", "content": turn.user})
-        result, reply = await _turn(client, session, messages, i, workload.spec.max_tokens, t0)
+        result, reply = await timed_turn(
+            client, session.session_id, messages, i, t0, max_tokens=workload.spec.max_tokens
+        )
         out.append(result)
         bar.update(1)
         if result.error:
