@@ -35,8 +35,13 @@ class DecodeMetrics:
         )
         self.written_back = Counter(
             "kvmesh_decode_written_back_tokens",
-            "Tokens of finished sequences' KV sent back to a prefix store, by outcome (stored, dropped, failed)",
+            "Tokens of sequences' KV sent back to a prefix store as blocks fill, by outcome (stored, dropped, failed)",
             ["outcome"],
+            registry=r,
+        )
+        self.replayed = Counter(
+            "kvmesh_decode_replayed_tokens",
+            "Migrated sequences' output run again through decode steps (what the store did not hold)",
             registry=r,
         )
         self.running = Gauge("kvmesh_decode_running_sequences", "Sequences in the batch", registry=r)

@@ -7,16 +7,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, TypeVar, cast
 
 from decode_svc.batcher import Batcher, KeepKV, Sequence
 from decode_svc.config import DecodeConfig
 from decode_svc.metrics import DecodeMetrics
-from decode_svc.sources import Prefilled, PrefillJob, RemotePrefill, Source, StoreJob
-from decode_svc.writeback import WriteBack, settle
+from decode_svc.sources import PendingKV, Prefilled, PrefillJob, RemotePrefill, Source, StoreJob
+from decode_svc.writeback import WriteBack
 from kvmesh.errors import InvalidArgument, KvmeshError, ResourceExhausted, Unavailable
 from kvmesh.model.folder import ModelFolder
 from kvmesh.model.kv import KVCache
@@ -40,7 +40,8 @@ class DecodeJob:
     prefill_node: str
     salt: bytes = b""
     wire_dtype: int = 0
-    keep_kv: bool = False  # write the new full blocks back to the prefill node's store at the end
+    keep_kv: bool = False  # write each new full block back to the prefill node's store as it fills
+    generated: int = 0  # a migrated request: the last `generated` tokens are output sent already
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,14 @@ class HeldBack:
 
 
 @dataclass(frozen=True)
+class Ready:
+    """The stream's first event: what the prefill node supplied (Prefilled on the wire)."""
+
+    cached_tokens: int
+    replayed_tokens: int  # a resumption's output run again through decode steps here
+
+
+@dataclass(frozen=True)
 class Done:
     reason: str
     prompt_tokens: int
@@ -69,6 +78,22 @@ class Done:
     decode_ms: float
     prefill_compute_ms: float
     store_read_ms: float
+    replayed_tokens: int = 0
+
+
+Event = Token | HeldBack | Ready | Done
+Item = tuple[int, float] | tuple[str, str]  # what the batcher emits: (token, logprob) or ("end", reason)
+T = TypeVar("T")
+
+
+def _emitter(events: asyncio.Queue[Item]) -> Callable[[Item], None]:
+    """The batcher thread's way into a stream's queue on this loop."""
+    loop = asyncio.get_running_loop()
+
+    def emit(item: Item) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, item)
+
+    return emit
 
 
 @dataclass(frozen=True)
@@ -114,6 +139,8 @@ class DecodeNode:
         self._reserved = 0
         self._admitted = 0
         self._draining = False
+        self._streams: set[asyncio.Queue[Item]] = set()  # each running request's events
+        self._evicted: asyncio.Future[None] | None = None  # set when the drain's time is over
         self.source: Source = RemotePrefill(
             self.folder.fingerprint,
             self.runner.layout,
@@ -137,6 +164,8 @@ class DecodeNode:
             raise Unavailable("this decode node is draining")
         if not job.tokens:
             raise InvalidArgument("empty prompt")
+        if job.generated >= len(job.tokens):
+            raise InvalidArgument(f"{job.generated} generated tokens of {len(job.tokens)}: a prompt must precede them")
         self.runner.check_tokens(job.tokens)
         if len(job.tokens) >= self.capacity:
             raise InvalidArgument(
@@ -155,88 +184,154 @@ class DecodeNode:
         self.metrics.waiting.set(max(self._admitted - self.batcher.running, 0))
         return budget
 
-    async def decode(self, job: DecodeJob, timeout_s: float | None) -> AsyncIterator[Token | HeldBack | Done]:
-        """The first token as soon as the prefill gives it, then the batch's; Done with usage."""
+    async def decode(self, job: DecodeJob, timeout_s: float | None) -> AsyncIterator[Event]:
+        """Ready, the first token as soon as the prefill gives it, then the batch's; Done with usage.
+        A resumption (job.generated): Ready once its KV is in, then the tokens after those sent."""
         budget = self._admit(job)
         start = time.perf_counter()
         seq: Sequence | None = None
+        events: asyncio.Queue[Item] = asyncio.Queue()
+        self._streams.add(events)
         try:
-            info, kv_pending = await self.source.start(self._prefill_job(job, timeout_s))
+            info, kv_pending = await self._unless_evicted(self.source.start(self._prefill_job(job, timeout_s)))
             reply = _Reply(self.tokenizer, job, info, time.perf_counter() - start)
-            self.metrics.ttft.observe(reply.ttft)
             eos = () if job.params.ignore_eos else self.tokenizer.eos_token_ids
-            if info.first_token in eos:
-                kv_pending.cancel()  # nothing to decode: stop the KV stream
-                yield reply.done("eos")
-                return
-            first, stopped = reply.push(info.first_token, info.first_logprob)
-            yield first
-            if stopped or budget == 1:
-                kv_pending.cancel()
-                for event in reply.end("stop" if stopped else "length"):
-                    yield event
-                return
-            kv = await kv_pending.result()
-            reply.received(time.perf_counter() - start)
-            self.metrics.kv_bytes.inc(info.kv_bytes)
-            self.metrics.transfer.observe(reply.transfer_s)
-            sampler = Sampler(job.params)
-            sampler.skip()  # the prefill node drew the first token with the same seed
-            events: asyncio.Queue[tuple[int, float] | tuple[str, str]] = asyncio.Queue()
-            loop = asyncio.get_running_loop()
-
-            def emit(item: tuple[int, float] | tuple[str, str]) -> None:  # from the batcher thread
-                loop.call_soon_threadsafe(events.put_nowait, item)
-
-            seq = Sequence(job.request_id, info.first_token, sampler, budget - 1, eos, emit, group=job.salt)
-            stored: asyncio.Future[None] = loop.create_future()
-            seq.tokens, seq.keep = [*job.tokens, info.first_token], self._keep(job, info, stored)
-            self.batcher.submit(seq, kv)
-            del kv
-            while True:
-                item = await events.get()
-                if item == ("end", "error"):
-                    raise KvmeshError("the decode step failed")  # INTERNAL; the node is NOT_SERVING
-                if item[0] == "end":
-                    if seq.keep is not None:  # the next turn, sent once Done is heard, finds the blocks stored
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(asyncio.shield(stored), WRITE_BACK_WAIT_S)
-                    for event in reply.end(str(item[1])):
+            if job.generated:
+                seq, stored = await self._resume(job, info, kv_pending, reply, (budget, eos, events, start))
+                yield Ready(info.cached_tokens, len(seq.replay) + 1)
+            else:
+                self.metrics.ttft.observe(reply.ttft)
+                yield Ready(info.cached_tokens, 0)
+                if info.first_token in eos:
+                    kv_pending.cancel()  # nothing to decode: stop the KV stream
+                    yield reply.done("eos")
+                    return
+                first, stopped = reply.push(info.first_token, info.first_logprob)
+                yield first
+                if stopped or budget == 1:
+                    kv_pending.cancel()
+                    for event in reply.end("stop" if stopped else "length"):
                         yield event
                     return
-                token, stopped = reply.push(*cast(tuple[int, float], item))
-                yield token
-                if stopped:
-                    yield reply.done("stop")
-                    return
+                kv = await self._unless_evicted(kv_pending.result())
+                reply.received(time.perf_counter() - start)
+                sampler = Sampler(job.params, 1)  # the prefill node drew token 0 with the same seed
+                seq = Sequence(job.request_id, info.first_token, sampler, budget - 1, eos, _emitter(events))
+                seq.group, seq.tokens = job.salt, [*job.tokens, info.first_token]
+                stored = self._join(job, info, seq, kv, len(job.tokens))
+                del kv
+            async for followed in self._follow(seq, reply, events, stored):
+                yield followed
         finally:
+            self._streams.discard(events)
             if seq is not None:
                 self.batcher.cancel(seq)  # a no-op for a finished sequence; frees a cancelled one's slot
             self._admitted -= 1
             self._reserved -= len(job.tokens) + budget
 
-    def _keep(self, job: DecodeJob, info: Prefilled, stored: asyncio.Future[None]) -> KeepKV | None:
-        """The write-back of a sequence asked to keep its KV, from the first block its prompt did
-        not fill (the prefill node stored those before); `stored` is set once it is done."""
-        if not job.keep_kv or not info.block_size:
-            return None
-        first = len(job.tokens) // info.block_size
-        loop = stored.get_loop()
+    async def _resume(
+        self,
+        job: DecodeJob,
+        info: Prefilled,
+        kv_pending: PendingKV,
+        reply: _Reply,
+        how: tuple[int, tuple[int, ...], asyncio.Queue[Item], float],
+    ) -> tuple[Sequence, asyncio.Future[None] | None]:
+        """A migrated sequence joins with the KV the prefill node holds (prompt + output blocks
+        written back); the output after it is replayed through decode steps; the text state (a
+        split character, text held back for a stop string) is rebuilt from the output sent.
+        how: (budget, eos ids, the stream's events, its start)."""
+        budget, eos, events, start = how
+        reply.replay(job.tokens[len(job.tokens) - job.generated :])
+        kv = await self._unless_evicted(kv_pending.result())
+        reply.received(time.perf_counter() - start)
+        held, rest = kv.length, job.tokens[kv.length :]  # rest: >= 1 (the last token sent is never in it)
+        sampler = Sampler(job.params, job.generated)
+        seq = Sequence(job.request_id, rest[0], sampler, budget, eos, _emitter(events), group=job.salt)
+        seq.tokens, seq.replay = [*job.tokens[: held + 1]], [*rest[1:]]
+        stored = self._join(job, info, seq, kv, held)
+        self.metrics.replayed.inc(len(rest))
+        reply.replayed = len(rest)
+        return seq, stored
 
-        def send(tokens: list[int], kv: KVCache | None) -> None:  # from the batcher thread
-            if kv is None:
-                loop.call_soon_threadsafe(settle, stored)
-            else:
-                self.writeback.offer(StoreJob(job.request_id, tokens, job.salt, first, kv, job.prefill_node, stored))
+    def _join(
+        self, job: DecodeJob, info: Prefilled, seq: Sequence, kv: KVCache, held: int
+    ) -> asyncio.Future[None] | None:
+        """Into the batch, with its write-back if asked. -> set once the write-back is done."""
+        self.metrics.kv_bytes.inc(info.kv_bytes)
+        stored = None
+        if job.keep_kv and info.block_size:
+            stored = asyncio.get_running_loop().create_future()
+            seq.keep = self._keep(job, info.block_size, held, stored)
+        self.batcher.submit(seq, kv)
+        return stored
 
-        return KeepKV(first, info.block_size, send)
+    async def _follow(
+        self, seq: Sequence, reply: _Reply, events: asyncio.Queue[Item], stored: asyncio.Future[None] | None
+    ) -> AsyncIterator[Event]:
+        """The batch's tokens for `seq` as events, to its end."""
+        self.metrics.transfer.observe(reply.transfer_s)
+        while True:
+            item = await events.get()
+            if item == ("end", "error"):
+                raise KvmeshError("the decode step failed")  # INTERNAL; the node is NOT_SERVING
+            if item == ("end", "evicted"):
+                raise Unavailable(f"decode node {self.node_id} is draining and its drain time is over")
+            if item[0] == "end":
+                if stored is not None:  # the next turn, sent once Done is heard, finds the blocks stored
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(stored), WRITE_BACK_WAIT_S)
+                for event in reply.end(str(item[1])):
+                    yield event
+                return
+            token, stopped = reply.push(*cast(tuple[int, float], item))
+            yield token
+            if stopped:
+                yield reply.done("stop")
+                return
+
+    async def _unless_evicted(self, work: Awaitable[T]) -> T:
+        """`work`, unless the drain's time runs out first (then UNAVAILABLE: the proxy migrates)."""
+        task: asyncio.Future[T] = asyncio.ensure_future(work)
+        if self._evicted is None:  # not started on a server (tests drive the node directly)
+            self._evicted = asyncio.get_running_loop().create_future()
+        evicted: asyncio.Future[Any] = self._evicted
+        try:
+            await asyncio.wait([task, evicted], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():
+                task.cancel()
+        if not task.done() or task.cancelled():
+            raise Unavailable(f"decode node {self.node_id} is draining and its drain time is over")
+        return task.result()
+
+    def evict(self) -> None:
+        """The drain's time is over: every request still here ends UNAVAILABLE, which the proxy
+        migrates; their blocks go back to the store as they leave."""
+        if self._evicted is not None and not self._evicted.done():
+            self._evicted.set_result(None)
+        for events in self._streams:
+            events.put_nowait(("end", "evicted"))
+
+    def _keep(self, job: DecodeJob, block: int, held: int, stored: asyncio.Future[None]) -> KeepKV:
+        """A sequence's write-back, from the first block of its KV that the prefill node did not
+        hold (`held` tokens came from it), a job per send; `stored` is set when the last is done."""
+
+        def send(tokens: list[int], first: int, kv: KVCache | None) -> None:  # from the batcher thread
+            done = stored if kv is None else None
+            self.writeback.offer(StoreJob(job.request_id, tokens, job.salt, first, kv, job.prefill_node, done))
+
+        return KeepKV(held // block, block, send)
 
     def _prefill_job(self, job: DecodeJob, timeout_s: float | None) -> PrefillJob:
         timeout = timeout_s or self.config.prefill_timeout_s
-        return PrefillJob(job.request_id, job.tokens, job.params, job.salt, job.wire_dtype, job.prefill_node, timeout)
+        return PrefillJob(
+            job.request_id, job.tokens, job.params, job.salt, job.wire_dtype, job.prefill_node, timeout, job.generated
+        )
 
     def start(self) -> None:
         """On the server's loop: the write-back task."""
+        self._evicted = asyncio.get_running_loop().create_future()
         self.writeback.start()
 
     def drain(self) -> None:
@@ -260,6 +355,7 @@ class _Reply:
         self._detok, self._stops = StreamDecoder(tokenizer), StopMatcher(job.params.stop)
         self.job, self.info, self.ttft = job, info, ttft_s
         self.count = 0
+        self.replayed = 0  # a resumption's output run through decode steps again
         self.transfer_s = 0.0
         self._received = 0.0  # perf_counter when the KV was in
 
@@ -268,6 +364,12 @@ class _Reply:
         self.count += 1
         delta, stopped = self._stops.push(self._detok.push(token))
         return Token(token, delta, logprob), stopped
+
+    def replay(self, output: Seq[int]) -> None:
+        """A resumption: the output the client has, through the text state (nothing emitted or
+        counted), so the next token's text continues it exactly."""
+        for token in output:
+            self._stops.push(self._detok.push(token))
 
     def received(self, since_start_s: float) -> None:
         self.transfer_s, self._received = since_start_s - self.ttft, time.perf_counter()
@@ -307,4 +409,5 @@ class _Reply:
             decode_s * 1000,
             info.compute_ms,
             info.store_read_ms,
+            self.replayed,
         )

@@ -29,9 +29,10 @@ class DecodeServer:
         return self.host.port
 
     async def stop(self) -> None:
-        """Drain: new requests refused, running sequences finish within drain_seconds."""
+        """Drain: new requests refused, running sequences finish within drain_seconds; those still
+        running then end UNAVAILABLE (the proxy migrates them), their blocks sent to the store."""
         self.node.drain()
-        await self.host.stop(self.config.drain_seconds, self.node.idle)
+        await self.host.stop(self.config.drain_seconds, self.node.idle, self.node.evict)
         await self.node.close()
 
 

@@ -6,14 +6,17 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from decode_svc.node import DecodeJob, DecodeNode, Done, HeldBack, Token
+from decode_svc.node import DecodeJob, DecodeNode, Event, HeldBack, Ready, Token
 from kvmesh.params_pb import params_from_pb
 from kvmesh.v1 import decode_pb2, decode_pb2_grpc, stream_pb2
 
 Context = grpc.aio.ServicerContext[object, object]
 
 
-def event_to_pb(event: Token | HeldBack | Done) -> decode_pb2.DecodeEvent:
+def event_to_pb(event: Event) -> decode_pb2.DecodeEvent:
+    if isinstance(event, Ready):
+        prefilled = decode_pb2.Prefilled(cached_tokens=event.cached_tokens, replayed_tokens=event.replayed_tokens)
+        return decode_pb2.DecodeEvent(prefilled=prefilled)
     if isinstance(event, HeldBack):
         return decode_pb2.DecodeEvent(text=stream_pb2.TextEvent(text=event.text))
     if isinstance(event, Token):
@@ -30,6 +33,7 @@ def event_to_pb(event: Token | HeldBack | Done) -> decode_pb2.DecodeEvent:
         decode_ms=event.decode_ms,
         prefill_compute_ms=event.prefill_compute_ms,
         store_read_ms=event.store_read_ms,
+        replayed_tokens=event.replayed_tokens,
     )
     return decode_pb2.DecodeEvent(
         finished=stream_pb2.Finished(finish_reason=event.reason, usage=usage, timings=timings)
@@ -51,6 +55,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             request.cache_salt,
             request.wire_dtype,
             request.keep_kv,
+            request.generated,
         )
         async for event in self.node.decode(job, context.time_remaining()):
             yield event_to_pb(event)

@@ -59,17 +59,18 @@ class PrefillJob:
     wire_dtype: int
     prefill_node: str
     timeout_s: float
+    replay: int = 0  # a migrated sequence: the last `replay` tokens are output (PrefillRequest.replay_tokens)
 
 
 @dataclass(frozen=True)
 class StoreJob:
-    """A finished sequence's new full blocks, for the prefix store of the node that prefilled it."""
+    """A sequence's new full blocks, for the prefix store of the node that prefilled it."""
 
     request_id: str
     tokens: list[int]  # from the sequence's first, to the end of the last full block sent
     salt: bytes
     first_block: int  # kv starts at this block
-    kv: KVCache
+    kv: KVCache | None  # None: the sequence's end (nothing to send; `done` is set once it is reached)
     prefill_node: str
     done: asyncio.Future[None] | None = None  # set when stored, dropped or failed (on the loop)
 
@@ -113,6 +114,7 @@ class RemotePrefill:
             sampling=sampling_to_pb(job.params),
             cache_salt=job.salt,
             wire_dtype=kv_pb2.KVDtype.ValueType(job.wire_dtype),
+            replay_tokens=job.replay,
         )
         call = prefill_method(channel)(request, timeout=job.timeout_s)
         it: AsyncIterator[bytes] = within(call, self.stall_s + PER_TOKEN_S * len(job.tokens), self.stall_s)
@@ -122,7 +124,7 @@ class RemotePrefill:
             call.cancel()
             raise upstream(e, "prefill node " + job.prefill_node) from e
         try:
-            self._check(header, len(job.tokens))
+            self._check(header, len(job.tokens), job.replay)
         except DataLoss as e:
             call.cancel()
             raise DataLoss(f"prefill node {job.prefill_node}: {e}") from e
@@ -137,14 +139,17 @@ class RemotePrefill:
         )
         return info, PendingKV(lambda: self._receive(header, it, call, job.prefill_node), call.cancel)
 
-    def _check(self, header: kv_pb2.KVHeader, prompt_tokens: int) -> None:
+    def _check(self, header: kv_pb2.KVHeader, sent: int, replay: int = 0) -> None:
         """A peer's header is untrusted: it must describe this prompt's KV for this very model, in
-        sizes that follow from that, before anything is allocated or decoded (else DATA_LOSS)."""
+        sizes that follow from that, before anything is allocated or decoded (else DATA_LOSS). A
+        resumption's KV covers at least the prompt and not the last token."""
         layout = layout_from_pb(header.layout)  # DataLoss for an unknown dtype
         check_same_model(header.model_fingerprint, layout, self.fingerprint, self.layout)
-        if layout.tokens != prompt_tokens or header.cached_tokens > prompt_tokens:
+        low, high = (sent - replay, sent - 1) if replay else (sent, sent)
+        if not low <= layout.tokens <= high or header.cached_tokens > layout.tokens:
             raise DataLoss(
-                f"KV of {layout.tokens} tokens ({header.cached_tokens} cached) for a {prompt_tokens}-token prompt"
+                f"KV of {layout.tokens} tokens ({header.cached_tokens} cached) for {sent} tokens sent, "
+                f"{replay} of them to replay"
             )
         if self.vocab and not 0 <= header.first_token < self.vocab:
             raise DataLoss(f"first token {header.first_token} is outside the vocabulary")
@@ -161,6 +166,7 @@ class RemotePrefill:
     async def store(self, job: StoreJob) -> int:
         """StoreKV on the node that prefilled the sequence: a header, the KV's chunks (views; one copy
         each into its message)."""
+        assert job.kv is not None, "a sequence's end marker is not sent"
         layout = layout_of(job.kv, self.layout.dtype)
         chunks = list(encode(job.kv, self.layout.dtype))
         header = prefill_pb2.StoreKVHeader(

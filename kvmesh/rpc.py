@@ -189,9 +189,14 @@ class _StreamToken(_Token, grpc.aio.UnaryStreamClientInterceptor):
         return await continuation(self._with_token(details), request)
 
 
+class _UploadToken(_Token, grpc.aio.StreamUnaryClientInterceptor):  # StoreKV: a decode node's write-back
+    async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self._with_token(details), requests)
+
+
 def cluster_channel(address: str, token: str, options: list[tuple[str, Any]]) -> grpc.aio.Channel:
     """A channel to another node of the cluster: its calls carry the cluster token, if one is set."""
-    interceptors: list[Any] | None = [_UnaryToken(token), _StreamToken(token)] if token else None
+    interceptors: list[Any] | None = [_UnaryToken(token), _StreamToken(token), _UploadToken(token)] if token else None
     return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,17 +48,22 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class Sampler:
-    """One sequence's sampler; its own seeded generator, so batch mates never change its draws.
-    Each non-greedy sample takes exactly one uniform draw, so a sampler can be moved to another
-    process mid-sequence: skip() replays the draws made elsewhere (the prefill node's first token)."""
+    """One sequence's sampler. The uniform draw for output token i depends only on (seed, i): a
+    counter-based generator (Philox keyed by the seed, counter i), so batch mates never change a
+    sequence's draws, and a sequence can go on in another process at any token: the prefill node
+    draws token 0, the decode node from 1 on, a migrated sequence from the first token not sent.
+    Without a seed, one is picked here (the proxy picks one per request, so a migration keeps it)."""
 
-    def __init__(self, params: SamplingParams) -> None:
+    def __init__(self, params: SamplingParams, index: int = 0) -> None:
+        """index: the output token the next sample makes (0: the first after the prompt)."""
         self.params = params
-        self._rng = np.random.default_rng(params.seed)
+        self.seed = params.seed if params.seed is not None else secrets.randbits(64)
+        self.index = index
 
     def sample(self, logits: np.ndarray) -> tuple[int, float]:
         """logits (vocab,) -> (token, its log-probability under the model's own distribution).
         Runs once per sequence per decode step, so it stays in float32 and sorts only when it must."""
+        index, self.index = self.index, self.index + 1
         z = np.asarray(logits, dtype=np.float32)
         top = float(z.max())
         lse = top + float(np.log(np.exp(z - top).sum()))
@@ -72,7 +78,7 @@ class Sampler:
         if p.top_p < 1.0:  # the smallest head of the sorted list whose mass reaches top_p
             keep = int(np.searchsorted(np.cumsum(probs), p.top_p)) + 1
             candidates, probs = candidates[:keep], probs[:keep] / probs[:keep].sum()
-        pick = int(np.searchsorted(np.cumsum(probs), self._rng.random() * probs.sum(), side="right"))
+        pick = int(np.searchsorted(np.cumsum(probs), uniform(self.seed, index) * probs.sum(), side="right"))
         token = int(candidates[min(pick, candidates.size - 1)])
         return token, float(z[token]) - lse
 
@@ -80,10 +86,12 @@ class Sampler:
     def greedy(self) -> bool:
         return self.params.temperature == 0 or self.params.top_k == 1
 
-    def skip(self) -> None:
-        """Consume the draw of one sample made elsewhere with the same seed."""
-        if self.params.temperature != 0 and self.params.top_k != 1:
-            self._rng.random()
+
+def uniform(seed: int, index: int) -> float:
+    """The draw for output token `index` of a sequence seeded `seed`: in [0, 1), 53 random bits of
+    Philox4x64's block at counter `index` (~20 us: a generator made per draw, no state kept)."""
+    raw = int(np.random.Philox(key=seed, counter=index).random_raw())
+    return (raw >> 11) * 2.0**-53
 
 
 class StopMatcher:

@@ -110,18 +110,27 @@ class ServiceHost:
         for name in ("", *self.services):
             await self.health.set(name, status)
 
-    async def stop(self, drain_s: float, idle: Callable[[], bool] | None = None) -> None:
+    async def stop(
+        self, drain_s: float, idle: Callable[[], bool] | None = None, evict: Callable[[], None] | None = None
+    ) -> None:
         """NOT_SERVING; running calls finish for at most drain_s, then the metrics stop. With
         `idle` (the node's own work is done; the node refuses new work while draining) the drain
         ends as soon as it is: what still runs then are streams that never end by themselves (the
         proxy's health and cache watches), cancelled after FLUSH_S. Without, grpc waits for every
-        call, those included, for the whole drain_s."""
+        call, those included, for the whole drain_s. `evict`: called when drain_s is over and the
+        node is not idle (a decode node ends its streams in a status the proxy migrates); its
+        calls then have FLUSH_S to say so."""
         await self.health.enter_graceful_shutdown()
         if idle is not None:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + drain_s
             while not idle() and loop.time() < deadline:
                 await asyncio.sleep(IDLE_POLL_S)
+            if evict is not None and not idle():
+                evict()
+                deadline = loop.time() + FLUSH_S
+                while not idle() and loop.time() < deadline:
+                    await asyncio.sleep(IDLE_POLL_S)
             drain_s = min(FLUSH_S, max(deadline - loop.time(), 0.0))
         await self.server.stop(drain_s)
         if self._metrics:

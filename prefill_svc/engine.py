@@ -24,7 +24,7 @@ PUT_BATCH = 16  # blocks per store transaction of a prefill's put
 
 @dataclass(frozen=True)
 class PrefillOutcome:
-    kv: KVCache  # the whole prompt's, per layer (1, kv_heads, tokens, head_dim)
+    kv: KVCache  # the whole prompt's, per layer (1, kv_heads, tokens, head_dim) (a resumption's: see resume)
     cached_tokens: int  # taken from the store, not computed
     first_token: int
     first_logprob: float
@@ -78,17 +78,27 @@ class PrefillEngine:
         return len(tokens) - min(cached, len(tokens) - 1)
 
     def prefill(
-        self, tokens: Sequence[int], params: SamplingParams, salt: bytes = b"", keys: list[bytes] | None = None
+        self,
+        tokens: Sequence[int],
+        params: SamplingParams,
+        salt: bytes = b"",
+        keys: list[bytes] | None = None,
+        replay: int = 0,
     ) -> PrefillOutcome:
-        """`keys`: lookup_keys(tokens, salt), if the caller made them already."""
+        """`keys`: lookup_keys(tokens, salt), if the caller made them already. `replay` > 0: a
+        resumption (see `resume`)."""
         if not tokens:
             raise InvalidArgument("empty prompt")
         if len(tokens) >= self.runner.max_context:
             raise InvalidArgument(
                 f"prompt of {len(tokens)} tokens does not fit the context of {self.runner.max_context}"
             )
+        if not 0 <= replay < len(tokens):
+            raise InvalidArgument(f"replay_tokens {replay} must be below the {len(tokens)} tokens sent")
         self.runner.check_tokens(tokens)
         keys = self.lookup_keys(tokens, salt) if keys is None else keys
+        if replay:
+            return self.resume(tokens, len(tokens) - replay, keys)
         start = time.perf_counter()
         past, cached, bad = self._cached_past(keys, len(tokens)) if keys else (None, 0, 0)
         read = time.perf_counter()
@@ -97,6 +107,23 @@ class PrefillEngine:
         if keys:
             self._store(keys, _block_of(kv, self.block_size), None, len(keys))
         return PrefillOutcome(kv, cached, token, logprob, bad, read - start, time.perf_counter() - read)
+
+    def resume(self, tokens: Sequence[int], prompt: int, keys: list[bytes]) -> PrefillOutcome:
+        """A migrated sequence: `tokens` = its prompt (the first `prompt`) + the output it made. The
+        KV of the longest stored prefix short of the last token (a decode node's write-back holds
+        the output's blocks), or of the prompt where that is longer (its uncached part computed,
+        as the first prefill did). No token is drawn: the decode node runs the rest through its
+        own decode steps, and samples the next one."""
+        start = time.perf_counter()
+        past, cached, bad = self._cached_past(keys, len(tokens)) if keys else (None, 0, 0)
+        read = time.perf_counter()
+        if cached >= prompt and past is not None:  # the reused buffer is the next request's: copied
+            kv = KVCache([k.copy() for k in past.keys], [v.copy() for v in past.values])
+        else:
+            _, kv = self._run(tokens[cached:prompt], past)
+            if computed := keys[: prompt // self.block_size]:
+                self._store(computed, _block_of(kv, self.block_size), None, len(computed))
+        return PrefillOutcome(kv, cached, 0, 0.0, bad, read - start, time.perf_counter() - read)
 
     def store_kv(self, tokens: Sequence[int], salt: bytes, first_block: int, kv: KVCache) -> int:
         """KV made elsewhere (a decode node's: prompt and reply) for the full blocks of `tokens` from

@@ -4,6 +4,7 @@ metrics. Asyncio-facing; no protobuf here (the servicer converts)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -118,8 +119,9 @@ class PrefillNode:
             self.events.publish_threadsafe(kind, keys)
 
     async def prefill(
-        self, tokens: Sequence[int], params: SamplingParams, salt: bytes, request_id: str = ""
+        self, tokens: Sequence[int], params: SamplingParams, salt: bytes, request_id: str = "", replay: int = 0
     ) -> PrefillOutcome:
+        """replay > 0: a migrated sequence's resumption (PrefillEngine.resume)."""
         assert self.engine is not None, "start() first"
         if self.draining:
             raise Unavailable("this prefill node is draining")
@@ -136,7 +138,8 @@ class PrefillNode:
         start = time.perf_counter()
         try:
             loop = asyncio.get_running_loop()
-            outcome = await loop.run_in_executor(self._model_thread, self.engine.prefill, tokens, params, salt, keys)
+            run = functools.partial(self.engine.prefill, tokens, params, salt, keys, replay)
+            outcome = await loop.run_in_executor(self._model_thread, run)
         finally:
             self._queued -= work
             self._running -= 1
@@ -152,6 +155,7 @@ class PrefillNode:
             extra={
                 "request_id": request_id,
                 "prompt_tokens": len(tokens),
+                "replay_tokens": replay,
                 "cached_tokens": outcome.cached_tokens,
                 "compute_ms": round(outcome.compute_s * 1000, 1),
             },

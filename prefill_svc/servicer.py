@@ -37,7 +37,8 @@ class PrefillServicer:
 
     async def _prefill(self, request: prefill_pb2.PrefillRequest, context: Context) -> AsyncIterator[bytes]:
         params = sampling_from_pb(request.sampling)
-        outcome = await self.node.prefill(list(request.tokens), params, request.cache_salt, request.request_id)
+        tokens = list(request.tokens)
+        outcome = await self.node.prefill(tokens, params, request.cache_salt, request.request_id, request.replay_tokens)
         dtype = wire_dtype(request.wire_dtype, self.node.runner.layout.dtype)
         layout, count, chunks = self.node.stream(outcome, dtype)
         header = kv_pb2.KVHeader(

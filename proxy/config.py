@@ -68,8 +68,19 @@ class ProxyConfig:
         default=5.0,
         metadata=doc(
             "a node that sends nothing for this long (the first token: plus 5 ms per token to compute) is taken "
-            "as frozen: before the first token the request is retried elsewhere, after it the call ends UNAVAILABLE"
+            "as frozen: before the first token the request is retried elsewhere, after it migrated"
         ),
+    )
+    migration_limit: int = field(
+        default=3,
+        metadata=doc(
+            "times one request's stream may move to another node after tokens reached the client (0: never; "
+            "the call then ends UNAVAILABLE)"
+        ),
+    )
+    migration_max_tokens: int = field(
+        default=0,
+        metadata=doc("a stream whose prompt + tokens sent are more is not migrated (0: any that fits the context)"),
     )
 
     def __post_init__(self) -> None:
@@ -81,6 +92,8 @@ class ProxyConfig:
             raise InvalidArgument("load_bound must be > 1")
         if self.stall_timeout_s <= 0:
             raise InvalidArgument("stall_timeout_s must be > 0")
+        if self.migration_limit < 0 or self.migration_max_tokens < 0:
+            raise InvalidArgument("migration_limit and migration_max_tokens must be >= 0")
         if self.tenant_streams < 1 or self.tenant_tokens < 1:
             raise InvalidArgument("tenant_streams and tenant_tokens must be >= 1")
 

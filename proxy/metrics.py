@@ -18,6 +18,12 @@ class ProxyMetrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16),
         )
         self.stalls = Counter("kvmesh_proxy_stalls", "Calls to a node that stopped answering", registry=r)
+        self.migrations = Counter(
+            "kvmesh_proxy_migrations",
+            "Streams moved to another node after tokens reached the client, by reason",
+            ["reason"],
+            registry=r,
+        )
         self.errors = Counter("kvmesh_proxy_errors", "Calls ended with an error status", ["code"], registry=r)
         self.http_requests = Counter(
             "kvmesh_proxy_http_requests",

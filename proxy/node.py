@@ -1,16 +1,20 @@
 """The proxy's request path: who is asking (API key -> tenant -> salt), the prompt (chat template,
 tokens, block keys), where it goes (routing policy over the backends), then the decode node's
-stream relayed to the client, retried once on the next candidate if it fails before any token."""
+stream relayed to the client, retried once on the next candidate if it fails before any token,
+and migrated to another node if it breaks after: the prompt and the tokens sent as the new
+prompt, the same seed, so the client sees one stream, as if nothing had happened."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -23,8 +27,8 @@ from kvmesh.model.prepare import default_model_dir
 from kvmesh.model.tokenizer import ChatTokenizer, Message
 from kvmesh.params_pb import params_to_pb
 from kvmesh.rpc import upstream
-from kvmesh.sampling import SamplingParams
-from kvmesh.v1 import decode_pb2, decode_pb2_grpc, generation_pb2
+from kvmesh.sampling import Sampler, SamplingParams
+from kvmesh.v1 import decode_pb2, decode_pb2_grpc, generation_pb2, stream_pb2
 from proxy.backends import Backends
 from proxy.config import ProxyConfig
 from proxy.conversations import Conversations
@@ -59,6 +63,73 @@ def _others(pool: list[NodeState], exclude: set[str]) -> list[NodeState]:
     """The healthy nodes of a pool not in `exclude`, or all its healthy nodes if that leaves none."""
     healthy = [n for n in pool if n.healthy]
     return [n for n in healthy if n.node_id not in exclude] or healthy
+
+
+REPLAY_S = 0.05  # a migrated stream's first token may wait this much more per token sent (decode steps)
+
+
+def _reason(e: grpc.aio.AioRpcError | Stalled, error: Upstream) -> str:
+    """A migration's reason, the metric's label."""
+    if isinstance(e, Stalled):
+        return "stalled"
+    if error.status == "UNAVAILABLE" and "draining" in str(error):
+        return "draining"
+    return error.status.lower()
+
+
+class _Broken(Exception):
+    """An attempt that failed after tokens reached the client: the stream may migrate."""
+
+    def __init__(self, error: Upstream, reason: str, decode_node: str, prefill_node: str) -> None:
+        super().__init__(str(error))
+        self.error, self.reason = error, reason
+        self.decode_node, self.prefill_node = decode_node, prefill_node
+        # the decode node names its prefill node when that one failed (a KV stream cut off)
+        self.prefill_failed = f"prefill node {prefill_node}" in str(error)
+
+
+@dataclass
+class _Progress:
+    """A request's stream so far, across its attempts: what the client has, and its migrations."""
+
+    start: float
+    ids: list[int] = field(default_factory=list)  # output tokens relayed
+    tried: list[str] = field(default_factory=list)  # decode nodes, in order
+    migrations: list[stream_pb2.Migration] = field(default_factory=list)
+    cached_tokens: int = 0  # the first prefill's
+    last_token_at: float = 0.0
+    failed_at: float = 0.0
+    error: str = ""  # the last attempt's
+
+    def broke(self, why: str) -> str:
+        """Why a stream ends here: where it broke, why it goes no further, the nodes it tried."""
+        return (
+            f"the stream broke after {len(self.ids)} tokens ({self.error}); not migrated: {why}; "
+            f"decode nodes tried: {', '.join(self.tried)}"
+        )
+
+    def sent(self, token_id: int) -> None:
+        now = time.perf_counter()
+        if self.migrations and not self.migrations[-1].resume_ms:
+            self.migrations[-1].resume_ms = (now - self.failed_at) * 1000
+        self.ids.append(token_id)
+        self.last_token_at = now
+
+    def resumed(self, prefilled: decode_pb2.Prefilled, prefill_node: str, decode_node: str) -> None:
+        m = self.migrations[-1]
+        m.to_prefill_node, m.to_decode_node = prefill_node, decode_node
+        m.cached_tokens, m.replayed_tokens = prefilled.cached_tokens, prefilled.replayed_tokens
+
+    def finished(self, plan: Plan, last: stream_pb2.Finished) -> stream_pb2.Finished:
+        """The whole request's: its prompt, its first prefill's cached tokens, every token sent."""
+        if not self.migrations:
+            return last
+        usage = stream_pb2.Usage(
+            prompt_tokens=len(plan.tokens), cached_tokens=self.cached_tokens, completion_tokens=len(self.ids)
+        )
+        return stream_pb2.Finished(
+            finish_reason=last.finish_reason, usage=usage, timings=last.timings, migrations=self.migrations
+        )
 
 
 class _Retry(Exception):
@@ -156,13 +227,15 @@ class ProxyNode:
             raise InvalidArgument(f"max_tokens {params.max_tokens} goes beyond the context: {room} tokens are left")
         request_id = request_id or uuid.uuid4().hex
         remember = bool(messages and session_id)
+        if params.seed is None and not Sampler(params).greedy:  # a migration goes on drawing from this seed
+            params = dataclasses.replace(params, seed=secrets.randbits(63))
         return Plan(request_id, session_id or request_id, tokens, salt, params, messages, rendered, remember)
 
-    def keys(self, plan: Plan) -> list[bytes]:
-        root = root_key(self.folder.fingerprint, self.backends.block_size, plan.salt)
-        return block_keys(root, plan.tokens, self.backends.block_size)
+    def keys(self, tokens: Sequence[int], salt: bytes) -> list[bytes]:
+        root = root_key(self.folder.fingerprint, self.backends.block_size, salt)
+        return block_keys(root, tokens, self.backends.block_size)
 
-    def route(self, plan: Plan, keys: list[bytes], exclude: set[str]) -> tuple[Decision, str]:
+    def route(self, plan: Plan, tokens: Sequence[int], keys: list[bytes], exclude: set[str]) -> tuple[Decision, str]:
         """(prefill decision, decode node); nodes in `exclude` failed this request already, and are
         taken again only when a pool has no other healthy node (which of the two failed is not
         always known: a stalled call may be either's; one that is down is unhealthy by now)."""
@@ -171,7 +244,7 @@ class ProxyNode:
         decode = _others([n for n in self.backends.decode.values() if n.node_id not in workers], exclude)
         try:
             decision = self.policy.choose(
-                prefill, Request(plan.session_id, keys, len(plan.tokens), self.backends.block_size)
+                prefill, Request(plan.session_id, keys, len(tokens), self.backends.block_size)
             )
         except LookupError as e:
             raise Unavailable("no healthy prefill node") from e
@@ -182,16 +255,18 @@ class ProxyNode:
         return decision, min(decode, key=lambda n: (n.inflight, n.queued_tokens)).node_id
 
     async def generate(self, plan: Plan, timeout_s: float | None) -> AsyncIterator[generation_pb2.GenerateEvent]:
-        """The decode node's events relayed, after a Started event; one retry before the first token."""
+        """The decode node's events relayed, after a Started event: one retry before the first
+        token; after it, a broken stream migrates (up to migration_limit times) and goes on."""
         if self.draining:
             raise Unavailable("the proxy is draining")
         self.active += 1
         reply = Reply() if plan.remember else None  # text and ids kept only for a session's next turn
+        progress = _Progress(time.perf_counter())
         try:
-            start, failed, keys = time.perf_counter(), set[str](), self.keys(plan)
-            for attempt in (1, 2):
+            failed, retried = set[str](), False
+            while True:
                 try:  # aclosing: a client that goes away ends the attempt (and its claim) at once
-                    async with contextlib.aclosing(self._attempt(plan, keys, failed, attempt, timeout_s, start)) as it:
+                    async with contextlib.aclosing(self._attempt(plan, progress, failed, timeout_s)) as it:
                         async for event in it:
                             if reply is not None:
                                 reply.add(event)
@@ -208,44 +283,104 @@ class ProxyNode:
                         )
                     return
                 except _Retry as retry:
-                    if attempt == 2:
+                    if retried:
                         raise retry.error from retry
+                    retried = True
+                except _Broken as broken:
+                    self._migrate(plan, progress, broken, failed)
         finally:
             self.active -= 1
 
+    def _migrate(self, plan: Plan, progress: _Progress, broken: _Broken, failed: set[str]) -> None:
+        """A stream that broke after tokens reached the client goes on elsewhere, unless a limit
+        says no: then UNAVAILABLE naming the nodes tried and the tokens delivered."""
+        sent, c = len(progress.ids), self.config
+        why = ""
+        if len(progress.migrations) >= c.migration_limit:
+            why = f"migrated {len(progress.migrations)} times already (limit {c.migration_limit})"
+        elif c.migration_max_tokens and len(plan.tokens) + sent > c.migration_max_tokens:
+            why = f"{len(plan.tokens) + sent} tokens are more than the {c.migration_max_tokens} migrated"
+        elif sent >= plan.params.max_tokens:
+            why = "every token was sent"
+        progress.error = str(broken.error)
+        if why:
+            raise Unavailable(progress.broke(why)) from broken
+        failed.add(broken.decode_node)
+        if broken.prefill_failed:
+            failed.add(broken.prefill_node)
+        self.metrics.migrations.labels(broken.reason).inc()
+        now = time.perf_counter()
+        progress.failed_at = now
+        progress.migrations.append(
+            stream_pb2.Migration(
+                reason=broken.reason,
+                from_decode_node=broken.decode_node,
+                tokens_sent=sent,
+                detect_ms=(now - progress.last_token_at) * 1000,
+            )
+        )
+        log.warning(
+            "migrating",
+            extra={
+                "request_id": plan.request_id,
+                "reason": broken.reason,
+                "decode_node": broken.decode_node,
+                "prefill_node": broken.prefill_node,
+                "tokens_sent": sent,
+                "migration": len(progress.migrations),
+                "error": str(broken.error)[:200],
+            },
+        )
+
     async def _attempt(
-        self, plan: Plan, keys: list[bytes], failed: set[str], attempt: int, timeout_s: float | None, start: float
+        self, plan: Plan, progress: _Progress, failed: set[str], timeout_s: float | None
     ) -> AsyncGenerator[generation_pb2.GenerateEvent, None]:
-        """One try: route, call the decode node, relay. Failing before the first token it raises
-        _Retry (the nodes it tried added to `failed`), after it the error itself."""
-        await self.backends.wait_healthy(min(timeout_s or WAIT_HEALTHY_S, WAIT_HEALTHY_S))
-        decision, decode_node = self.route(plan, keys, failed)
+        """One try: route, call the decode node, relay. Failing before any token reached the client
+        it raises _Retry (the nodes it tried added to `failed`), after it _Broken; a status that no
+        other node would change (a bad request, the client's deadline) is raised as it is."""
+        tokens = [*plan.tokens, *progress.ids]  # a migration: the prompt and the output sent
+        left = None if timeout_s is None else max(timeout_s - (time.perf_counter() - progress.start), 0.001)
+        await self.backends.wait_healthy(min(left or WAIT_HEALTHY_S, WAIT_HEALTHY_S))
+        keys = self.keys(tokens, plan.salt)
+        try:
+            decision, decode_node = self.route(plan, tokens, keys, failed)
+        except Unavailable as e:
+            if progress.ids:  # a migration with nowhere to go
+                raise Unavailable(progress.broke(str(e))) from e
+            raise
         self.metrics.decisions.labels(self.policy.name, decision.reason, decision.node_id).inc()
         prefill_node = self.backends.prefill[decision.node_id]
         claim = _Claim(
             prefill_node,
             self.backends.decode[decode_node],
-            len(plan.tokens) - decision.cached_tokens,
+            len(tokens) - decision.cached_tokens,
             [k for k in keys if k not in prefill_node.blocks],
         )
-        call = self._decode_call(plan, decision.node_id, decode_node, timeout_s)
-        started, relayed = False, 0
+        progress.tried.append(decode_node)
+        call = self._decode_call(plan, progress, decision.node_id, decode_node, left)
+        relayed, resumed = 0, bool(progress.ids)
         first_s = self.config.stall_timeout_s + PER_TOKEN_S * (claim.work + prefill_node.queued_tokens)
+        first_s += REPLAY_S * len(progress.ids)  # at worst every token sent runs through a decode step again
         try:
             async for event in within(call, first_s, self.config.stall_timeout_s):
-                if not started:
-                    started = True
-                    self._routed(plan, decision, decode_node)
+                kind = event.WhichOneof("kind")
+                if kind == "prefilled":  # the first event
                     claim.prefilled()
-                    self.metrics.ttft.observe(time.perf_counter() - start)
-                    yield self._started(plan, decision, decode_node, attempt)
-                if event.HasField("finished"):
+                    if resumed:
+                        progress.resumed(event.prefilled, decision.node_id, decode_node)
+                        continue
+                    progress.cached_tokens = event.prefilled.cached_tokens
+                    self._routed(plan, decision, decode_node)
+                    self.metrics.ttft.observe(time.perf_counter() - progress.start)
+                    yield self._started(plan, decision, decode_node, len(progress.tried))
+                elif kind == "finished":
                     claim.release()  # before the client hears it: its next request sees the load as it is
-                    yield generation_pb2.GenerateEvent(finished=event.finished)
-                elif event.HasField("text"):
+                    yield generation_pb2.GenerateEvent(finished=progress.finished(plan, event.finished))
+                elif kind == "text":
                     yield generation_pb2.GenerateEvent(text=event.text)
-                else:
+                elif kind == "token":
                     relayed += 1
+                    progress.sent(event.token.token_id)
                     yield generation_pb2.GenerateEvent(token=event.token)
         except (grpc.aio.AioRpcError, Stalled) as e:
             if isinstance(e, Stalled):  # a node that stopped answering: the same as one that failed
@@ -257,15 +392,15 @@ class ProxyNode:
                     "request_id": plan.request_id,
                     "prefill_node": decision.node_id,
                     "decode_node": decode_node,
-                    "attempt": attempt,
+                    "attempt": len(progress.tried),
                     "code": error.status,
                     "error": str(error)[:200],  # may quote client text
                 },
             )
-            if started:  # the client has tokens: no retry, but say where the stream broke
-                raise upstream(e, f"the stream broke after {relayed} tokens from decode node {decode_node}") from e
             if error.status in NO_RETRY:
                 raise error from e
+            if progress.ids:  # the client has tokens: the stream moves on (or says where it broke)
+                raise _Broken(error, _reason(e, error), decode_node, decision.node_id) from e
             failed.update({decision.node_id, decode_node})  # the next candidate, not these again
             raise _Retry(error) from e
         finally:
@@ -285,14 +420,21 @@ class ProxyNode:
             },
         )
 
-    def _decode_call(self, plan: Plan, prefill: str, decode: str, timeout_s: float | None) -> grpc.aio.UnaryStreamCall:  # type: ignore[type-arg]
+    def _decode_call(
+        self, plan: Plan, progress: _Progress, prefill: str, decode: str, timeout_s: float | None
+    ) -> grpc.aio.UnaryStreamCall:  # type: ignore[type-arg]
+        """A migration's call: the prompt and the output sent, max_tokens less what was sent, the
+        same seed (the sampler draws token i from (seed, i) wherever it runs)."""
+        sent = len(progress.ids)
+        params = dataclasses.replace(plan.params, max_tokens=plan.params.max_tokens - sent)
         request = decode_pb2.DecodeRequest(
             request_id=plan.request_id,
-            tokens=plan.tokens,
+            tokens=[*plan.tokens, *progress.ids],
             prefill_node=prefill,
-            params=params_to_pb(plan.params),
+            params=params_to_pb(params),
             cache_salt=plan.salt,
             keep_kv=self.config.write_back,
+            generated=sent,
         )
         return decode_pb2_grpc.DecodeStub(self.backends.channels[decode]).Decode(request, timeout=timeout_s)
 

@@ -44,7 +44,8 @@ class WorkerServer:
         """Drain as a decode node does, then close both halves (the store last)."""
         self.node.drain()
         self.prefill.draining = True
-        await self.host.stop(self.config.decode.drain_seconds, lambda: self.node.idle() and self.prefill.idle())
+        idle = lambda: self.node.idle() and self.prefill.idle()  # noqa: E731
+        await self.host.stop(self.config.decode.drain_seconds, idle, self.node.evict)
         await self.node.close()
 
 

@@ -13,7 +13,7 @@ class LocalPrefill:
         self.node = node
 
     async def start(self, job: PrefillJob) -> tuple[Prefilled, PendingKV]:
-        outcome = await self.node.prefill(job.tokens, job.params, job.salt, job.request_id)
+        outcome = await self.node.prefill(job.tokens, job.params, job.salt, job.request_id, job.replay)
         info = Prefilled(
             outcome.first_token,
             outcome.first_logprob,
@@ -30,6 +30,7 @@ class LocalPrefill:
         return info, PendingKV(handed_over, lambda: None)
 
     async def store(self, job: StoreJob) -> int:
+        assert job.kv is not None, "a sequence's end marker is not sent"
         return await self.node.store_kv(job.tokens, job.salt, job.first_block, job.kv)
 
     async def close(self) -> None:

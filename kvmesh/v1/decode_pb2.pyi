@@ -31,6 +31,7 @@ class DecodeRequest(_message.Message):
     CACHE_SALT_FIELD_NUMBER: _builtins.int
     WIRE_DTYPE_FIELD_NUMBER: _builtins.int
     KEEP_KV_FIELD_NUMBER: _builtins.int
+    GENERATED_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     prefill_node: _builtins.str
     """host:port of the prefill node to pull the KV from"""
@@ -38,7 +39,14 @@ class DecodeRequest(_message.Message):
     """passed on to the prefill node"""
     wire_dtype: _kv_pb2.KVDtype.ValueType
     keep_kv: _builtins.bool
-    """at the end, the new full blocks (reply included) go back to the prefill node's store"""
+    """each full block (prompt tail, then reply) goes back to the prefill node's store as it fills"""
+    generated: _builtins.int
+    """A migrated request: the last `generated` of `tokens` are output the client has already (the
+    dead node's). The node takes the KV of what a prefill node holds or computes (see
+    PrefillRequest.replay_tokens), runs the rest through decode steps, as the dead node did, and
+    streams from the next token on: sampling at token index `generated`, stop strings and text as
+    if the stream had never moved. params.max_tokens counts the new tokens only.
+    """
     @_builtins.property
     def tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """the prompt, chat template applied"""
@@ -55,10 +63,11 @@ class DecodeRequest(_message.Message):
         cache_salt: _builtins.bytes = ...,
         wire_dtype: _kv_pb2.KVDtype.ValueType = ...,
         keep_kv: _builtins.bool = ...,
+        generated: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_salt", b"cache_salt", "keep_kv", b"keep_kv", "params", b"params", "prefill_node", b"prefill_node", "request_id", b"request_id", "tokens", b"tokens", "wire_dtype", b"wire_dtype"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_salt", b"cache_salt", "generated", b"generated", "keep_kv", b"keep_kv", "params", b"params", "prefill_node", b"prefill_node", "request_id", b"request_id", "tokens", b"tokens", "wire_dtype", b"wire_dtype"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -71,28 +80,62 @@ class DecodeEvent(_message.Message):
     TOKEN_FIELD_NUMBER: _builtins.int
     FINISHED_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
+    PREFILLED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def token(self) -> _stream_pb2.TokenEvent: ...
     @_builtins.property
     def finished(self) -> _stream_pb2.Finished: ...
     @_builtins.property
     def text(self) -> _stream_pb2.TextEvent: ...
+    @_builtins.property
+    def prefilled(self) -> Global___Prefilled:
+        """first: before the first token (a resumption's: once its KV is in)"""
+
     def __init__(
         self,
         *,
         token: _stream_pb2.TokenEvent | None = ...,
         finished: _stream_pb2.Finished | None = ...,
         text: _stream_pb2.TextEvent | None = ...,
+        prefilled: Global___Prefilled | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["finished", b"finished", "kind", b"kind", "text", b"text", "token", b"token"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["finished", b"finished", "kind", b"kind", "prefilled", b"prefilled", "text", b"text", "token", b"token"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finished", b"finished", "kind", b"kind", "text", b"text", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finished", b"finished", "kind", b"kind", "prefilled", b"prefilled", "text", b"text", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["token", "finished", "text"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["token", "finished", "text", "prefilled"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___DecodeEvent: _TypeAlias = DecodeEvent  # noqa: Y015
+
+@_typing.final
+class Prefilled(_message.Message):
+    """What the prefill node supplied: the proxy's usage (a migrated stream's cached tokens are its
+    first prefill's) and migration records.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CACHED_TOKENS_FIELD_NUMBER: _builtins.int
+    REPLAYED_TOKENS_FIELD_NUMBER: _builtins.int
+    cached_tokens: _builtins.int
+    """taken from the prefill node's store"""
+    replayed_tokens: _builtins.int
+    """a resumption: output run again through decode steps here"""
+    def __init__(
+        self,
+        *,
+        cached_tokens: _builtins.int = ...,
+        replayed_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "replayed_tokens", b"replayed_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Prefilled: _TypeAlias = Prefilled  # noqa: Y015
 
 @_typing.final
 class GetDecodeLoadRequest(_message.Message):

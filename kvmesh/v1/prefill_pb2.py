@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from kvmesh.v1 import kv_pb2 as kvmesh_dot_v1_dot_kv__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvmesh/v1/prefill.proto\x12\tkvmesh.v1\x1a\x12kvmesh/v1/kv.proto\"Y\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\x97\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12%\n\x08sampling\x18\x03 \x01(\x0b\x32\x13.kvmesh.v1.Sampling\x12\x12\n\ncache_salt\x18\x04 \x01(\x0c\x12&\n\nwire_dtype\x18\x05 \x01(\x0e\x32\x12.kvmesh.v1.KVDtype\"e\n\x0fPrefillResponse\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.kvmesh.v1.KVHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.kvmesh.v1.KVChunkH\x00\x42\x06\n\x04kind\"\x13\n\x11WatchCacheRequest\"\xe9\x01\n\nCacheEvent\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12(\n\x04kind\x18\x02 \x01(\x0e\x32\x1a.kvmesh.v1.CacheEvent.Kind\x12\x12\n\nblock_keys\x18\x03 \x03(\x0c\x12\x15\n\rsnapshot_done\x18\x04 \x01(\x08\x12\x10\n\x08sequence\x18\x05 \x01(\x04\x12\x12\n\nblock_size\x18\x06 \x01(\r\"O\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08SNAPSHOT\x10\x01\x12\n\n\x06STORED\x10\x02\x12\x0b\n\x07\x45VICTED\x10\x03\x12\n\n\x06PINNED\x10\x04\"\x10\n\x0eGetLoadRequest\"\xe1\x01\n\nLoadReport\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1d\n\x15queued_prefill_tokens\x18\x02 \x01(\x04\x12\x18\n\x10running_requests\x18\x03 \x01(\r\x12\x13\n\x0bstore_bytes\x18\x04 \x01(\x04\x12\x14\n\x0cstore_blocks\x18\x05 \x01(\x04\x12\x15\n\rpinned_blocks\x18\x06 \x01(\x04\x12\x1c\n\x14store_writes_pending\x18\x07 \x01(\r\x12\x15\n\rlookup_tokens\x18\x08 \x01(\x04\x12\x12\n\nhit_tokens\x18\t \x01(\x04\"0\n\nPinRequest\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x12\n\ncache_salt\x18\x02 \x01(\x0c\"4\n\x0bPinResponse\x12\x15\n\rpinned_tokens\x18\x01 \x01(\r\x12\x0e\n\x06\x62locks\x18\x02 \x01(\r\"}\n\rStoreKVHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12\x12\n\ncache_salt\x18\x03 \x01(\x0c\x12\x13\n\x0b\x66irst_block\x18\x04 \x01(\r\x12\x1f\n\x02kv\x18\x05 \x01(\x0b\x32\x13.kvmesh.v1.KVHeader\"i\n\x0eStoreKVRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.kvmesh.v1.StoreKVHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.kvmesh.v1.KVChunkH\x00\x42\x06\n\x04kind\"!\n\x0fStoreKVResponse\x12\x0e\n\x06\x62locks\x18\x01 \x01(\r2\xc9\x02\n\x07Prefill\x12\x42\n\x07Prefill\x12\x19.kvmesh.v1.PrefillRequest\x1a\x1a.kvmesh.v1.PrefillResponse0\x01\x12\x43\n\nWatchCache\x12\x1c.kvmesh.v1.WatchCacheRequest\x1a\x15.kvmesh.v1.CacheEvent0\x01\x12;\n\x07GetLoad\x12\x19.kvmesh.v1.GetLoadRequest\x1a\x15.kvmesh.v1.LoadReport\x12\x34\n\x03Pin\x12\x15.kvmesh.v1.PinRequest\x1a\x16.kvmesh.v1.PinResponse\x12\x42\n\x07StoreKV\x12\x19.kvmesh.v1.StoreKVRequest\x1a\x1a.kvmesh.v1.StoreKVResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvmesh/v1/prefill.proto\x12\tkvmesh.v1\x1a\x12kvmesh/v1/kv.proto\"Y\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xae\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12%\n\x08sampling\x18\x03 \x01(\x0b\x32\x13.kvmesh.v1.Sampling\x12\x12\n\ncache_salt\x18\x04 \x01(\x0c\x12&\n\nwire_dtype\x18\x05 \x01(\x0e\x32\x12.kvmesh.v1.KVDtype\x12\x15\n\rreplay_tokens\x18\x06 \x01(\r\"e\n\x0fPrefillResponse\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.kvmesh.v1.KVHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.kvmesh.v1.KVChunkH\x00\x42\x06\n\x04kind\"\x13\n\x11WatchCacheRequest\"\xe9\x01\n\nCacheEvent\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12(\n\x04kind\x18\x02 \x01(\x0e\x32\x1a.kvmesh.v1.CacheEvent.Kind\x12\x12\n\nblock_keys\x18\x03 \x03(\x0c\x12\x15\n\rsnapshot_done\x18\x04 \x01(\x08\x12\x10\n\x08sequence\x18\x05 \x01(\x04\x12\x12\n\nblock_size\x18\x06 \x01(\r\"O\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08SNAPSHOT\x10\x01\x12\n\n\x06STORED\x10\x02\x12\x0b\n\x07\x45VICTED\x10\x03\x12\n\n\x06PINNED\x10\x04\"\x10\n\x0eGetLoadRequest\"\xe1\x01\n\nLoadReport\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1d\n\x15queued_prefill_tokens\x18\x02 \x01(\x04\x12\x18\n\x10running_requests\x18\x03 \x01(\r\x12\x13\n\x0bstore_bytes\x18\x04 \x01(\x04\x12\x14\n\x0cstore_blocks\x18\x05 \x01(\x04\x12\x15\n\rpinned_blocks\x18\x06 \x01(\x04\x12\x1c\n\x14store_writes_pending\x18\x07 \x01(\r\x12\x15\n\rlookup_tokens\x18\x08 \x01(\x04\x12\x12\n\nhit_tokens\x18\t \x01(\x04\"0\n\nPinRequest\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x12\n\ncache_salt\x18\x02 \x01(\x0c\"4\n\x0bPinResponse\x12\x15\n\rpinned_tokens\x18\x01 \x01(\r\x12\x0e\n\x06\x62locks\x18\x02 \x01(\r\"}\n\rStoreKVHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12\x12\n\ncache_salt\x18\x03 \x01(\x0c\x12\x13\n\x0b\x66irst_block\x18\x04 \x01(\r\x12\x1f\n\x02kv\x18\x05 \x01(\x0b\x32\x13.kvmesh.v1.KVHeader\"i\n\x0eStoreKVRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.kvmesh.v1.StoreKVHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.kvmesh.v1.KVChunkH\x00\x42\x06\n\x04kind\"!\n\x0fStoreKVResponse\x12\x0e\n\x06\x62locks\x18\x01 \x01(\r2\xc9\x02\n\x07Prefill\x12\x42\n\x07Prefill\x12\x19.kvmesh.v1.PrefillRequest\x1a\x1a.kvmesh.v1.PrefillResponse0\x01\x12\x43\n\nWatchCache\x12\x1c.kvmesh.v1.WatchCacheRequest\x1a\x15.kvmesh.v1.CacheEvent0\x01\x12;\n\x07GetLoad\x12\x19.kvmesh.v1.GetLoadRequest\x1a\x15.kvmesh.v1.LoadReport\x12\x34\n\x03Pin\x12\x15.kvmesh.v1.PinRequest\x1a\x16.kvmesh.v1.PinResponse\x12\x42\n\x07StoreKV\x12\x19.kvmesh.v1.StoreKVRequest\x1a\x1a.kvmesh.v1.StoreKVResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,29 +35,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLING']._serialized_start=58
   _globals['_SAMPLING']._serialized_end=147
   _globals['_PREFILLREQUEST']._serialized_start=150
-  _globals['_PREFILLREQUEST']._serialized_end=301
-  _globals['_PREFILLRESPONSE']._serialized_start=303
-  _globals['_PREFILLRESPONSE']._serialized_end=404
-  _globals['_WATCHCACHEREQUEST']._serialized_start=406
-  _globals['_WATCHCACHEREQUEST']._serialized_end=425
-  _globals['_CACHEEVENT']._serialized_start=428
-  _globals['_CACHEEVENT']._serialized_end=661
-  _globals['_CACHEEVENT_KIND']._serialized_start=582
-  _globals['_CACHEEVENT_KIND']._serialized_end=661
-  _globals['_GETLOADREQUEST']._serialized_start=663
-  _globals['_GETLOADREQUEST']._serialized_end=679
-  _globals['_LOADREPORT']._serialized_start=682
-  _globals['_LOADREPORT']._serialized_end=907
-  _globals['_PINREQUEST']._serialized_start=909
-  _globals['_PINREQUEST']._serialized_end=957
-  _globals['_PINRESPONSE']._serialized_start=959
-  _globals['_PINRESPONSE']._serialized_end=1011
-  _globals['_STOREKVHEADER']._serialized_start=1013
-  _globals['_STOREKVHEADER']._serialized_end=1138
-  _globals['_STOREKVREQUEST']._serialized_start=1140
-  _globals['_STOREKVREQUEST']._serialized_end=1245
-  _globals['_STOREKVRESPONSE']._serialized_start=1247
-  _globals['_STOREKVRESPONSE']._serialized_end=1280
-  _globals['_PREFILL']._serialized_start=1283
-  _globals['_PREFILL']._serialized_end=1612
+  _globals['_PREFILLREQUEST']._serialized_end=324
+  _globals['_PREFILLRESPONSE']._serialized_start=326
+  _globals['_PREFILLRESPONSE']._serialized_end=427
+  _globals['_WATCHCACHEREQUEST']._serialized_start=429
+  _globals['_WATCHCACHEREQUEST']._serialized_end=448
+  _globals['_CACHEEVENT']._serialized_start=451
+  _globals['_CACHEEVENT']._serialized_end=684
+  _globals['_CACHEEVENT_KIND']._serialized_start=605
+  _globals['_CACHEEVENT_KIND']._serialized_end=684
+  _globals['_GETLOADREQUEST']._serialized_start=686
+  _globals['_GETLOADREQUEST']._serialized_end=702
+  _globals['_LOADREPORT']._serialized_start=705
+  _globals['_LOADREPORT']._serialized_end=930
+  _globals['_PINREQUEST']._serialized_start=932
+  _globals['_PINREQUEST']._serialized_end=980
+  _globals['_PINRESPONSE']._serialized_start=982
+  _globals['_PINRESPONSE']._serialized_end=1034
+  _globals['_STOREKVHEADER']._serialized_start=1036
+  _globals['_STOREKVHEADER']._serialized_end=1161
+  _globals['_STOREKVREQUEST']._serialized_start=1163
+  _globals['_STOREKVREQUEST']._serialized_end=1268
+  _globals['_STOREKVRESPONSE']._serialized_start=1270
+  _globals['_STOREKVRESPONSE']._serialized_end=1303
+  _globals['_PREFILL']._serialized_start=1306
+  _globals['_PREFILL']._serialized_end=1635
 # @@protoc_insertion_point(module_scope)

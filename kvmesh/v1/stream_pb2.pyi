@@ -152,6 +152,7 @@ class Timings(_message.Message):
     DECODE_MS_FIELD_NUMBER: _builtins.int
     PREFILL_COMPUTE_MS_FIELD_NUMBER: _builtins.int
     STORE_READ_MS_FIELD_NUMBER: _builtins.int
+    REPLAYED_TOKENS_FIELD_NUMBER: _builtins.int
     ttft_ms: _builtins.float
     """request in -> first token out, at the decode node"""
     kv_transfer_ms: _builtins.float
@@ -161,6 +162,8 @@ class Timings(_message.Message):
     """KV received -> last token"""
     prefill_compute_ms: _builtins.float
     store_read_ms: _builtins.float
+    replayed_tokens: _builtins.int
+    """after a migration: tokens run again through decode steps"""
     def __init__(
         self,
         *,
@@ -170,14 +173,66 @@ class Timings(_message.Message):
         decode_ms: _builtins.float = ...,
         prefill_compute_ms: _builtins.float = ...,
         store_read_ms: _builtins.float = ...,
+        replayed_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decode_ms", b"decode_ms", "kv_bytes", b"kv_bytes", "kv_transfer_ms", b"kv_transfer_ms", "prefill_compute_ms", b"prefill_compute_ms", "store_read_ms", b"store_read_ms", "ttft_ms", b"ttft_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decode_ms", b"decode_ms", "kv_bytes", b"kv_bytes", "kv_transfer_ms", b"kv_transfer_ms", "prefill_compute_ms", b"prefill_compute_ms", "replayed_tokens", b"replayed_tokens", "store_read_ms", b"store_read_ms", "ttft_ms", b"ttft_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Timings: _TypeAlias = Timings  # noqa: Y015
+
+@_typing.final
+class Migration(_message.Message):
+    """One move of a stream to another node mid-way (the proxy's: the client saw no break)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    FROM_DECODE_NODE_FIELD_NUMBER: _builtins.int
+    TO_DECODE_NODE_FIELD_NUMBER: _builtins.int
+    TO_PREFILL_NODE_FIELD_NUMBER: _builtins.int
+    TOKENS_SENT_FIELD_NUMBER: _builtins.int
+    DETECT_MS_FIELD_NUMBER: _builtins.int
+    RESUME_MS_FIELD_NUMBER: _builtins.int
+    CACHED_TOKENS_FIELD_NUMBER: _builtins.int
+    REPLAYED_TOKENS_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """"unavailable", "stalled", "draining", "internal", ... (the metric's label)"""
+    from_decode_node: _builtins.str
+    to_decode_node: _builtins.str
+    to_prefill_node: _builtins.str
+    tokens_sent: _builtins.int
+    """output tokens the client had when the stream broke"""
+    detect_ms: _builtins.float
+    """the last token relayed -> the failure seen"""
+    resume_ms: _builtins.float
+    """the failure seen -> the next token relayed"""
+    cached_tokens: _builtins.int
+    """of prompt + tokens sent: what the new prefill node's store supplied"""
+    replayed_tokens: _builtins.int
+    """run again through decode steps on the new node"""
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+        from_decode_node: _builtins.str = ...,
+        to_decode_node: _builtins.str = ...,
+        to_prefill_node: _builtins.str = ...,
+        tokens_sent: _builtins.int = ...,
+        detect_ms: _builtins.float = ...,
+        resume_ms: _builtins.float = ...,
+        cached_tokens: _builtins.int = ...,
+        replayed_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "detect_ms", b"detect_ms", "from_decode_node", b"from_decode_node", "reason", b"reason", "replayed_tokens", b"replayed_tokens", "resume_ms", b"resume_ms", "to_decode_node", b"to_decode_node", "to_prefill_node", b"to_prefill_node", "tokens_sent", b"tokens_sent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Migration: _TypeAlias = Migration  # noqa: Y015
 
 @_typing.final
 class Finished(_message.Message):
@@ -186,22 +241,28 @@ class Finished(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
+    MIGRATIONS_FIELD_NUMBER: _builtins.int
     finish_reason: _builtins.str
     """"eos", "stop" (a stop string), "length" (max_tokens or context)"""
     @_builtins.property
     def usage(self) -> Global___Usage: ...
     @_builtins.property
-    def timings(self) -> Global___Timings: ...
+    def timings(self) -> Global___Timings:
+        """the last decode node's"""
+
+    @_builtins.property
+    def migrations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Migration]: ...
     def __init__(
         self,
         *,
         finish_reason: _builtins.str = ...,
         usage: Global___Usage | None = ...,
         timings: Global___Timings | None = ...,
+        migrations: _abc.Iterable[Global___Migration] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "migrations", b"migrations", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -4,6 +4,9 @@ or that lies in the header, as a hostile peer would (`tokens:N`, `heads:N`, `fin
 `first:ID`, `huge:0` a layout of 2^31 tokens with the bytes to match).
 
   python -m tests.helpers.relay UPSTREAM die:K    (prints its port, exits hard after K chunks)
+
+Every other call (health, load, cache watch, pin) is passed on as it is, metadata included, so
+a proxy can take the relay for the prefill node itself.
 """
 
 from __future__ import annotations
@@ -45,11 +48,11 @@ class Relay:
         self.server = grpc.aio.server()
         self.port = 0
 
-    async def _prefill(self, request: bytes, context: object) -> AsyncIterator[bytes]:
+    async def _prefill(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> AsyncIterator[bytes]:
         async with grpc.aio.insecure_channel(self.upstream) as channel:
             call = channel.unary_stream(PREFILL_METHOD, request_serializer=None, response_deserializer=None)
             n = -1  # the header is message 0; chunks are 1, 2, ...
-            async for raw in call(request):
+            async for raw in call(request, metadata=context.invocation_metadata()):
                 n += 1
                 if n == 0 and self.kind in _LIES:
                     raw = _lie(raw, self.kind, self.at)
@@ -68,13 +71,40 @@ class Relay:
         handler = grpc.method_handlers_generic_handler(
             "kvmesh.v1.Prefill", {"Prefill": grpc.unary_stream_rpc_method_handler(self._prefill)}
         )
-        self.server.add_generic_rpc_handlers((handler,))
+        self.channel = grpc.aio.insecure_channel(self.upstream)
+        self.server.add_generic_rpc_handlers((handler, _PassOn(self.channel)))
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         await self.server.start()
         return self.port
 
     async def stop(self) -> None:
         await self.server.stop(0)
+
+
+_STREAMS = {"/grpc.health.v1.Health/Watch", "/kvmesh.v1.Prefill/WatchCache"}
+
+
+class _PassOn(grpc.GenericRpcHandler):
+    """Any other unary or server-streaming method, bytes in and out, to the upstream node."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method = details.method
+
+        async def unary(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+            call = self.channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+            return await call(request, metadata=context.invocation_metadata())  # type: ignore[no-any-return]
+
+        async def stream(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> AsyncIterator[bytes]:
+            call = self.channel.unary_stream(method, request_serializer=None, response_deserializer=None)
+            async for raw in call(request, metadata=context.invocation_metadata()):
+                yield raw
+
+        if method in _STREAMS:
+            return grpc.unary_stream_rpc_method_handler(stream)
+        return grpc.unary_unary_rpc_method_handler(unary)
 
 
 async def _main(upstream: str, fault: str) -> None:

@@ -179,9 +179,13 @@ def test_kvmesh_chat_keeps_one_session_across_turns(long_tiny: ModelFolder, home
     assert last.startswith("kvmesh: error: INVALID_ARGUMENT: ") and "fit the model's context" in last
 
 
-def test_a_decode_node_killed_mid_stream(long_tiny: ModelFolder, home: Path) -> None:
-    """The client has tokens already: the call ends at once in UNAVAILABLE naming the decode node and
-    how far the stream got; the other decode node serves the next request."""
+def test_a_decode_node_killed_mid_stream_without_migration(
+    long_tiny: ModelFolder, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Migration off (--migration-limit 0; on, tests/test_migration.py): the client has tokens
+    already, so the call ends at once in UNAVAILABLE naming the decode node and how far the stream
+    got; the other decode node serves the next request."""
+    monkeypatch.setenv("KVMESH_PROXY_MIGRATION_LIMIT", "0")
     procs = cluster.up(cluster.ClusterSpec(prefill=1, decode=2, port=52851, model=str(long_tiny.path)))
     client = Client(procs[-1].address)
     events = client.generate(prompt="Once upon a time", max_tokens=2000, ignore_eos=True, timeout=60)
@@ -195,7 +199,8 @@ def test_a_decode_node_killed_mid_stream(long_tiny: ModelFolder, home: Path) -> 
             pass
     assert failed.value.status == "UNAVAILABLE" and isinstance(failed.value.__cause__, grpc.RpcError)
     details = str(failed.value)
-    assert f"from decode node {victim.address}" in details and "the stream broke after " in details
+    assert f"decode node {victim.address}" in details and "the stream broke after " in details
+    assert "not migrated: migrated 0 times already (limit 0)" in details
     assert int(details.split("after ")[1].split(" ")[0]) >= 5
     reply = client.chat([{"role": "user", "content": "Still there?"}], max_tokens=4, timeout=60)
     assert reply.finished is not None and reply.started is not None

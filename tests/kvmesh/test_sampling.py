@@ -49,6 +49,22 @@ def test_same_seed_same_draws_and_top_k_bounds_them() -> None:
     assert set(draws) == {1, 2, 5} and len(set(a)) == 1
 
 
+def test_a_draw_depends_only_on_the_seed_and_the_token_index() -> None:
+    """A sequence resumed at token i elsewhere (a migration) draws what the first sampler drew at
+    i, whatever it sampled before; greedy samples count their index too."""
+    params = SamplingParams(temperature=1.0, seed=11)
+    rng = np.random.default_rng(4)
+    rows = [rng.standard_normal(64).astype(np.float32) for _ in range(40)]
+    whole = Sampler(params)
+    draws = [whole.sample(r)[0] for r in rows]
+    for i in (1, 17, 39):
+        resumed = Sampler(params, i)
+        assert [resumed.sample(r)[0] for r in rows[i:]] == draws[i:]
+    assert len(set(draws)) > 10  # really sampled
+    unseeded = [Sampler(SamplingParams(temperature=1.0)) for _ in range(2)]
+    assert unseeded[0].seed != unseeded[1].seed
+
+
 def test_top_p_keeps_the_smallest_head_reaching_the_mass() -> None:
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
     draws = {Sampler(SamplingParams(temperature=1.0, top_p=0.75, seed=s)).sample(logits)[0] for s in range(300)}
