@@ -85,3 +85,13 @@ def test_multiturn(real_int4: ModelFolder, tmp_path: Path) -> None:
     results = report["results"]
     assert {(r["reply_tokens"], r["write_back"]) for r in results} == {(16, True), (16, False)}  # type: ignore[attr-defined]
     assert all(len(s) == 2 for r in results for s in r["turns"])  # type: ignore[attr-defined]
+
+
+def test_failover(real_int4: ModelFolder, tmp_path: Path) -> None:
+    sizes = ("--streams", "2", "--tokens", "24", "--prompt-tokens", "16")
+    stdout, report = _bench("failover.py", tmp_path, *sizes)
+    assert "write-back on / off aggregate tok/s" in stdout
+    rows = {r["run"]: r for r in report["rows"]}  # type: ignore[attr-defined]
+    assert set(rows) == {"undisturbed", "write-back off", "kill, migration on", "kill, migration off"}
+    assert all(r["streams"] == 2 for r in rows.values())
+    assert len(rows["kill, migration on"]["killed"]) == 2  # decode-0, then prefill-0
