@@ -7,6 +7,8 @@ top-p 0.95 sampling (seed = the stream's number). Runs, in this order:
 
   undisturbed         migration on, write-back on: the reference token ids of every stream
   write-back off      undisturbed, the decode nodes write nothing back: the write-back's cost
+                      (these two --rounds (2) times, their order alternating; the ratio: the
+                      median of the rounds')
   kill, migration on  decode-0 SIGKILLed once the streams have --kill-at (1/4) of their tokens on
                       average, prefill-0 once they have half
   kill, migration off the same with --migration-limit 0 (today's behaviour before #17)
@@ -173,17 +175,15 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--kill-at", type=float, default=0.25, help="decode-0 killed at this share of the tokens")
+    ap.add_argument("--rounds", type=int, default=2, help="undisturbed write-back on/off pairs")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     tok = ChatTokenizer(ModelFolder.load(args.model))
     rng = np.random.default_rng(7)
     prompts = [f"Story {i}: " + text_of(rng, args.prompt_tokens, tok.encode, tok.decode) for i in range(args.streams)]
-    runs = [
-        ("undisturbed", {}, False),
-        ("write-back off", {"KVMESH_PROXY_WRITE_BACK": "0"}, False),
-        ("kill, migration on", {}, True),
-        ("kill, migration off", {"KVMESH_PROXY_MIGRATION_LIMIT": "0"}, True),
-    ]
+    on_off = [("undisturbed", {}, False), ("write-back off", {"KVMESH_PROXY_WRITE_BACK": "0"}, False)]
+    runs = [run for r in range(args.rounds) for run in (on_off if r % 2 == 0 else on_off[::-1])]
+    runs += [("kill, migration on", {}, True), ("kill, migration off", {"KVMESH_PROXY_MIGRATION_LIMIT": "0"}, True)]
     rows: list[dict[str, Any]] = []
     reference: list[Outcome] | None = None
     for name, env, kill in runs:
@@ -191,10 +191,13 @@ def main() -> None:
         rows.append(_figures(name, run, reference, args.tokens))
         reference = reference or run["outcomes"]
         print(f"{name}: done ({', '.join(run['killed']) or 'nothing killed'})", file=sys.stderr, flush=True)
-    on, off = rows[0]["tok_s"], rows[1]["tok_s"]
+    on = [r["tok_s"] for r in rows if r["run"] == "undisturbed"]
+    off = [r["tok_s"] for r in rows if r["run"] == "write-back off"]
+    ratio = float(np.median([a / b for a, b in zip(on, off, strict=True)]))
     print(
         f"\n{args.streams} streams x {args.tokens} tokens (seeded sampling), {args.prefill} prefill + "
-        f"{args.decode} decode nodes; write-back on / off aggregate tok/s: {on / off:.2f}x"
+        f"{args.decode} decode nodes; write-back on / off aggregate tok/s: {ratio:.2f}x "
+        f"(rounds: {', '.join(f'{a / b:.2f}' for a, b in zip(on, off, strict=True))})"
     )
     cols = ["run", "completed", "differ", "tok_s", "moved", "gap_p50_ms", "gap_max_ms", "detect_p50_ms"]
     cols += ["resume_p50_ms", "resume_max_ms", "sent_p50", "cached_p50", "replayed_p50", "replayed_max"]
@@ -204,7 +207,7 @@ def main() -> None:
         if r["errors"]:
             print(f"{r['run']}: errors {', '.join(r['errors'])}")
     if args.json:
-        report = {"workload": vars(args) | {"model": str(args.model)}, "write_back_ratio": on / off, "rows": rows}
+        report = {"workload": vars(args) | {"model": str(args.model)}, "write_back_ratio": ratio, "rows": rows}
         args.json.write_text(json.dumps(report, indent=2, default=str))
 
 

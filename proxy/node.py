@@ -65,6 +65,7 @@ def _others(pool: list[NodeState], exclude: set[str]) -> list[NodeState]:
     return [n for n in healthy if n.node_id not in exclude] or healthy
 
 
+STALL_PATIENCE = 4  # a healthy node silent as a whole is waited for this many stall timeouts at most
 REPLAY_S = 0.05  # a migrated stream's first token may wait this much more per token sent (decode steps)
 
 
@@ -361,8 +362,19 @@ class ProxyNode:
         relayed, resumed = 0, bool(progress.ids)
         first_s = self.config.stall_timeout_s + PER_TOKEN_S * (claim.work + prefill_node.queued_tokens)
         first_s += REPLAY_S * len(progress.ids)  # at worst every token sent runs through a decode step again
+        decoder, stall = self.backends.decode[decode_node], self.config.stall_timeout_s
+        loop = asyncio.get_running_loop()
+
+        def patient(silent_s: float) -> bool:
+            """A silent stream waits on while its node is healthy and none of its streams relays
+            (a node-wide pause: a long prefill on a colocated worker's shared model), at most
+            STALL_PATIENCE stall timeouts; one that is silent alone, or on a node that missed its
+            polls (frozen), is a failure."""
+            quiet = loop.time() - decoder.last_token_at >= stall
+            return decoder.healthy and quiet and silent_s < STALL_PATIENCE * stall
+
         try:
-            async for event in within(call, first_s, self.config.stall_timeout_s):
+            async for event in within(call, first_s, stall, patient):
                 kind = event.WhichOneof("kind")
                 if kind == "prefilled":  # the first event
                     claim.prefilled()
@@ -380,6 +392,7 @@ class ProxyNode:
                     yield generation_pb2.GenerateEvent(text=event.text)
                 elif kind == "token":
                     relayed += 1
+                    decoder.last_token_at = loop.time()
                     progress.sent(event.token.token_id)
                     yield generation_pb2.GenerateEvent(token=event.token)
         except (grpc.aio.AioRpcError, Stalled) as e:

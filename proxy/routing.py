@@ -36,6 +36,7 @@ class NodeState:
     # (healthy is serving and answering; the simulator sets healthy alone)
     serving: bool = False
     missed_polls: int = 0
+    last_token_at: float = 0.0  # a decode node's: when a stream from it last relayed a token (event loop time)
 
     @property
     def queued_tokens(self) -> int:

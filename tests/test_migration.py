@@ -176,7 +176,7 @@ def test_a_prefill_node_lost_while_its_kv_streams(
     through the other prefill node, the first token not sent twice."""
     monkeypatch.setenv("KVMESH_PREFILL_CHUNK_BYTES", "4096")
     procs = _up(long_tiny, 54451, prefill=2)
-    undisturbed = _run(procs[-1].address, GREEDY)
+    undisturbed = _run(procs[-1].address, SAMPLED)
     prefill = [p for p in procs if p.kind == "prefill"]
     decode = [p for p in procs if p.kind == "decode"]
     relay = subprocess.Popen(
@@ -199,7 +199,7 @@ def test_a_prefill_node_lost_while_its_kv_streams(
             assert time.monotonic() < deadline and proxy.poll() is None, "the second proxy did not start"
             time.sleep(0.2)
         time.sleep(1.0)  # its health and cache followers connect
-        moved = _run("127.0.0.1:54499", GREEDY)
+        moved = _run("127.0.0.1:54499", SAMPLED)
         assert relay.wait(timeout=30) != 0  # it died mid-stream
     finally:
         proxy.kill()

@@ -88,7 +88,7 @@ def test_multiturn(real_int4: ModelFolder, tmp_path: Path) -> None:
 
 
 def test_failover(real_int4: ModelFolder, tmp_path: Path) -> None:
-    sizes = ("--streams", "2", "--tokens", "24", "--prompt-tokens", "16")
+    sizes = ("--streams", "2", "--tokens", "24", "--prompt-tokens", "16", "--rounds", "1")
     stdout, report = _bench("failover.py", tmp_path, *sizes)
     assert "write-back on / off aggregate tok/s" in stdout
     rows = {r["run"]: r for r in report["rows"]}  # type: ignore[attr-defined]
