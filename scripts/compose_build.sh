@@ -2,7 +2,7 @@
 # Builds the kvmesh image for compose/docker-compose.yml with no container registry: a Debian
 # bookworm base image from debootstrap, the wheels downloaded here (the image build needs no
 # network), the default model prepared inside at build time.
-#   bash scripts/compose_build.sh          # localhost/kvmesh:latest (onnxruntime, CPU)
+#   bash scripts/compose_build.sh          # localhost/kvmesh:latest and :VERSION (onnxruntime, CPU)
 #   bash scripts/compose_build.sh --gpu    # localhost/kvmesh-gpu:latest (onnxruntime-gpu + CUDA/cuDNN wheels)
 # ENGINE=docker uses Docker instead of podman. Podman quirks of this kind of machine (ulimits,
 # runc): ../shared/notes/containers.md; CONTAINERS_CONF is set by the caller when needed.
@@ -39,6 +39,8 @@ if [ "$runtime" = gpu ]; then
   # onnxruntime-gpu's own extras name the CUDA runtime and cuDNN wheels it was built against
   "$py" -m pip download -q -d compose/build/wheels "${binary[@]}" 'onnxruntime-gpu[cuda,cudnn]'
 fi
-say "building $image"
-"$engine" build -q --build-arg RUNTIME="$runtime" -t "$image" compose/ >/dev/null
+# also tagged with the package's version: what deploy/kubernetes names (never :latest)
+version=$("$py" -c 'import importlib.metadata as m; print(m.version("kvmesh"))')
+say "building $image and ${image%:latest}:$version"
+"$engine" build -q --build-arg RUNTIME="$runtime" -t "$image" -t "${image%:latest}:$version" compose/ >/dev/null
 say "built $image"
