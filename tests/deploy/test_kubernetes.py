@@ -146,3 +146,28 @@ def test_the_gpu_overlay_puts_each_pool_on_its_kind_of_gpu_node() -> None:
             {"key": "kvmesh.dev/gpu-class", "operator": "In", "values": [wanted[owner]]}
         ]
     assert _config(objs)["KVMESH_DECODE_PROVIDER"] == "cuda"
+
+
+def test_what_podman_plays_is_the_overlay_pod_for_pod() -> None:
+    """tests/kube_check.py (scripts/kube_e2e.sh) turns the rendered overlay into Pods: every replica
+    a Pod named as Kubernetes names it, a PVC per prefill pod, the proxy's pools as those pods."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from kube_check import podman_objects
+
+    objs = render(DEPLOY / "overlays" / "cpu")
+    played, configmaps = podman_objects(objs)
+    pods = {o["metadata"]["name"]: o for o in played if o["kind"] == "Pod"}
+    replicas = {
+        o["metadata"]["name"]: o["spec"]["replicas"] for o in objs if o["kind"] in ("StatefulSet", "Deployment")
+    }
+    assert set(pods) == {f"{name}-{i}" for name, n in replicas.items() for i in range(n)}
+    claims = {o["metadata"]["name"] for o in played if o["kind"] == "PersistentVolumeClaim"}
+    assert claims == {f"store-kvmesh-prefill-{i}" for i in range(replicas["kvmesh-prefill"])}
+    command = pods["kvmesh-proxy-0"]["spec"]["containers"][0]["command"]
+    assert [a for a in command if a.startswith("dns:")] == [
+        *(f"dns:kvmesh-prefill-{i}:50061" for i in range(replicas["kvmesh-prefill"])),
+        *(f"dns:kvmesh-decode-{i}:50071" for i in range(replicas["kvmesh-decode"])),
+    ]
+    assert [c["metadata"]["name"] for c in configmaps] == ["kvmesh-config"]
