@@ -136,7 +136,7 @@ def cluster_spec(args: argparse.Namespace) -> cluster.ClusterSpec:
     from kvmesh.cli import parse
     from kvmesh.commands import up_spec
 
-    port = args.port or _free_port_block()
+    port = args.port or free_port_block()
     spec, why = up_spec(
         parse(["up", "--port", str(port), "--http-port", "0", "--model", str(args.model), *(args.shape or "").split()])
     )
@@ -144,7 +144,7 @@ def cluster_spec(args: argparse.Namespace) -> cluster.ClusterSpec:
     return spec
 
 
-def _free_port_block() -> int:
+def free_port_block() -> int:
     """A port whose next 40 are free too (the cluster's nodes take port+10.., +20.., +30..)."""
     for _ in range(50):
         base = free_port()

@@ -43,7 +43,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import Stream as Timed
-from bench.common import _free_port_block, pct, table, window_rate, with_malloc_settings
+from bench.common import free_port_block, pct, table, window_rate, with_malloc_settings
 from kvmesh import cluster
 from kvmesh.client import AsyncClient
 from kvmesh.errors import KvmeshError
@@ -114,7 +114,7 @@ def _run(args: argparse.Namespace, prompts: list[str], env: dict[str, str], kill
     os.environ.update({"KVMESH_HOME": tempfile.mkdtemp(prefix="kvmesh-failover-"), **env})
     try:
         spec = cluster.ClusterSpec(
-            prefill=args.prefill, decode=args.decode, port=_free_port_block(), http_port=0, model=str(args.model)
+            prefill=args.prefill, decode=args.decode, port=free_port_block(), http_port=0, model=str(args.model)
         )
         procs = cluster.up(spec)
         try:

@@ -170,9 +170,10 @@ class Batcher:
                 seq.emit(("end", "length"))
                 done.append(seq)
         self._on_step(len(self._running), time.perf_counter() - start)
-        for seq in self._running:
-            if seq.keep is not None and seq.keep.running:
-                self._send_blocks(seq, seq.keep)
+        if self.batch.reads_in_place:  # device slots: a sequence's blocks go only as it leaves
+            for seq in self._running:
+                if seq.keep is not None and seq.keep.running:
+                    self._send_blocks(seq, seq.keep)
         for seq in sorted(done, key=lambda s: -s.slot):  # highest slot first: the last one moves
             self._leave(seq)
 

@@ -48,6 +48,23 @@ def tiny_int4(tiny_dir: Path, tiny_gguf_q4: Path) -> ModelFolder:
 
 
 @pytest.fixture(scope="session")
+def long_tiny(tiny_dir: Path) -> ModelFolder:
+    """The tiny model with a 2,048-token context: the cluster, fault and migration tests'."""
+    gguf = write_tiny_gguf(tiny_dir / "tiny-2k.gguf", seed=3, context=2048)
+    return ModelFolder.load(convert_gguf(gguf, tiny_dir / "tiny-2k", "fp32", step=_quiet))
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh KVMESH_HOME for a local cluster, brought down at the end."""
+    from kvmesh import cluster
+
+    monkeypatch.setenv("KVMESH_HOME", str(tmp_path))
+    yield tmp_path
+    cluster.down(10)
+
+
+@pytest.fixture(scope="session")
 def tiny_int4_dec4(tiny_dir: Path, tiny_gguf_q4: Path) -> ModelFolder:
     """int4 with a decode graph at accuracy level 4 (int8 activations for decode steps)."""
     out = convert_gguf(tiny_gguf_q4, tiny_dir / "tiny-int4-dec4", "int4", step=_quiet, decode_accuracy_level=4)

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,29 +18,13 @@ import pytest
 from kvmesh import cluster
 from kvmesh.client import Client, Reply
 from kvmesh.errors import Unavailable
-from kvmesh.model.convert import convert_gguf
 from kvmesh.model.folder import ModelFolder
-from kvmesh.model.tiny import write_tiny_gguf
 from kvmesh.v1 import generation_pb2
 
 PROMPT = "The harbour archive keeps the ledgers of every ship that came in. " * 6
 GREEDY: dict[str, Any] = {}
 SAMPLED: dict[str, Any] = {"temperature": 0.9, "top_p": 0.9, "seed": 1234}
 TOKENS = 160
-
-
-@pytest.fixture(scope="module")
-def long_tiny(tmp_path_factory: pytest.TempPathFactory) -> ModelFolder:
-    d = tmp_path_factory.mktemp("long")
-    gguf = write_tiny_gguf(d / "tiny-2k.gguf", seed=3, context=2048)
-    return ModelFolder.load(convert_gguf(gguf, d / "tiny-2k", "fp32", step=lambda _: None))
-
-
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    monkeypatch.setenv("KVMESH_HOME", str(tmp_path))
-    yield tmp_path
-    cluster.down(10)
 
 
 def _up(folder: ModelFolder, port: int, prefill: int = 1, decode: int = 2) -> list[cluster.Process]:

@@ -260,6 +260,9 @@ class SlotBatch:
             )
         )
         self.lengths = np.zeros(slots, np.int64)  # tokens held per slot
+        # read() is a view of host memory (cheap for a block), or a copy of the whole slot out of
+        # the device (~377 MB at SmolLM2's context): then blocks are not read one at a time
+        self.reads_in_place = isinstance(self.kv, HostSlots)
         # Inputs bound once per batch size and updated in place: ids (slots, 1); the mask spans the
         # whole capacity, ones over each slot's tokens (GQA takes each row's length from its sum).
         self._ids = np.zeros((slots, 1), np.int64)
@@ -399,6 +402,7 @@ class SequentialBatch:
     def __init__(self, runner: ModelRunner, slots: int, capacity: int) -> None:
         self.runner, self.slots, self.capacity = runner, slots, capacity
         self._decoders: list[Decoder] = []
+        self.reads_in_place = True
 
     @property
     def active(self) -> int:

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +17,7 @@ import pytest
 from kvmesh import cluster
 from kvmesh.client import Client
 from kvmesh.errors import KvmeshError, Unavailable
-from kvmesh.model.convert import convert_gguf
 from kvmesh.model.folder import ModelFolder
-from kvmesh.model.tiny import write_tiny_gguf
 from kvmesh.rpc import token_metadata
 from kvmesh.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
@@ -41,20 +38,6 @@ class Turn:
     reason: str = ""
     attempt: int = 1
     error: str = ""
-
-
-@pytest.fixture(scope="module")
-def long_tiny(tmp_path_factory: pytest.TempPathFactory) -> ModelFolder:
-    d = tmp_path_factory.mktemp("long")
-    gguf = write_tiny_gguf(d / "tiny-2k.gguf", seed=3, context=2048)
-    return ModelFolder.load(convert_gguf(gguf, d / "tiny-2k", "fp32", step=lambda _: None))
-
-
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    monkeypatch.setenv("KVMESH_HOME", str(tmp_path))
-    yield tmp_path
-    cluster.down(10)
 
 
 def _start(folder: ModelFolder, policy: str, port: int) -> list[cluster.Process]:
