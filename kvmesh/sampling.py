@@ -62,7 +62,8 @@ class Sampler:
 
     def sample(self, logits: np.ndarray) -> tuple[int, float]:
         """logits (vocab,) -> (token, its log-probability under the model's own distribution).
-        Runs once per sequence per decode step, so it stays in float32 and sorts only when it must."""
+        Runs once per sequence per decode step, so it never sorts the vocabulary: sorting 49,152
+        logits took 5.7 ms a token (16 sampled streams: ~90 ms a step, as much as the model)."""
         index, self.index = self.index, self.index + 1
         z = np.asarray(logits, dtype=np.float32)
         top = float(z.max())
@@ -71,20 +72,61 @@ class Sampler:
         if p.temperature == 0 or p.top_k == 1:
             token = int(np.argmax(z))
             return token, float(z[token]) - lse
-        candidates = np.argpartition(-z, p.top_k - 1)[: p.top_k] if 0 < p.top_k < z.size else np.arange(z.size)
-        candidates = candidates[np.argsort(-z[candidates], kind="stable")]
-        probs = np.exp((z[candidates] - z[candidates[0]]) / p.temperature, dtype=np.float64)
-        probs /= probs.sum()
-        if p.top_p < 1.0:  # the smallest head of the sorted list whose mass reaches top_p
-            keep = int(np.searchsorted(np.cumsum(probs), p.top_p)) + 1
-            candidates, probs = candidates[:keep], probs[:keep] / probs[:keep].sum()
-        pick = int(np.searchsorted(np.cumsum(probs), uniform(self.seed, index) * probs.sum(), side="right"))
-        token = int(candidates[min(pick, candidates.size - 1)])
+        u = uniform(self.seed, index)
+        if 0 < p.top_k < z.size or p.top_p < 1.0:
+            candidates, probs = self._head(z, top)
+            cdf = np.cumsum(probs)
+            pick = int(np.searchsorted(cdf, u * cdf[-1], side="right"))
+            token = int(candidates[min(pick, candidates.size - 1)])
+        else:  # temperature alone: the whole distribution, in vocabulary order
+            token = _inverse_cdf(np.exp((z - top) / p.temperature), u)
         return token, float(z[token]) - lse
+
+    def _head(self, z: np.ndarray, top: float) -> tuple[np.ndarray, np.ndarray]:
+        """The top-k tokens, then the smallest head of them (by logit, ties by id) whose mass under
+        the tempered distribution reaches top_p: (ids, their unnormalised weights). Without top-k
+        the head is looked for among the best `n` logits (argpartition, then a sort of those n
+        only), n growing until the head ends strictly inside them (a tie at the border could
+        hide a member); its mass is taken against the whole vocabulary's."""
+        p = self.params
+        top_k = 0 < p.top_k < z.size
+        n = p.top_k if top_k else min(64, z.size)
+        total = 0.0 if top_k else float(np.exp((z - top) / p.temperature).sum(dtype=np.float64))
+        while True:
+            part = np.argpartition(-z, n - 1)[:n] if n < z.size else np.arange(z.size)
+            head = part[np.lexsort((part, -z[part]))]  # by logit, ties by id
+            w = np.exp((z[head] - top) / p.temperature, dtype=np.float64)
+            if p.top_p >= 1.0:
+                return head, w
+            mass = np.cumsum(w) / (total or w.sum())  # top-k: the mass within the top k
+            keep = min(int(np.searchsorted(mass, p.top_p)) + 1, n)
+            if top_k or n == z.size or (keep < n and z[head[keep - 1]] > z[head[-1]]):
+                return head[:keep], w[:keep]
+            n = min(z.size, n * 4)
 
     @property
     def greedy(self) -> bool:
         return self.params.temperature == 0 or self.params.top_k == 1
+
+
+CDF_BLOCK = 256
+
+
+def _inverse_cdf(weights: np.ndarray, u: float) -> int:
+    """The token at u of the distribution `weights` (vocab,) in vocabulary order, in two levels:
+    sums of blocks of 256, then a cumulative sum within the one block (a float64 cumulative sum
+    of the whole vocabulary took ~0.5 ms here)."""
+    size = weights.size
+    padded = -(-size // CDF_BLOCK) * CDF_BLOCK
+    if padded != size:
+        weights = np.concatenate([weights, np.zeros(padded - size, weights.dtype)])
+    sums = np.cumsum(weights.reshape(-1, CDF_BLOCK).sum(axis=1, dtype=np.float64))
+    target = u * sums[-1]
+    block = min(int(np.searchsorted(sums, target, side="right")), sums.size - 1)
+    within = np.cumsum(weights[block * CDF_BLOCK : (block + 1) * CDF_BLOCK], dtype=np.float64)
+    offset = target - (sums[block - 1] if block else 0.0)
+    i = min(int(np.searchsorted(within, offset, side="right")), CDF_BLOCK - 1)
+    return min(block * CDF_BLOCK + i, size - 1)
 
 
 def uniform(seed: int, index: int) -> float:

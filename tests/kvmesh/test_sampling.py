@@ -119,3 +119,39 @@ def test_long_stop_strings_are_refused_before_any_work() -> None:
         SamplingParams(stop=("x" * 600_000,))
     with pytest.raises(InvalidArgument, match="stop strings"):
         SamplingParams(stop=tuple(str(i) for i in range(17)))
+
+
+def test_the_top_p_head_is_the_full_sorts_without_sorting_the_vocabulary() -> None:
+    """The nucleus found among the best n logits (n growing) is the one a sort of the whole
+    vocabulary gives (by logit, ties by id), ties at the border included."""
+    from kvmesh.sampling import _inverse_cdf
+
+    rng = np.random.default_rng(8)
+
+    def by_sorting(z: np.ndarray, p: SamplingParams) -> set[int]:
+        order = np.lexsort((np.arange(z.size), -z))
+        if 0 < p.top_k < z.size:
+            order = order[: p.top_k]
+        w = np.exp((z[order] - z.max()) / p.temperature, dtype=np.float64)
+        keep = int(np.searchsorted(np.cumsum(w) / w.sum(), p.top_p)) + 1 if p.top_p < 1 else order.size
+        return set(order[:keep].tolist())
+
+    for trial in range(100):
+        z = (rng.standard_normal(3000) * rng.uniform(0.5, 6)).astype(np.float32)
+        if trial % 2:
+            z[rng.integers(0, 3000, 80)] = np.sort(z)[-100]  # a tie group across the border
+        t, top_p = float(rng.uniform(0.3, 2)), float(rng.uniform(0.05, 0.99))
+        for p in (SamplingParams(temperature=t, top_p=top_p), SamplingParams(temperature=t, top_p=top_p, top_k=500)):
+            head, _ = Sampler(p)._head(z, float(z.max()))
+            assert set(head.tolist()) == by_sorting(z, p)
+    w = rng.random(1000)
+    cdf = np.cumsum(w)
+    for u in rng.random(500):
+        assert _inverse_cdf(w, float(u)) == min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), 999)
+
+
+def test_temperature_alone_draws_by_the_distribution() -> None:
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    sampler = Sampler(SamplingParams(temperature=1.0, seed=3))
+    draws = np.bincount([sampler.sample(np.log(probs))[0] for _ in range(4000)], minlength=4) / 4000
+    assert np.allclose(draws, probs, atol=0.03)
