@@ -59,6 +59,7 @@ class Outcome:
     timed: Timed
     ids: list[int] = field(default_factory=list)
     finished: stream_pb2.Finished | None = None
+    detail: str = ""  # a failed stream's error
 
     @property
     def moved(self) -> bool:
@@ -78,6 +79,7 @@ async def _stream(client: AsyncClient, prompt: str, i: int, tokens: int, out: Ou
                 out.finished = event.finished
     except KvmeshError as e:
         out.timed.error = e.status
+        out.detail = str(e)[:300]
 
 
 async def _killer(outcomes: list[Outcome], procs: list[cluster.Process], tokens: int, at: float) -> list[str]:
@@ -149,7 +151,7 @@ def _figures(name: str, run: dict[str, Any], reference: list[Outcome] | None, to
         "streams": len(outcomes),
         "completed": len(complete),
         "differ": differ,
-        "errors": sorted({o.timed.error for o in outcomes if o.timed.error}),
+        "errors": sorted({f"{o.timed.error}: {o.detail}" for o in outcomes if o.timed.error}),
         "tok_s": window_rate(full) if len(full) == len(outcomes) else float("nan"),
         "moved": len(moved),
         "gap_p50_ms": pct(gaps, 50),
@@ -193,11 +195,14 @@ def main() -> None:
         print(f"{name}: done ({', '.join(run['killed']) or 'nothing killed'})", file=sys.stderr, flush=True)
     on = [r["tok_s"] for r in rows if r["run"] == "undisturbed"]
     off = [r["tok_s"] for r in rows if r["run"] == "write-back off"]
-    ratio = float(np.median([a / b for a, b in zip(on, off, strict=True)]))
+    pairs = [a / b for a, b in zip(on, off, strict=True)]
+    ratio = (
+        float(np.nanmedian(pairs)) if not all(np.isnan(pairs)) else float("nan")
+    )  # nan: a run never had all decoding
     print(
         f"\n{args.streams} streams x {args.tokens} tokens (seeded sampling), {args.prefill} prefill + "
         f"{args.decode} decode nodes; write-back on / off aggregate tok/s: {ratio:.2f}x "
-        f"(rounds: {', '.join(f'{a / b:.2f}' for a, b in zip(on, off, strict=True))})"
+        f"(rounds: {', '.join(f'{r:.2f}' for r in pairs)})"
     )
     cols = ["run", "completed", "differ", "tok_s", "moved", "gap_p50_ms", "gap_max_ms", "detect_p50_ms"]
     cols += ["resume_p50_ms", "resume_max_ms", "sent_p50", "cached_p50", "replayed_p50", "replayed_max"]
@@ -205,7 +210,7 @@ def main() -> None:
     table(cols, [[r[c] for c in cols] for r in rows])
     for r in rows:
         if r["errors"]:
-            print(f"{r['run']}: errors {', '.join(r['errors'])}")
+            print(f"{r['run']}: errors:\n  " + "\n  ".join(r["errors"]))
     if args.json:
         report = {"workload": vars(args) | {"model": str(args.model)}, "write_back_ratio": ratio, "rows": rows}
         args.json.write_text(json.dumps(report, indent=2, default=str))

@@ -359,7 +359,7 @@ class ProxyNode:
         )
         progress.tried.append(decode_node)
         call = self._decode_call(plan, progress, decision.node_id, decode_node, left)
-        relayed, resumed = 0, bool(progress.ids)
+        first, resumed = True, bool(progress.ids)
         first_s = self.config.stall_timeout_s + PER_TOKEN_S * (claim.work + prefill_node.queued_tokens)
         first_s += REPLAY_S * len(progress.ids)  # at worst every token sent runs through a decode step again
         decoder, stall = self.backends.decode[decode_node], self.config.stall_timeout_s
@@ -376,22 +376,22 @@ class ProxyNode:
         try:
             async for event in within(call, first_s, stall, patient):
                 kind = event.WhichOneof("kind")
-                if kind == "prefilled":  # the first event
+                if first:  # Prefilled (a node older than it: its first token)
+                    first = False
                     claim.prefilled()
-                    if resumed:
+                    if resumed and kind == "prefilled":
                         progress.resumed(event.prefilled, decision.node_id, decode_node)
-                        continue
-                    progress.cached_tokens = event.prefilled.cached_tokens
-                    self._routed(plan, decision, decode_node)
-                    self.metrics.ttft.observe(time.perf_counter() - progress.start)
-                    yield self._started(plan, decision, decode_node, len(progress.tried))
-                elif kind == "finished":
+                    elif not resumed:
+                        progress.cached_tokens = event.prefilled.cached_tokens
+                        self._routed(plan, decision, decode_node)
+                        self.metrics.ttft.observe(time.perf_counter() - progress.start)
+                        yield self._started(plan, decision, decode_node, len(progress.tried))
+                if kind == "finished":
                     claim.release()  # before the client hears it: its next request sees the load as it is
                     yield generation_pb2.GenerateEvent(finished=progress.finished(plan, event.finished))
                 elif kind == "text":
                     yield generation_pb2.GenerateEvent(text=event.text)
                 elif kind == "token":
-                    relayed += 1
                     decoder.last_token_at = loop.time()
                     progress.sent(event.token.token_id)
                     yield generation_pb2.GenerateEvent(token=event.token)
