@@ -66,6 +66,7 @@ def _others(pool: list[NodeState], exclude: set[str]) -> list[NodeState]:
 
 
 STALL_PATIENCE = 4  # a healthy node silent as a whole is waited for this many stall timeouts at most
+MIGRATION_BACKOFF_S = 0.2  # times the migrations so far, after a move that failed before its first token
 REPLAY_S = 0.05  # a migrated stream's first token may wait this much more per token sent (decode steps)
 
 
@@ -288,7 +289,12 @@ class ProxyNode:
                         raise retry.error from retry
                     retried = True
                 except _Broken as broken:
+                    # a move that failed before it relayed a token: the fleet's view (health, load)
+                    # may be behind what broke; a moment before the next try, not three at once
+                    moved_without_token = bool(progress.migrations) and not progress.migrations[-1].resume_ms
                     self._migrate(plan, progress, broken, failed)
+                    if moved_without_token:
+                        await asyncio.sleep(MIGRATION_BACKOFF_S * len(progress.migrations))
         finally:
             self.active -= 1
 
