@@ -1,8 +1,9 @@
 """The proxy's request path: who is asking (API key -> tenant -> salt), the prompt (chat template,
 tokens, block keys), where it goes (routing policy over the backends), then the decode node's
-stream relayed to the client, retried once on the next candidate if it fails before any token,
-and migrated to another node if it breaks after: the prompt and the tokens sent as the new
-prompt, the same seed, so the client sees one stream, as if nothing had happened."""
+stream relayed to the client, retried on the next candidate if it fails before any token (as often
+as a stream may migrate), and migrated to another node if it breaks after: the prompt and the
+tokens sent as the new prompt, the same seed, so the client sees one stream, as if nothing had
+happened."""
 
 from __future__ import annotations
 
@@ -257,15 +258,16 @@ class ProxyNode:
         return decision, min(decode, key=lambda n: (n.inflight, n.queued_tokens)).node_id
 
     async def generate(self, plan: Plan, timeout_s: float | None) -> AsyncIterator[generation_pb2.GenerateEvent]:
-        """The decode node's events relayed, after a Started event: one retry before the first
-        token; after it, a broken stream migrates (up to migration_limit times) and goes on."""
+        """The decode node's events relayed, after a Started event: before the first token a failed
+        attempt is retried on the next candidate, after it a broken stream migrates (either up to
+        migration_limit times, at least one retry) and goes on."""
         if self.draining:
             raise Unavailable("the proxy is draining")
         self.active += 1
         reply = Reply() if plan.remember else None  # text and ids kept only for a session's next turn
         progress = _Progress(time.perf_counter())
         try:
-            failed, retried = set[str](), False
+            failed, retries = set[str](), 0
             while True:
                 try:  # aclosing: a client that goes away ends the attempt (and its claim) at once
                     async with contextlib.aclosing(self._attempt(plan, progress, failed, timeout_s)) as it:
@@ -285,9 +287,13 @@ class ProxyNode:
                         )
                     return
                 except _Retry as retry:
-                    if retried:
+                    # before any token: the next candidate, as often as a stream may migrate
+                    # (a node lost while the first token was on its way is a migration too)
+                    retries += 1
+                    if retries > max(1, self.config.migration_limit):
                         raise retry.error from retry
-                    retried = True
+                    if retries > 1:
+                        await asyncio.sleep(MIGRATION_BACKOFF_S * retries)
                 except _Broken as broken:
                     # a move that failed before it relayed a token: the fleet's view (health, load)
                     # may be behind what broke; a moment before the next try, not three at once
