@@ -42,6 +42,7 @@ class DecodeJob:
     wire_dtype: int = 0
     keep_kv: bool = False  # write each new full block back to the prefill node's store as it fills
     generated: int = 0  # a migrated request: the last `generated` tokens are output sent already
+    first_timeout_s: float = 0.0  # the proxy's wait for the first token (DecodeRequest.first_token_timeout_ms)
 
 
 @dataclass(frozen=True)
@@ -326,7 +327,15 @@ class DecodeNode:
     def _prefill_job(self, job: DecodeJob, timeout_s: float | None) -> PrefillJob:
         timeout = timeout_s or self.config.prefill_timeout_s
         return PrefillJob(
-            job.request_id, job.tokens, job.params, job.salt, job.wire_dtype, job.prefill_node, timeout, job.generated
+            job.request_id,
+            job.tokens,
+            job.params,
+            job.salt,
+            job.wire_dtype,
+            job.prefill_node,
+            timeout,
+            job.generated,
+            job.first_timeout_s,
         )
 
     def start(self) -> None:

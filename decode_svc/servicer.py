@@ -56,6 +56,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             request.wire_dtype,
             request.keep_kv,
             request.generated,
+            request.first_token_timeout_ms / 1000,
         )
         async for event in self.node.decode(job, context.time_remaining()):
             yield event_to_pb(event)

@@ -60,6 +60,7 @@ class PrefillJob:
     prefill_node: str
     timeout_s: float
     replay: int = 0  # a migrated sequence: the last `replay` tokens are output (PrefillRequest.replay_tokens)
+    first_s: float = 0.0  # the caller's wait for the first answer (its view of the queue), if longer than ours
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,10 @@ class RemotePrefill:
             replay_tokens=job.replay,
         )
         call = prefill_method(channel)(request, timeout=job.timeout_s)
-        it: AsyncIterator[bytes] = within(call, self.stall_s + PER_TOKEN_S * len(job.tokens), self.stall_s)
+        # the first answer's deadline: this prompt's work, or the proxy's wait if longer (it counts
+        # the node's queue: 16 requests at once left one here waiting > 5.7 s, taken as a stall)
+        first_s = max(self.stall_s + PER_TOKEN_S * len(job.tokens), job.first_s)
+        it: AsyncIterator[bytes] = within(call, first_s, self.stall_s)
         try:
             header = await read_header(it)
         except (grpc.aio.AioRpcError, Stalled) as e:

@@ -370,10 +370,10 @@ class ProxyNode:
             [k for k in keys if k not in prefill_node.blocks],
         )
         progress.tried.append(decode_node)
-        call = self._decode_call(plan, progress, decision.node_id, decode_node, left)
         first, resumed = True, bool(progress.ids)
         first_s = self.config.stall_timeout_s + PER_TOKEN_S * (claim.work + prefill_node.queued_tokens)
         first_s += REPLAY_S * len(progress.ids)  # at worst every token sent runs through a decode step again
+        call = self._decode_call(plan, progress, (decision.node_id, decode_node, first_s), left)
         decoder, stall = self.backends.decode[decode_node], self.config.stall_timeout_s
         loop = asyncio.get_running_loop()
 
@@ -446,10 +446,12 @@ class ProxyNode:
         )
 
     def _decode_call(
-        self, plan: Plan, progress: _Progress, prefill: str, decode: str, timeout_s: float | None
+        self, plan: Plan, progress: _Progress, where: tuple[str, str, float], timeout_s: float | None
     ) -> grpc.aio.UnaryStreamCall:  # type: ignore[type-arg]
         """A migration's call: the prompt and the output sent, max_tokens less what was sent, the
-        same seed (the sampler draws token i from (seed, i) wherever it runs)."""
+        same seed (the sampler draws token i from (seed, i) wherever it runs). where: (prefill
+        node, decode node, how long the first token may take)."""
+        prefill, decode, first_s = where
         sent = len(progress.ids)
         params = dataclasses.replace(plan.params, max_tokens=plan.params.max_tokens - sent)
         request = decode_pb2.DecodeRequest(
@@ -460,6 +462,7 @@ class ProxyNode:
             cache_salt=plan.salt,
             keep_kv=self.config.write_back,
             generated=sent,
+            first_token_timeout_ms=int(first_s * 1000),
         )
         return decode_pb2_grpc.DecodeStub(self.backends.channels[decode]).Decode(request, timeout=timeout_s)
 

@@ -26,7 +26,7 @@ from kvmesh.v1 import kv_pb2 as kvmesh_dot_v1_dot_kv__pb2
 from kvmesh.v1 import stream_pb2 as kvmesh_dot_v1_dot_stream__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvmesh/v1/decode.proto\x12\tkvmesh.v1\x1a\x12kvmesh/v1/kv.proto\x1a\x16kvmesh/v1/stream.proto\"\xd6\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12\x14\n\x0cprefill_node\x18\x03 \x01(\t\x12+\n\x06params\x18\x04 \x01(\x0b\x32\x1b.kvmesh.v1.GenerationParams\x12\x12\n\ncache_salt\x18\x05 \x01(\x0c\x12&\n\nwire_dtype\x18\x06 \x01(\x0e\x32\x12.kvmesh.v1.KVDtype\x12\x0f\n\x07keep_kv\x18\x07 \x01(\x08\x12\x11\n\tgenerated\x18\x08 \x01(\r\"\xb7\x01\n\x0b\x44\x65\x63odeEvent\x12&\n\x05token\x18\x01 \x01(\x0b\x32\x15.kvmesh.v1.TokenEventH\x00\x12\'\n\x08\x66inished\x18\x02 \x01(\x0b\x32\x13.kvmesh.v1.FinishedH\x00\x12$\n\x04text\x18\x03 \x01(\x0b\x32\x14.kvmesh.v1.TextEventH\x00\x12)\n\tprefilled\x18\x04 \x01(\x0b\x32\x14.kvmesh.v1.PrefilledH\x00\x42\x06\n\x04kind\";\n\tPrefilled\x12\x15\n\rcached_tokens\x18\x01 \x01(\r\x12\x17\n\x0freplayed_tokens\x18\x02 \x01(\r\"\x16\n\x14GetDecodeLoadRequest\"\x8e\x01\n\nDecodeLoad\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x19\n\x11running_sequences\x18\x02 \x01(\r\x12\x16\n\x0ekv_tokens_held\x18\x03 \x01(\x04\x12\x17\n\x0ftokens_reserved\x18\x04 \x01(\x04\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x12\n\nfree_slots\x18\x06 \x01(\r2\x89\x01\n\x06\x44\x65\x63ode\x12<\n\x06\x44\x65\x63ode\x12\x18.kvmesh.v1.DecodeRequest\x1a\x16.kvmesh.v1.DecodeEvent0\x01\x12\x41\n\x07GetLoad\x12\x1f.kvmesh.v1.GetDecodeLoadRequest\x1a\x15.kvmesh.v1.DecodeLoadb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvmesh/v1/decode.proto\x12\tkvmesh.v1\x1a\x12kvmesh/v1/kv.proto\x1a\x16kvmesh/v1/stream.proto\"\xf6\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12\x14\n\x0cprefill_node\x18\x03 \x01(\t\x12+\n\x06params\x18\x04 \x01(\x0b\x32\x1b.kvmesh.v1.GenerationParams\x12\x12\n\ncache_salt\x18\x05 \x01(\x0c\x12&\n\nwire_dtype\x18\x06 \x01(\x0e\x32\x12.kvmesh.v1.KVDtype\x12\x0f\n\x07keep_kv\x18\x07 \x01(\x08\x12\x11\n\tgenerated\x18\x08 \x01(\r\x12\x1e\n\x16\x66irst_token_timeout_ms\x18\t \x01(\r\"\xb7\x01\n\x0b\x44\x65\x63odeEvent\x12&\n\x05token\x18\x01 \x01(\x0b\x32\x15.kvmesh.v1.TokenEventH\x00\x12\'\n\x08\x66inished\x18\x02 \x01(\x0b\x32\x13.kvmesh.v1.FinishedH\x00\x12$\n\x04text\x18\x03 \x01(\x0b\x32\x14.kvmesh.v1.TextEventH\x00\x12)\n\tprefilled\x18\x04 \x01(\x0b\x32\x14.kvmesh.v1.PrefilledH\x00\x42\x06\n\x04kind\";\n\tPrefilled\x12\x15\n\rcached_tokens\x18\x01 \x01(\r\x12\x17\n\x0freplayed_tokens\x18\x02 \x01(\r\"\x16\n\x14GetDecodeLoadRequest\"\x8e\x01\n\nDecodeLoad\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x19\n\x11running_sequences\x18\x02 \x01(\r\x12\x16\n\x0ekv_tokens_held\x18\x03 \x01(\x04\x12\x17\n\x0ftokens_reserved\x18\x04 \x01(\x04\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x12\n\nfree_slots\x18\x06 \x01(\r2\x89\x01\n\x06\x44\x65\x63ode\x12<\n\x06\x44\x65\x63ode\x12\x18.kvmesh.v1.DecodeRequest\x1a\x16.kvmesh.v1.DecodeEvent0\x01\x12\x41\n\x07GetLoad\x12\x1f.kvmesh.v1.GetDecodeLoadRequest\x1a\x15.kvmesh.v1.DecodeLoadb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,15 +34,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvmesh.v1.decode_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DECODEREQUEST']._serialized_start=82
-  _globals['_DECODEREQUEST']._serialized_end=296
-  _globals['_DECODEEVENT']._serialized_start=299
-  _globals['_DECODEEVENT']._serialized_end=482
-  _globals['_PREFILLED']._serialized_start=484
-  _globals['_PREFILLED']._serialized_end=543
-  _globals['_GETDECODELOADREQUEST']._serialized_start=545
-  _globals['_GETDECODELOADREQUEST']._serialized_end=567
-  _globals['_DECODELOAD']._serialized_start=570
-  _globals['_DECODELOAD']._serialized_end=712
-  _globals['_DECODE']._serialized_start=715
-  _globals['_DECODE']._serialized_end=852
+  _globals['_DECODEREQUEST']._serialized_end=328
+  _globals['_DECODEEVENT']._serialized_start=331
+  _globals['_DECODEEVENT']._serialized_end=514
+  _globals['_PREFILLED']._serialized_start=516
+  _globals['_PREFILLED']._serialized_end=575
+  _globals['_GETDECODELOADREQUEST']._serialized_start=577
+  _globals['_GETDECODELOADREQUEST']._serialized_end=599
+  _globals['_DECODELOAD']._serialized_start=602
+  _globals['_DECODELOAD']._serialized_end=744
+  _globals['_DECODE']._serialized_start=747
+  _globals['_DECODE']._serialized_end=884
 # @@protoc_insertion_point(module_scope)

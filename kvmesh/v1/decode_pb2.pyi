@@ -32,6 +32,7 @@ class DecodeRequest(_message.Message):
     WIRE_DTYPE_FIELD_NUMBER: _builtins.int
     KEEP_KV_FIELD_NUMBER: _builtins.int
     GENERATED_FIELD_NUMBER: _builtins.int
+    FIRST_TOKEN_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     prefill_node: _builtins.str
     """host:port of the prefill node to pull the KV from"""
@@ -46,6 +47,11 @@ class DecodeRequest(_message.Message):
     PrefillRequest.replay_tokens), runs the rest through decode steps, as the dead node did, and
     streams from the next token on: sampling at token index `generated`, stop strings and text as
     if the stream had never moved. params.max_tokens counts the new tokens only.
+    """
+    first_token_timeout_ms: _builtins.int
+    """How long the proxy waits for this request's first token: the prefill node's queue and work
+    as it sees them. The decode node waits as long for the prefill node's first answer (its own
+    estimate counts only this prompt's work; 0: that alone).
     """
     @_builtins.property
     def tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
@@ -64,10 +70,11 @@ class DecodeRequest(_message.Message):
         wire_dtype: _kv_pb2.KVDtype.ValueType = ...,
         keep_kv: _builtins.bool = ...,
         generated: _builtins.int = ...,
+        first_token_timeout_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_salt", b"cache_salt", "generated", b"generated", "keep_kv", b"keep_kv", "params", b"params", "prefill_node", b"prefill_node", "request_id", b"request_id", "tokens", b"tokens", "wire_dtype", b"wire_dtype"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_salt", b"cache_salt", "first_token_timeout_ms", b"first_token_timeout_ms", "generated", b"generated", "keep_kv", b"keep_kv", "params", b"params", "prefill_node", b"prefill_node", "request_id", b"request_id", "tokens", b"tokens", "wire_dtype", b"wire_dtype"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
