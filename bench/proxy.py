@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,18 +65,27 @@ async def run(
     proxy_req = generate_request(chat_messages(QUESTION), "", "bench", max_tokens=SIZES["new_tokens"], ignore_eos=True)
     async with grpc.aio.insecure_channel(decode) as dch, grpc.aio.insecure_channel(proxy) as pch:
         direct_stub, proxied = decode_pb2_grpc.DecodeStub(dch), _Proxied(generation_pb2_grpc.GenerationStub(pch))
-        for _ in range(3):  # warm-up: caches the prompt, connects everything
-            await decode_stream(direct_stub, direct_req)
-            await decode_stream(proxied, proxy_req)
-        direct, through, pairs = [], [], []
-        for _ in range(n):
-            direct.append(await decode_stream(direct_stub, direct_req))
-            through.append(await decode_stream(proxied, proxy_req))
-        for _ in range(max(n // 3, 3)):
-            pairs.append(
-                await asyncio.gather(decode_stream(direct_stub, direct_req), decode_stream(proxied, proxy_req))
-            )
-    return direct, through, pairs
+        return await _alternate(
+            lambda: decode_stream(direct_stub, direct_req), lambda: decode_stream(proxied, proxy_req), n
+        )
+
+
+async def _alternate(
+    a: Callable[[], Awaitable[Stream]], b: Callable[[], Awaitable[Stream]], n: int
+) -> tuple[list[Stream], list[Stream], list[tuple[Stream, Stream]]]:
+    """3 warm-up rounds (the prompt cached, everything connected), then n calls each way
+    alternating, then pairs run at once (in one decode batch)."""
+    for _ in range(3):
+        await a()
+        await b()
+    firsts, seconds, pairs = [], [], []
+    for _ in range(n):
+        firsts.append(await a())
+        seconds.append(await b())
+    for _ in range(max(n // 3, 3)):
+        first, second = await asyncio.gather(a(), b())
+        pairs.append((first, second))
+    return firsts, seconds, pairs
 
 
 async def sse_stream(port: int, body: dict[str, object]) -> Stream:
@@ -121,15 +131,9 @@ async def run_http(proxy: str, port: int, n: int, concurrent: int) -> dict[str, 
     http = port
     async with grpc.aio.insecure_channel(proxy) as pch:
         proxied = _Proxied(generation_pb2_grpc.GenerationStub(pch))
-        for _ in range(3):
-            await decode_stream(proxied, grpc_req)
-            await sse_stream(http, body)
-        via_grpc, via_http, pairs = [], [], []
-        for _ in range(n):
-            via_grpc.append(await decode_stream(proxied, grpc_req))
-            via_http.append(await sse_stream(http, body))
-        for _ in range(max(n // 3, 3)):
-            pairs.append(await asyncio.gather(decode_stream(proxied, grpc_req), sse_stream(http, body)))
+        via_grpc, via_http, pairs = await _alternate(
+            lambda: decode_stream(proxied, grpc_req), lambda: sse_stream(http, body), n
+        )
         many = await asyncio.gather(*(sse_stream(http, body) for _ in range(concurrent)))
     return {"grpc": via_grpc, "http": via_http, "pairs": pairs, "many": many}
 

@@ -34,13 +34,12 @@ Send = Callable[[list[int], int, KVCache | None], None]
 @dataclass(eq=False)
 class KeepKV:
     """A sequence's KV kept for the prefix store: its full blocks of `block` tokens from block
-    `first` on (the earlier ones are stored already) are sent as each fills (`running`: what a
-    migration resumes from) or when it leaves; then the end (`send(tokens, first, None)`)."""
+    `first` on (the earlier ones are stored already) are sent as each fills (what a migration
+    resumes from; on device slots only when it leaves), then the end (`send(tokens, first, None)`)."""
 
     first: int  # the next block to send
     block: int
     send: Send
-    running: bool = True
 
 
 @dataclass(eq=False)
@@ -172,7 +171,7 @@ class Batcher:
         self._on_step(len(self._running), time.perf_counter() - start)
         if self.batch.reads_in_place:  # device slots: a sequence's blocks go only as it leaves
             for seq in self._running:
-                if seq.keep is not None and seq.keep.running:
+                if seq.keep is not None:
                     self._send_blocks(seq, seq.keep)
         for seq in sorted(done, key=lambda s: -s.slot):  # highest slot first: the last one moves
             self._leave(seq)

@@ -198,8 +198,8 @@ class DecodeNode:
             reply = _Reply(self.tokenizer, job, info, time.perf_counter() - start)
             eos = () if job.params.ignore_eos else self.tokenizer.eos_token_ids
             if job.generated:
-                seq, stored = await self._resume(job, info, kv_pending, reply, (budget, eos, events, start))
-                yield Ready(info.cached_tokens, len(seq.replay) + 1)
+                seq, stored = await self._resume(job, info, kv_pending, reply, budget, eos, events, start)
+                yield Ready(info.cached_tokens, reply.replayed)
             else:
                 self.metrics.ttft.observe(reply.ttft)
                 yield Ready(info.cached_tokens, 0)
@@ -236,13 +236,14 @@ class DecodeNode:
         info: Prefilled,
         kv_pending: PendingKV,
         reply: _Reply,
-        how: tuple[int, tuple[int, ...], asyncio.Queue[Item], float],
+        budget: int,
+        eos: tuple[int, ...],
+        events: asyncio.Queue[Item],
+        start: float,
     ) -> tuple[Sequence, asyncio.Future[None] | None]:
         """A migrated sequence joins with the KV the prefill node holds (prompt + output blocks
         written back); the output after it is replayed through decode steps; the text state (a
-        split character, text held back for a stop string) is rebuilt from the output sent.
-        how: (budget, eos ids, the stream's events, its start)."""
-        budget, eos, events, start = how
+        split character, text held back for a stop string) is rebuilt from the output sent."""
         reply.replay(job.tokens[len(job.tokens) - job.generated :])
         kv = await self._unless_evicted(kv_pending.result())
         reply.received(time.perf_counter() - start)
@@ -293,9 +294,9 @@ class DecodeNode:
 
     async def _unless_evicted(self, work: Awaitable[T]) -> T:
         """`work`, unless the drain's time runs out first (then UNAVAILABLE: the proxy migrates)."""
+        if self._evicted is None:  # not started on a server (tests drive the node directly): no drain
+            return await work
         task: asyncio.Future[T] = asyncio.ensure_future(work)
-        if self._evicted is None:  # not started on a server (tests drive the node directly)
-            self._evicted = asyncio.get_running_loop().create_future()
         evicted: asyncio.Future[Any] = self._evicted
         try:
             await asyncio.wait([task, evicted], return_when=asyncio.FIRST_COMPLETED)

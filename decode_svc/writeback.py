@@ -44,7 +44,7 @@ class WriteBack:
     def _queue(self, job: StoreJob) -> None:
         if job.kv is not None and self._pending_bytes + _bytes(job) > self._limit:
             self._on_outcome("dropped", job.kv.length)
-            settle(job.done)
+            _settle(job.done)
             return
         self._pending_bytes += _bytes(job)
         self._jobs.put_nowait(job)
@@ -53,7 +53,8 @@ class WriteBack:
         while True:
             job = await self._jobs.get()
             if job.kv is None:  # a sequence's end: everything it sent before is done
-                settle(job.done)
+                _settle(job.done)
+                self._jobs.task_done()
                 continue
             try:
                 await self._source().store(job)
@@ -64,22 +65,21 @@ class WriteBack:
                 log.log(level, "write-back failed", extra={"request_id": job.request_id, "error": str(e)[:200]})
             finally:
                 self._pending_bytes -= _bytes(job)
-                settle(job.done)
+                _settle(job.done)
+                self._jobs.task_done()
 
     async def close(self, flush_s: float = 2.0) -> None:
         """What is queued goes out for at most flush_s (a drained node's last blocks: where its
         migrated sequences resume), then the task ends."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + flush_s
-        while self._task is not None and (self._pending_bytes or not self._jobs.empty()) and loop.time() < deadline:
-            await asyncio.sleep(0.02)
         if self._task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._jobs.join(), flush_s)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
 
-def settle(future: asyncio.Future[None] | None) -> None:
+def _settle(future: asyncio.Future[None] | None) -> None:
     """Tell whoever waits for a write-back that it is over (stored, dropped or failed)."""
     if future is not None and not future.done():
         future.set_result(None)

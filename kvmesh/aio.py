@@ -22,52 +22,38 @@ async def within(
 ) -> AsyncIterator[T]:
     """`items`, the first within first_s, each next one within gap_s; else Stalled (a frozen node's
     stream neither ends nor fails: without this its caller waits forever). patient(silent_s):
-    asked when a wait runs out; True waits another gap_s (the read goes on: a read cancelled
-    would end the stream)."""
-    if patient is not None:
-        async for item in _patiently(aiter(items), first_s, gap_s, patient):
-            yield item
-        return
-    it, wait = aiter(items), first_s
+    asked when a wait runs out; True waits another gap_s, the read going on.
+
+    The read's timeout has no deadline of its own: a timer asks patient() as each wait runs out
+    and, once it says no, makes the timeout fire at once, so the read is cancelled only then
+    (a timer per item, no task: this runs per token on the proxy)."""
+    loop, it, wait = asyncio.get_running_loop(), aiter(items), first_s
     while True:
+        silent = 0.0
+        timer: asyncio.TimerHandle | None = None
         try:
-            async with asyncio.timeout(wait):  # a timer per item, no task (wait_for makes one)
-                item = await anext(it)
+            async with asyncio.timeout(None) as cm:
+
+                def check(waited: float) -> None:
+                    nonlocal silent, timer
+                    silent += waited
+                    if patient is not None and patient(silent):
+                        timer = loop.call_later(gap_s, check, gap_s)
+                    else:
+                        cm.reschedule(loop.time())  # the timeout fires now
+
+                timer = loop.call_later(wait, check, wait)
+                try:
+                    item = await anext(it)
+                finally:
+                    if timer is not None:
+                        timer.cancel()
         except StopAsyncIteration:
             return
         except TimeoutError as e:
-            raise Stalled(wait) from e
+            raise Stalled(silent) from e
         yield item
         wait = gap_s
-
-
-async def _patiently(
-    it: AsyncIterator[T], first_s: float, gap_s: float, patient: Callable[[float], bool]
-) -> AsyncIterator[T]:
-    """within() with patience: each read a task, waited on, so it survives a wait that runs out."""
-    wait, silent = first_s, 0.0
-    pending: asyncio.Future[T] | None = None
-    try:
-        while True:
-            if pending is None:
-                pending = asyncio.ensure_future(anext(it))
-            done, _ = await asyncio.wait({pending}, timeout=wait)
-            if not done:
-                silent += wait
-                if not patient(silent):
-                    raise Stalled(silent)
-                wait = gap_s
-                continue
-            task, pending = pending, None
-            try:
-                item = task.result()
-            except StopAsyncIteration:
-                return
-            yield item
-            wait, silent = gap_s, 0.0
-    finally:
-        if pending is not None:
-            pending.cancel()
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:

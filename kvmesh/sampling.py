@@ -40,6 +40,11 @@ class SamplingParams:
         if len(self.stop) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
             raise InvalidArgument(f"at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters")
 
+    @property
+    def greedy(self) -> bool:
+        """The argmax: no draw is made (and no seed matters)."""
+        return self.temperature == 0 or self.top_k == 1
+
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     z = logits.astype(np.float64)
@@ -69,7 +74,7 @@ class Sampler:
         top = float(z.max())
         lse = top + float(np.log(np.exp(z - top).sum()))
         p = self.params
-        if p.temperature == 0 or p.top_k == 1:
+        if p.greedy:
             token = int(np.argmax(z))
             return token, float(z[token]) - lse
         u = uniform(self.seed, index)
@@ -106,7 +111,7 @@ class Sampler:
 
     @property
     def greedy(self) -> bool:
-        return self.params.temperature == 0 or self.params.top_k == 1
+        return self.params.greedy
 
 
 CDF_BLOCK = 256

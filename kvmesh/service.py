@@ -123,18 +123,23 @@ class ServiceHost:
         await self.health.enter_graceful_shutdown()
         if idle is not None:
             loop = asyncio.get_running_loop()
-            deadline = loop.time() + drain_s
-            while not idle() and loop.time() < deadline:
-                await asyncio.sleep(IDLE_POLL_S)
+            deadline = await _until_idle(idle, drain_s)
             if evict is not None and not idle():
                 evict()
-                deadline = loop.time() + FLUSH_S
-                while not idle() and loop.time() < deadline:
-                    await asyncio.sleep(IDLE_POLL_S)
+                deadline = await _until_idle(idle, FLUSH_S)
             drain_s = min(FLUSH_S, max(deadline - loop.time(), 0.0))
         await self.server.stop(drain_s)
         if self._metrics:
             self._metrics[0].shutdown()
+
+
+async def _until_idle(idle: Callable[[], bool], timeout_s: float) -> float:
+    """Wait until idle() or timeout_s. -> the deadline (loop time)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not idle() and loop.time() < deadline:
+        await asyncio.sleep(IDLE_POLL_S)
+    return deadline
 
 
 class Server(Protocol):

@@ -28,7 +28,7 @@ from kvmesh.model.prepare import default_model_dir
 from kvmesh.model.tokenizer import ChatTokenizer, Message
 from kvmesh.params_pb import params_to_pb
 from kvmesh.rpc import upstream
-from kvmesh.sampling import Sampler, SamplingParams
+from kvmesh.sampling import SamplingParams
 from kvmesh.v1 import decode_pb2, decode_pb2_grpc, generation_pb2, stream_pb2
 from proxy.backends import Backends
 from proxy.config import ProxyConfig
@@ -230,7 +230,7 @@ class ProxyNode:
             raise InvalidArgument(f"max_tokens {params.max_tokens} goes beyond the context: {room} tokens are left")
         request_id = request_id or uuid.uuid4().hex
         remember = bool(messages and session_id)
-        if params.seed is None and not Sampler(params).greedy:  # a migration goes on drawing from this seed
+        if params.seed is None and not params.greedy:  # a migration goes on drawing from this seed
             params = dataclasses.replace(params, seed=secrets.randbits(63))
         return Plan(request_id, session_id or request_id, tokens, salt, params, messages, rendered, remember)
 
@@ -373,7 +373,7 @@ class ProxyNode:
         first, resumed = True, bool(progress.ids)
         first_s = self.config.stall_timeout_s + PER_TOKEN_S * (claim.work + prefill_node.queued_tokens)
         first_s += REPLAY_S * len(progress.ids)  # at worst every token sent runs through a decode step again
-        call = self._decode_call(plan, progress, (decision.node_id, decode_node, first_s), left)
+        call = self._decode_call(plan, tokens, len(progress.ids), (decision.node_id, decode_node, first_s), left)
         decoder, stall = self.backends.decode[decode_node], self.config.stall_timeout_s
         loop = asyncio.get_running_loop()
 
@@ -446,17 +446,16 @@ class ProxyNode:
         )
 
     def _decode_call(
-        self, plan: Plan, progress: _Progress, where: tuple[str, str, float], timeout_s: float | None
+        self, plan: Plan, tokens: list[int], sent: int, where: tuple[str, str, float], timeout_s: float | None
     ) -> grpc.aio.UnaryStreamCall:  # type: ignore[type-arg]
-        """A migration's call: the prompt and the output sent, max_tokens less what was sent, the
-        same seed (the sampler draws token i from (seed, i) wherever it runs). where: (prefill
-        node, decode node, how long the first token may take)."""
+        """`tokens`: the prompt, then (a migration) the `sent` tokens of output the client has;
+        max_tokens less those, the same seed (the sampler draws token i from (seed, i) wherever it
+        runs). where: (prefill node, decode node, how long the first token may take)."""
         prefill, decode, first_s = where
-        sent = len(progress.ids)
         params = dataclasses.replace(plan.params, max_tokens=plan.params.max_tokens - sent)
         request = decode_pb2.DecodeRequest(
             request_id=plan.request_id,
-            tokens=[*plan.tokens, *progress.ids],
+            tokens=tokens,
             prefill_node=prefill,
             params=params_to_pb(params),
             cache_salt=plan.salt,
