@@ -9,7 +9,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 class PrefillMetrics:
     def __init__(
-        self, store_stats: Callable[[], tuple[int, int, int]], registry: CollectorRegistry | None = None
+        self,
+        store_stats: Callable[[], tuple[int, int, int]],
+        queued: Callable[[], int],
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.registry = r = registry or CollectorRegistry()
         self.lookup_tokens = Counter(
@@ -44,9 +47,14 @@ class PrefillMetrics:
         self.checksum_failures = Counter(
             "kvmesh_prefix_store_checksum_failures", "Stored blocks that failed their checksum", registry=r
         )
-        self.queued_tokens = Gauge(
+        Gauge(
             "kvmesh_prefill_queued_tokens",
             "Prompt tokens admitted and not yet computed (stored prefixes excluded)",
+            registry=r,
+        ).set_function(queued)
+        self.pushed_out = Counter(
+            "kvmesh_prefill_pushed_out",
+            "Queued prefills refused to make room for a tenant holding less than its share of the queue",
             registry=r,
         )
         Gauge("kvmesh_prefix_store_bytes", "KV bytes in the prefix store", registry=r).set_function(

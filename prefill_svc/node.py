@@ -8,7 +8,6 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import cast
@@ -17,7 +16,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from kv_transfer.codec import Chunk, Layout, check_same_model, chunk_count, encode, layout_of
-from kvmesh.errors import DataLoss, InvalidArgument, ResourceExhausted, Unavailable
+from kvmesh.errors import DataLoss, InvalidArgument, Unavailable
 from kvmesh.model.folder import ModelFolder
 from kvmesh.model.kv import KVCache
 from kvmesh.model.prepare import default_model_dir, kvmesh_home
@@ -29,6 +28,7 @@ from prefill_svc.config import PrefillConfig
 from prefill_svc.engine import PrefillEngine, PrefillOutcome
 from prefill_svc.events import CacheEvent, CacheEvents
 from prefill_svc.metrics import PrefillMetrics
+from prefill_svc.queue import FairQueue
 from prefill_svc.store import PrefixStore, StoreConfig, StoreWriter
 
 log = logging.getLogger(__name__)
@@ -73,14 +73,13 @@ class PrefillNode:
             config.store or kvmesh_home() / "prefix-store", config.store_budget_bytes, config.block_size
         )
         self.store = PrefixStore(store_config, self.folder.fingerprint, self.runner.layout)
-        self.metrics = PrefillMetrics(self.store.stats, registry)
+        # one model run at a time, the tenants' jobs taking turns
+        self.queue = FairQueue(config.max_queued_tokens, "prefill-model", self._pushed_out)
+        self.metrics = PrefillMetrics(self.store.stats, lambda: self.queue.tokens, registry)
         self.events: CacheEvents | None = None
         self.writer: StoreWriter | None = None
         self.engine: PrefillEngine | None = None
-        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="prefill-model")  # one model run at a time
         self.node_id = config.node_id
-        self._queued = 0
-        self._running = 0
         self._serving = 0
         self.draining = False  # new prefills refused (UNAVAILABLE: the caller retries elsewhere)
         self._lookup = self._hits = 0
@@ -112,6 +111,9 @@ class PrefillNode:
         self.metrics.faults.labels(type(error).__name__).inc()
         self.on_unhealthy()
 
+    def _pushed_out(self) -> None:
+        self.metrics.pushed_out.inc()
+
     def _on_store_event(self, kind: str, keys: list[bytes]) -> None:
         if kind == "evicted":
             self.metrics.evictions.inc(len(keys))
@@ -128,22 +130,9 @@ class PrefillNode:
         # The queue counts tokens to compute, as the proxy's routing does (cached ones are nearly free).
         keys = self.engine.lookup_keys(tokens, salt)  # hashed once: for the queue here and the prefill
         work = self.engine.uncached_tokens(tokens, salt, keys) if tokens else 0
-        if self._queued + work > self.config.max_queued_tokens:
-            raise ResourceExhausted(
-                f"prefill queue full ({self._queued} tokens queued, limit {self.config.max_queued_tokens})"
-            )
-        self._queued += work
-        self._running += 1
-        self.metrics.queued_tokens.set(self._queued)
         start = time.perf_counter()
-        try:
-            loop = asyncio.get_running_loop()
-            run = functools.partial(self.engine.prefill, tokens, params, salt, keys, replay)
-            outcome = await loop.run_in_executor(self._model_thread, run)
-        finally:
-            self._queued -= work
-            self._running -= 1
-            self.metrics.queued_tokens.set(self._queued)
+        run = functools.partial(self.engine.prefill, tokens, params, salt, keys, replay)
+        outcome = await self.queue.run(salt, work, run)
         self.metrics.latency.observe(time.perf_counter() - start)
         self.metrics.lookup_tokens.inc(len(tokens))
         self.metrics.hit_tokens.inc(outcome.cached_tokens)
@@ -215,16 +204,16 @@ class PrefillNode:
 
     def idle(self) -> bool:
         """No prefill running and no KV stream in progress (what a drain waits for)."""
-        return not (self._running or self._serving)
+        return not (self.queue.running or self._serving)
 
     async def pin(self, tokens: Sequence[int], salt: bytes) -> int:
         assert self.engine is not None, "start() first"
-        return await asyncio.get_running_loop().run_in_executor(self._model_thread, self.engine.pin, tokens, salt)
+        return await self.queue.run(salt, 0, functools.partial(self.engine.pin, tokens, salt))
 
     def load(self) -> Load:
         total, blocks, pinned = self.store.stats()
         pending = self.writer.pending if self.writer else 0
-        return Load(self._queued, self._running, total, blocks, pinned, pending, self._lookup, self._hits)
+        return Load(self.queue.tokens, self.queue.running, total, blocks, pinned, pending, self._lookup, self._hits)
 
     async def watch(self) -> AsyncIterator[CacheEvent]:
         """Snapshot batches ("snapshot", last one "snapshot_done"), then live events until the
@@ -239,7 +228,7 @@ class PrefillNode:
                 yield event
 
     async def close(self) -> None:
-        self._model_thread.shutdown(wait=True)
+        self.queue.close()
         if self.writer is not None:
             self.writer.close()
         self.store.close()

@@ -167,6 +167,10 @@ class Plan:
     remember: bool = False  # the client named the session: its turn is kept for the next one
 
 
+def _no_limit(tokens: int) -> None:
+    """No tenants configured: nothing to hold."""
+
+
 class ProxyNode:
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
@@ -195,14 +199,16 @@ class ProxyNode:
         return tenant
 
     async def serve(self, call: Call, timeout_s: float | None) -> AsyncIterator[generation_pb2.GenerateEvent]:
-        """The one path of every front door: the tenant (API key), the plan (tokenized off the event
-        loop: up to a context's worth of text), the tenant's limits, then generate."""
+        """The one path of every front door: the tenant (API key) and a stream of its share, the plan
+        (tokenized off the event loop: up to a context's worth of text), its tokens of the share,
+        then generate."""
         tenant = self.tenant(call.api_key)
         salt = tenant.salt if tenant else b""
-        plan = await asyncio.to_thread(
-            self.plan, call.session_id, call.messages, call.prompt, call.params, salt, call.request_id
-        )
-        with tenant.call(len(plan.tokens) + call.params.max_tokens) if tenant else contextlib.nullcontext():
+        with tenant.call() if tenant else contextlib.nullcontext(_no_limit) as hold:
+            plan = await asyncio.to_thread(
+                self.plan, call.session_id, call.messages, call.prompt, call.params, salt, call.request_id
+            )
+            hold(len(plan.tokens) + call.params.max_tokens)
             async for event in self.generate(plan, timeout_s):
                 yield event
 

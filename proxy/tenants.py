@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -33,18 +33,31 @@ class Tenant:
     tokens: int = 0  # their prompt + max_tokens
 
     @contextmanager
-    def call(self, tokens: int) -> Iterator[None]:
-        """Hold one stream and `tokens` of this tenant's share for the length of a call."""
-        if self.streams + 1 > self.limits.streams or self.tokens + tokens > self.limits.tokens:
-            raise ResourceExhausted(
-                f"tenant {self.name[:64]} is at its limit ({self.streams} streams, {self.tokens} tokens running; "
-                f"at most {self.limits.streams} and {self.limits.tokens})"
-            )
-        self.streams, self.tokens = self.streams + 1, self.tokens + tokens
+    def call(self) -> Iterator[Callable[[int], None]]:
+        """Hold one stream of this tenant's share for the length of a call, checked before any work
+        (a tenant at its limit has no prompt tokenized); the call then holds its tokens (prompt +
+        max_tokens) with the function it is given, once it knows them."""
+        if self.streams + 1 > self.limits.streams:
+            raise self._over()
+        self.streams += 1
+        held = 0
+
+        def hold(tokens: int) -> None:
+            nonlocal held
+            if self.tokens + tokens > self.limits.tokens:
+                raise self._over()
+            self.tokens, held = self.tokens + tokens, held + tokens
+
         try:
-            yield
+            yield hold
         finally:
-            self.streams, self.tokens = self.streams - 1, self.tokens - tokens
+            self.streams, self.tokens = self.streams - 1, self.tokens - held
+
+    def _over(self) -> ResourceExhausted:
+        return ResourceExhausted(
+            f"tenant {self.name[:64]} is at its limit ({self.streams} streams, {self.tokens} tokens running; "
+            f"at most {self.limits.streams} and {self.limits.tokens})"
+        )
 
 
 def salt_of(tenant: str, secret: str) -> bytes:

@@ -141,3 +141,55 @@ def test_over_the_queue_limit_is_resource_exhausted(tiny_fp32: ModelFolder, tmp_
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
     finally:
         s.stop()
+
+
+def test_one_tenant_filling_the_queue_does_not_lock_another_out(real_int4: ModelFolder, tmp_path: Path) -> None:
+    """Tenant a sends six uncached prompts at once into a queue that holds four; tenant b's one
+    prompt, sent after them, takes the place of a's newest waiting one and runs next, before the
+    rest of a's backlog (on the real model, so the queue really forms behind the first prompt)."""
+    import threading
+    import time
+
+    n = 300
+    config = _config(real_int4, tmp_path / "store", max_queued_tokens=4 * n, block_size=16)
+    s = ServerThread(lambda: PrefillServer(config))
+    rng = np.random.default_rng(3)
+    done: dict[str, tuple[float, str]] = {}
+
+    def call(name: str, salt: bytes) -> None:
+        prompt = [int(t) for t in rng.integers(0, 40_000, n)]
+        stream = _stub(s).Prefill(_request(prompt, cache_salt=salt))  # starts the call now
+        threading.Thread(target=finish, args=(name, stream)).start()
+        time.sleep(0.02)  # arrivals in this order
+
+    def finish(name: str, stream: Iterator[prefill_pb2.PrefillResponse]) -> None:
+        try:
+            receive(stream)
+            done[name] = (time.perf_counter(), "OK")
+        except grpc.RpcError as e:
+            done[name] = (time.perf_counter(), e.code().name)  # type: ignore[attr-defined]
+
+    try:
+        for i in range(6):
+            call(f"a{i}", b"tenant-a")
+        call("b", b"tenant-b")
+        deadline = time.monotonic() + 60
+        while len(done) < 7 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        codes = {name: code for name, (_, code) in done.items()}
+        # a4, a5: over the bound at once; a3: the newest waiting, pushed out for b
+        assert codes == {
+            "a0": "OK",
+            "a1": "OK",
+            "a2": "OK",
+            "a3": "RESOURCE_EXHAUSTED",
+            "a4": "RESOURCE_EXHAUSTED",
+            "a5": "RESOURCE_EXHAUSTED",
+            "b": "OK",
+        }, codes
+        finished = sorted((t, name) for name, (t, code) in done.items() if code == "OK")
+        assert [name for _, name in finished] == ["a0", "b", "a1", "a2"]
+        registry = s.server.node.metrics.registry  # type: ignore[attr-defined]
+        assert registry.get_sample_value("kvmesh_prefill_pushed_out_total") == 1
+    finally:
+        s.stop()

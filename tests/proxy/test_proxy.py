@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from kvmesh.client import Client
-from kvmesh.errors import InvalidArgument, KvmeshError, Unauthenticated
+from kvmesh.errors import InvalidArgument, KvmeshError, ResourceExhausted, Unauthenticated
 from kvmesh.generate import Finished, generate
 from kvmesh.model.folder import ModelFolder
 from kvmesh.model.runner import ModelRunner, RunnerConfig
@@ -350,6 +350,20 @@ def test_keys_lines_carry_tenant_limits(tmp_path: Path) -> None:
         keys.write_text(bad + "\n")
         with pytest.raises(InvalidArgument):
             ProxyConfig(api_keys_file=keys).tenants()
+
+
+def test_a_tenants_share_holds_a_stream_before_any_work_then_its_tokens() -> None:
+    from proxy.tenants import Limits, Tenant
+
+    tenant = Tenant("acme", b"salt", Limits(streams=1, tokens=100))
+    with tenant.call() as hold:
+        with pytest.raises(ResourceExhausted), tenant.call():  # refused before its prompt is tokenized
+            pass
+        with pytest.raises(ResourceExhausted):
+            hold(101)
+        hold(60)
+        assert (tenant.streams, tenant.tokens) == (1, 60)
+    assert (tenant.streams, tenant.tokens) == (0, 0)
 
 
 def test_one_tenants_flood_leaves_room_for_another(tiny_fp32: ModelFolder, servers: MakeServer) -> None:
