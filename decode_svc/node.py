@@ -319,9 +319,18 @@ class DecodeNode:
         """A sequence's write-back, from the first block of its KV that the prefill node did not
         hold (`held` tokens came from it), a job per send; `stored` is set when the last is done."""
 
+        # int8-activation decode steps: their KV serves a resumption; the prefill node recomputes a
+        # finished reply's blocks for the next turn (stored KV of prompts stays an exact prefill's)
+        decoded = self.runner.decode_numerics != self.runner.prefill_numerics
+
         def send(tokens: list[int], first: int, kv: KVCache | None) -> None:  # from the batcher thread
-            done = stored if kv is None else None
-            self.writeback.offer(StoreJob(job.request_id, tokens, job.salt, first, kv, job.prefill_node, done))
+            if kv is not None:
+                out = StoreJob(job.request_id, tokens, job.salt, first, kv, job.prefill_node, None, decoded)
+            else:  # the end; an evicted sequence goes on elsewhere, from the blocks as they are
+                last = decoded and not (self._evicted is not None and self._evicted.done())
+                full = tokens[: first * block]
+                out = StoreJob(job.request_id, full, job.salt, first, None, job.prefill_node, stored, decoded, last)
+            self.writeback.offer(out)
 
         return KeepKV(held // block, block, send)
 

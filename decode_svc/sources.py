@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from kv_transfer.codec import check_same_model, check_sizes, encode, layout_of
+from kv_transfer.codec import Layout, check_same_model, check_sizes, encode, layout_of
 from kv_transfer.wire import layout_from_pb, layout_to_pb, prefill_method, pull, read_header
 from kvmesh.aio import PER_TOKEN_S, Stalled, within
 from kvmesh.errors import DataLoss, Upstream
@@ -71,9 +71,11 @@ class StoreJob:
     tokens: list[int]  # from the sequence's first, to the end of the last full block sent
     salt: bytes
     first_block: int  # kv starts at this block
-    kv: KVCache | None  # None: the sequence's end (nothing to send; `done` is set once it is reached)
+    kv: KVCache | None  # None: the sequence's end (no KV; `done` is set once it is reached)
     prefill_node: str
     done: asyncio.Future[None] | None = None  # set when stored, dropped or failed (on the loop)
+    decoded: bool = False  # made by decode steps with other numerics than the prefill's
+    last: bool = False  # the end, told to the prefill node: it recomputes the decoded blocks exactly
 
 
 class Source(Protocol):
@@ -169,15 +171,19 @@ class RemotePrefill:
 
     async def store(self, job: StoreJob) -> int:
         """StoreKV on the node that prefilled the sequence: a header, the KV's chunks (views; one copy
-        each into its message)."""
-        assert job.kv is not None, "a sequence's end marker is not sent"
-        layout = layout_of(job.kv, self.layout.dtype)
-        chunks = list(encode(job.kv, self.layout.dtype))
+        each into its message); a last job without KV: the header alone."""
+        lay = self.layout
+        layout = (
+            layout_of(job.kv, lay.dtype) if job.kv else Layout(lay.layers, lay.kv_heads, lay.head_dim, 0, lay.dtype)
+        )
+        chunks = list(encode(job.kv, lay.dtype)) if job.kv else []
         header = prefill_pb2.StoreKVHeader(
             request_id=job.request_id,
             tokens=job.tokens,
             cache_salt=job.salt,
             first_block=job.first_block,
+            decoded=job.decoded,
+            last=job.last,
             kv=kv_pb2.KVHeader(
                 model_fingerprint=self.fingerprint,
                 layout=layout_to_pb(layout),

@@ -4,8 +4,10 @@ migrated sequence resumes from them (its KV exactly as the decode steps made it)
 
 The decode thread copies a block out of the sequence's slot once it is full (the only work on the
 step path: ~0.1 ms a block of SmolLM2); this task sends the jobs in order, one at a time, while
-decoding goes on; a sequence's last job (no KV) says it is over. A backlog beyond `limit_bytes`
-drops the newest (counted): a store is a cache, never a reason to hold memory or stall."""
+decoding goes on; a sequence's last job (no KV) says it is over, to the prefill node too where the
+decode steps' numerics differ from its prefill's (it then recomputes those blocks exactly). A
+backlog beyond `limit_bytes` drops the newest (counted): a store is a cache, never a reason to
+hold memory or stall."""
 
 from __future__ import annotations
 
@@ -52,15 +54,17 @@ class WriteBack:
     async def _run(self) -> None:
         while True:
             job = await self._jobs.get()
-            if job.kv is None:  # a sequence's end: everything it sent before is done
+            tokens = job.kv.length if job.kv is not None else 0
+            if job.kv is None and not job.last:  # a sequence's end: everything it sent before is done
                 _settle(job.done)
                 self._jobs.task_done()
                 continue
             try:
                 await self._source().store(job)
-                self._on_outcome("stored", job.kv.length)
+                if tokens:
+                    self._on_outcome("stored", tokens)
             except Exception as e:  # the prefill node is gone or refused: the next turn recomputes
-                self._on_outcome("failed", job.kv.length)
+                self._on_outcome("failed", tokens)
                 level = logging.WARNING if isinstance(e, KvmeshError) else logging.ERROR
                 log.log(level, "write-back failed", extra={"request_id": job.request_id, "error": str(e)[:200]})
             finally:

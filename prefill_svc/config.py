@@ -47,6 +47,15 @@ class PrefillConfig:
         metadata=doc("colocated worker: prompt tokens per prefill chunk, each between two decode steps (0: no turns)"),
     )
 
+    reply_kv: str = field(
+        default="exact",
+        metadata=doc(
+            "a written-back reply's KV for the next turn: exact (recomputed here in the background, "
+            "between prompts; a turn that comes first computes it) or decoded (the decode steps' own KV: "
+            "int8 activations, no recompute; a reply can then differ from an uncached run's)"
+        ),
+    )
+
     def __post_init__(self) -> None:
         check_ports(self)
         if (
@@ -62,5 +71,7 @@ class PrefillConfig:
             )
         if self.provider not in ("auto", "cpu", "cuda"):
             raise InvalidArgument(f"provider must be auto, cpu or cuda, not {self.provider!r}")
+        if self.reply_kv not in ("exact", "decoded"):
+            raise InvalidArgument(f"reply_kv must be exact or decoded, not {self.reply_kv!r}")
         if self.pin_system and not self.prefix_cache:
             raise InvalidArgument("pin_system needs the prefix cache")

@@ -43,9 +43,12 @@ class PrefillEngine:
         cache: bool = True,
         turns: Turns | None = None,
         chunk_tokens: int = 0,
+        reuse_decoded: bool = False,
     ) -> None:
         """turns: a colocated worker's (the model is shared with its decode batch): the prompt runs
-        in chunks of `chunk_tokens`, each one between two decode steps."""
+        in chunks of `chunk_tokens`, each one between two decode steps. reuse_decoded: prompts
+        reuse blocks a decode node made with other numerics (else only a resumption does)."""
+        self.reuse_decoded = reuse_decoded
         self.runner, self.store, self.writer = runner, store, writer
         self.turns, self.chunk_tokens = turns, chunk_tokens
         self.cache = cache  # off: no lookups, no writes (the no-prefix-cache baseline)
@@ -60,7 +63,8 @@ class PrefillEngine:
         # them (the same new prefix again, a reply just written back) takes them from here. The
         # writer runs at the lowest priority; under a busy decode batch (a colocated worker, 4
         # streams) waiting for it took > 2 s and the prefix was computed again (3.2 s -> 6.4 s).
-        self._pending: dict[bytes, Callable[[], np.ndarray]] = {}
+        # (block, decoded: a decode node's KV with other numerics, see PrefixStore)
+        self._pending: dict[bytes, tuple[Callable[[], np.ndarray], bool]] = {}
         self._pending_lock = threading.Lock()
 
     def keys(self, tokens: Sequence[int], salt: bytes) -> list[bytes]:
@@ -74,7 +78,7 @@ class PrefillEngine:
         """What a prefill of `tokens` would compute if run now: the store's prefix is reused, the
         last prompt token always computed. `keys`: lookup_keys(tokens, salt), if already made."""
         keys = self.lookup_keys(tokens, salt) if keys is None else keys
-        cached = self.store.cached_blocks(keys) * self.block_size if keys else 0
+        cached = self.store.cached_blocks(keys, self.reuse_decoded) * self.block_size if keys else 0
         return len(tokens) - min(cached, len(tokens) - 1)
 
     def prefill(
@@ -100,7 +104,7 @@ class PrefillEngine:
         if replay:
             return self.resume(tokens, len(tokens) - replay, keys)
         start = time.perf_counter()
-        past, cached, bad = self._cached_past(keys, len(tokens)) if keys else (None, 0, 0)
+        past, cached, bad = self._cached_past(keys, len(tokens), self.reuse_decoded) if keys else (None, 0, 0)
         read = time.perf_counter()
         logits, kv = self._run(tokens[cached:], past)
         token, logprob = Sampler(params).sample(logits)
@@ -115,7 +119,7 @@ class PrefillEngine:
         as the first prefill did). No token is drawn: the decode node runs the rest through its
         own decode steps, and samples the next one."""
         start = time.perf_counter()
-        past, cached, bad = self._cached_past(keys, len(tokens)) if keys else (None, 0, 0)
+        past, cached, bad = self._cached_past(keys, len(tokens), decoded=True) if keys else (None, 0, 0)
         read = time.perf_counter()
         if cached >= prompt and past is not None:  # the reused buffer is the next request's: copied
             kv = KVCache([k.copy() for k in past.keys], [v.copy() for v in past.values])
@@ -125,24 +129,53 @@ class PrefillEngine:
                 self._store(computed, _block_of(kv, self.block_size), None, len(computed))
         return PrefillOutcome(kv, cached, 0, 0.0, bad, read - start, time.perf_counter() - read)
 
-    def store_kv(self, tokens: Sequence[int], salt: bytes, first_block: int, kv: KVCache) -> int:
+    def store_kv(
+        self, tokens: Sequence[int], salt: bytes, first_block: int, kv: KVCache | None, decoded: bool = False
+    ) -> int:
         """KV made elsewhere (a decode node's: prompt and reply) for the full blocks of `tokens` from
-        `first_block` on, `kv` holding exactly those: queued for the store below the blocks before
-        (stored when those still are). -> blocks queued."""
+        `first_block` on, `kv` holding exactly those (None: none): queued for the store below the
+        blocks before (stored when those still are); `decoded`: made with other numerics than this
+        prefill's (kept for resumptions until recomputed). -> blocks queued."""
         chain = self.lookup_keys(tokens, salt)
         keys = chain[first_block:]
-        if not keys:
+        if not keys or kv is None:
             return 0
-        self._store(keys, _block_of(kv, self.block_size), chain[first_block - 1] if first_block else None, len(chain))
+        parent = chain[first_block - 1] if first_block else None
+        self._store(keys, _block_of(kv, self.block_size), parent, len(chain), decoded)
         return len(keys)
 
-    def _store(self, keys: list[bytes], value: Callable[[int], np.ndarray], parent: bytes | None, chain: int) -> None:
+    def recompute(self, tokens: Sequence[int], salt: bytes, max_tokens: int) -> int:
+        """The next blocks of `tokens` (full blocks) after its longest exact stored prefix, at most
+        `max_tokens` of them, computed by this exact prefill and stored in place of a decode node's
+        (a finished sequence's reply: the next turn reads what a prefill would make). -> blocks
+        computed; 0: nothing left to recompute (or the chain is gone: its blocks were evicted)."""
+        keys = self.lookup_keys(tokens, salt)
+        past, cached, _ = self._cached_past(keys, len(tokens) + 1)
+        done = cached // self.block_size
+        if done == len(keys) or (done == 0 and self.store.cached_blocks(keys[:1], decoded=True) == 0):
+            return 0
+        end = min(len(keys), done + max(1, max_tokens // self.block_size)) * self.block_size
+        _, kv = self._run(tokens[cached:end], past)
+        new = keys[done : end // self.block_size]
+        # kv: the past's tokens and these, (1, kv_heads, end, head_dim) a layer
+        self._store(new, _shifted(_block_of(kv, self.block_size), done), keys[done - 1] if done else None, len(keys))
+        return len(new)
+
+    def _store(
+        self,
+        keys: list[bytes],
+        value: Callable[[int], np.ndarray],
+        parent: bytes | None,
+        chain: int,
+        decoded: bool = False,
+    ) -> None:
         """Queue a chain of blocks for the writer, below `parent`; `chain`: blocks from the root.
         Until written, prefills read them from memory (`_pending`)."""
-        blocks = [functools.partial(value, i) for i in range(len(keys))]
+        blocks = [(functools.partial(value, i), decoded) for i in range(len(keys))]
         with self._pending_lock:
             for key, block in zip(keys, blocks, strict=True):
-                self._pending.setdefault(key, block)
+                if key not in self._pending or (self._pending[key][1] and not decoded):
+                    self._pending[key] = block
 
         def job(store: PrefixStore, events: EventSink) -> None:
             # In transactions of PUT_BATCH blocks (~11 MB, ~15 ms), pausing between them for
@@ -154,7 +187,7 @@ class PrefillEngine:
                     if start:
                         self.writer.pause()
                     batch = keys[start : start + PUT_BATCH]
-                    if not store.put(batch, _shifted(value, start), events, below):
+                    if not store.put(batch, _shifted(value, start), events, below, decoded):
                         return
                     below = batch[-1]
                 self.reserve(chain * self.block_size)  # the next request reads them at once
@@ -183,14 +216,18 @@ class PrefillEngine:
         assert past is not None
         return logits, past
 
-    def _cached_past(self, keys: list[bytes], prompt_len: int) -> tuple[KVCache | None, int, int]:
+    def _cached_past(
+        self, keys: list[bytes], prompt_len: int, decoded: bool = False
+    ) -> tuple[KVCache | None, int, int]:
         """KV of the longest stored prefix, capped one token short of the prompt: the last prompt
-        token always runs through the model, for the logits of the first new token."""
-        n = self.store.cached_blocks(keys)
+        token always runs through the model, for the logits of the first new token. decoded: a
+        resumption's, taking a decode node's blocks too (else the prefix stops before them)."""
+        n = self.store.cached_blocks(keys, decoded)
         queued: list[Callable[[], np.ndarray]] = []
         with self._pending_lock:  # the chain goes on in blocks still queued for the writer
             for key in keys[n:]:
-                if (block := self._pending.get(key)) is None:
+                block, made_by_decode = self._pending.get(key, (None, False))
+                if block is None or (made_by_decode and not decoded):
                     break
                 queued.append(block)
         if n + len(queued) == 0:

@@ -37,6 +37,11 @@ class PrefillMetrics:
             "Decode nodes' KV blocks (replies) queued for the store",
             registry=r,
         )
+        self.recomputed = Counter(
+            "kvmesh_prefill_recomputed_blocks",
+            "Written-back blocks a decode node made with other numerics, recomputed by this exact prefill",
+            registry=r,
+        )
         self.evictions = Counter("kvmesh_prefix_store_evictions", "Blocks evicted or dropped", registry=r)
         self.faults = Counter(
             "kvmesh_prefill_faults",

@@ -8,20 +8,26 @@ job's included); when it is full, a group holding less than an equal share of th
 by refusing the newest waiting jobs of the groups holding more than theirs (RESOURCE_EXHAUSTED: the
 proxy tries another node or tells its client), so one tenant filling the queue cannot lock the
 others out of it. With one tenant it is the FIFO it replaces.
+
+Background work (recomputing a finished reply's blocks exactly) runs only when no job waits, a
+piece at a time, so a prompt arriving waits for at most one piece of it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter, deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from kvmesh.errors import ResourceExhausted
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+BACKGROUND_LIMIT = 1024  # pieces of background work queued; beyond, new work is dropped
 
 
 @dataclass(eq=False)
@@ -47,11 +53,17 @@ class FairQueue:
         self._held: Counter[bytes] = Counter()  # tokens per group, waiting or running
         self._jobs: Counter[bytes] = Counter()  # jobs per group, waiting or running
         self._busy: _Job | None = None  # given the model thread (running, or about to)
+        self._background: deque[Callable[[], bool]] = deque()
         self.tokens = 0  # held in all: what admission and load reports count
 
     @property
     def running(self) -> int:
         return int(self._busy is not None)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing running, waiting, or queued in the background."""
+        return self._busy is None and not self._waiting and not self._background
 
     async def run(self, group: bytes, tokens: int, fn: Callable[[], T]) -> T:
         job = self._admit(group, tokens)
@@ -108,9 +120,23 @@ class FairQueue:
                 ResourceExhausted(f"prefill queue full: its tenant held more than its share of {share} tokens")
             )
 
+    def background(self, piece: Callable[[], bool]) -> bool:
+        """Run piece() on the model thread when no job waits, again (at the back of the line) as
+        long as it returns True. -> False: the backlog is full, not queued."""
+        if len(self._background) >= BACKGROUND_LIMIT:
+            return False
+        self._background.append(piece)
+        self._dispatch()
+        return True
+
     def _dispatch(self) -> None:
-        """Give the model thread, if free, to the oldest job of the group served least recently."""
-        if self._busy is not None or not self._waiting:
+        """Give the model thread, if free, to the oldest job of the group served least recently,
+        or with none waiting to the next piece of background work."""
+        if self._busy is not None:
+            return
+        if not self._waiting:
+            if self._background:
+                self._run_background(self._background.popleft())
             return
         group = min(self._waiting, key=self._stamp.__getitem__)  # ties: the first to arrive
         jobs = self._waiting[group]
@@ -125,6 +151,21 @@ class FairQueue:
             self._busy = None
             self._release(job)
             self._dispatch()
+
+    def _run_background(self, piece: Callable[[], bool]) -> None:
+        job = self._busy = _Job(b"", 0)  # holds the thread; no tokens, in no group's share
+        loop = asyncio.get_running_loop()
+
+        def finished(done: Future[bool]) -> None:
+            if done.exception() is not None:
+                log.error("background work on the model thread failed", exc_info=done.exception())
+            elif done.result():
+                self._background.append(piece)
+            if self._busy is job:
+                self._busy = None
+                self._dispatch()
+
+        self._thread.submit(piece).add_done_callback(lambda done: loop.call_soon_threadsafe(finished, done))
 
     def _unqueue(self, job: _Job) -> None:
         jobs = self._waiting[job.group]

@@ -98,14 +98,21 @@ class PrefillServicer:
         header = await _header(it)
         layout, tokens = layout_from_pb(header.kv.layout), list(header.tokens)
         self.node.check_store(header.kv.model_fingerprint, layout, tokens, header.first_block)
-        check_sizes(layout, header.kv.total_bytes, header.kv.chunk_count)
-        assembler = Assembler(layout, header.kv.chunk_count)
-        async for request in it:
-            if not request.HasField("chunk"):
-                raise DataLoss("a second header inside a StoreKV stream")
-            c = request.chunk
-            assembler.add(Chunk(c.index, c.offset, c.data, c.checksum))
-        blocks = await self.node.store_kv(tokens, header.cache_salt, header.first_block, assembler.finish())
+        kv = None
+        if not (header.last and layout.tokens == 0 and header.kv.chunk_count == 0):  # else: just "it is over"
+            check_sizes(layout, header.kv.total_bytes, header.kv.chunk_count)
+            assembler = Assembler(layout, header.kv.chunk_count)
+            async for request in it:
+                if not request.HasField("chunk"):
+                    raise DataLoss("a second header inside a StoreKV stream")
+                c = request.chunk
+                assembler.add(Chunk(c.index, c.offset, c.data, c.checksum))
+            kv = assembler.finish()
+        elif await anext(it, None) is not None:
+            raise DataLoss("a StoreKV header without KV is followed by chunks")
+        blocks = await self.node.store_kv(
+            tokens, header.cache_salt, header.first_block, kv, header.decoded, header.last
+        )
         return prefill_pb2.StoreKVResponse(blocks=blocks)
 
 

@@ -3,7 +3,7 @@
 Sub-databases of one LMDB environment:
   info      fingerprint, layout, block size, total value bytes
   blocks    key (16 B) -> the block's KV, fp32 C-order (layers, 2, kv_heads, block_size, head_dim)
-  meta      key -> parent key, value bytes, last access (ns), xxh3 checksum, pinned flag
+  meta      key -> parent key, value bytes, last access (ns), xxh3 checksum, flags (pinned, decoded)
   lru       last access (8 B big-endian) + key -> b"": the eviction order
   children  parent key -> child keys (dupsort): a block is evicted only when it has none
 
@@ -16,6 +16,7 @@ value is verified against its checksum on read anyway.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -38,6 +39,10 @@ from kvmesh.model.kv import KVLayout
 log = logging.getLogger(__name__)
 _META = struct.Struct("<16sQQQB")  # parent, size, last access ns, checksum, flags
 _PINNED = 1
+# The value is a decode node's KV made with other numerics than this node's prefill (int8
+# activations): a migrated sequence resumes from it, a prompt's lookup stops before it until the
+# block is recomputed exactly (stored KV of prompts stays what an exact prefill makes).
+_DECODED = 2
 _NO_PARENT = bytes(16)  # the parent of a chain's first block: the root, which is not stored
 EventSink = Callable[[str, list[bytes]], None]  # ("stored" | "evicted" | "pinned", keys)
 
@@ -65,16 +70,18 @@ class Meta:
     last_access: int
     checksum: int
     pinned: bool
+    decoded: bool = False
 
     def pack(self) -> bytes:
-        return _META.pack(self.parent, self.size, self.last_access, self.checksum, _PINNED if self.pinned else 0)
+        flags = (_PINNED if self.pinned else 0) | (_DECODED if self.decoded else 0)
+        return _META.pack(self.parent, self.size, self.last_access, self.checksum, flags)
 
     @staticmethod
     def unpack(raw: bytes | memoryview | None) -> Meta:
         if raw is None:
             raise KeyError("no metadata for a listed block")
         parent, size, last, checksum, flags = _META.unpack(bytes(raw))
-        return Meta(parent, size, last, checksum, bool(flags & _PINNED))
+        return Meta(parent, size, last, checksum, bool(flags & _PINNED), bool(flags & _DECODED))
 
 
 def _lru_key(last_access: int, key: bytes) -> bytes:
@@ -134,11 +141,13 @@ class PrefixStore:
 
     # ---- readers: any thread ----
 
-    def cached_blocks(self, keys: Sequence[bytes]) -> int:
-        """How many leading keys the store holds (no value is read)."""
+    def cached_blocks(self, keys: Sequence[bytes], decoded: bool = False) -> int:
+        """How many leading keys the store holds (no value is read); decoded: counting blocks a
+        decode node made with other numerics (a resumption's lookup), else stopping before them."""
         with self.env.begin(buffers=True) as txn:
             for i, key in enumerate(keys):
-                if txn.get(key, db=self.meta) is None:
+                raw = txn.get(key, db=self.meta)
+                if raw is None or (not decoded and Meta.unpack(raw).decoded):
                     return i
         return len(keys)
 
@@ -173,16 +182,23 @@ class PrefixStore:
         value_of: Callable[[int], np.ndarray],
         events: EventSink,
         parent: bytes | None = None,
+        decoded: bool = False,
     ) -> bool:
         """Store a chain of blocks below `parent` (None: the chain's root); value_of(i) gives block
-        i's KV, asked only for blocks not stored yet. Blocks already there are touched; a chain
-        whose parent is gone is not stored (never an orphan). -> whether the chain is all stored."""
+        i's KV, asked only for blocks not stored yet, or stored as `decoded` when these are exact
+        (replaced). Blocks already there are touched; a chain whose parent is gone is not stored
+        (never an orphan). -> whether the chain is all stored."""
         now = time.time_ns()
         with self.env.begin(write=True) as txn:
             if parent is not None and txn.get(parent, db=self.meta) is None:
                 return False
-            new = {k for k in keys if txn.get(k, db=self.meta) is None}
-            need = self.block_bytes * len(new)
+            stored = {k: Meta.unpack(raw) for k in keys if (raw := txn.get(k, db=self.meta)) is not None}
+            replaced = set() if decoded else {k for k, m in stored.items() if m.decoded}
+            for key in replaced:  # the exact value takes the decoded one's place, links kept
+                self._add_total(txn, -stored[key].size)
+                txn.delete(_lru_key(stored[key].last_access, key), db=self.lru)
+            new = {k for k in keys if k not in stored} | replaced
+            need = self.block_bytes * (len(new) - len(replaced))
             self._evict(txn, need, exclude={*keys, *([parent] if parent else [])}, events=events)
             if self._total(txn) + need > self.config.budget_bytes:
                 return False  # what is left is pinned or this chain's own ancestors
@@ -190,17 +206,27 @@ class PrefixStore:
             prev = parent
             for i, key in enumerate(keys):
                 if key in new:
-                    self._insert(txn, prev, key, value_of(i), now)
+                    pinned = key in replaced and stored[key].pinned
+                    self._insert(txn, prev, key, value_of(i), now, decoded, pinned)
                 prev = key
-        if new:
-            events("stored", [k for k in keys if k in new])
+        if added := [k for k in keys if k in new and k not in replaced]:
+            events("stored", added)
         return True
 
-    def _insert(self, txn: lmdb.Transaction, parent: bytes | None, key: bytes, value: np.ndarray, now: int) -> None:
+    def _insert(
+        self,
+        txn: lmdb.Transaction,
+        parent: bytes | None,
+        key: bytes,
+        value: np.ndarray,
+        now: int,
+        decoded: bool = False,
+        pinned: bool = False,
+    ) -> None:
         data = np.ascontiguousarray(value, dtype=self.layout.dtype).reshape(-1).view(np.uint8)
         if data.size != self.block_bytes:
             raise InvalidArgument(f"a block value must be {self.block_bytes} bytes, not {data.size}")
-        meta = Meta(parent or _NO_PARENT, data.size, now, xxhash.xxh3_64_intdigest(data.data), False)
+        meta = Meta(parent or _NO_PARENT, data.size, now, xxhash.xxh3_64_intdigest(data.data), pinned, decoded)
         txn.put(key, data.data, db=self.blocks)
         txn.put(key, meta.pack(), db=self.meta)
         txn.put(_lru_key(now, key), b"", db=self.lru)
@@ -216,7 +242,7 @@ class PrefixStore:
             meta = Meta.unpack(raw)
             txn.delete(_lru_key(meta.last_access, key), db=self.lru)
             txn.put(_lru_key(now, key), b"", db=self.lru)
-            txn.put(key, Meta(meta.parent, meta.size, now, meta.checksum, meta.pinned).pack(), db=self.meta)
+            txn.put(key, dataclasses.replace(meta, last_access=now).pack(), db=self.meta)
 
     def pin(self, keys: Sequence[bytes], events: EventSink) -> int:
         """Mark stored blocks pinned (never evicted). -> how many leading keys are pinned."""
@@ -228,7 +254,7 @@ class PrefixStore:
                     return i
                 m = Meta.unpack(raw)
                 if not m.pinned:
-                    txn.put(key, Meta(m.parent, m.size, m.last_access, m.checksum, True).pack(), db=self.meta)
+                    txn.put(key, dataclasses.replace(m, pinned=True).pack(), db=self.meta)
                     self._add(txn, b"pinned_blocks", 1)
         events("pinned", list(keys))
         return len(keys)

@@ -59,6 +59,11 @@ SEEDS = [
         )
     ),
     prefill_pb2.StoreKVRequest(chunk=kv_pb2.KVChunk(index=0, data=b"x" * 64)),
+    prefill_pb2.StoreKVRequest(  # "it is over", no KV, yet chunks may follow
+        header=prefill_pb2.StoreKVHeader(
+            tokens=[5] * 32, first_block=2, last=True, decoded=True, kv=kv_pb2.KVHeader(layout=kv_pb2.KVLayout(dtype=1))
+        )
+    ),
 ]
 
 

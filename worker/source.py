@@ -30,8 +30,7 @@ class LocalPrefill:
         return info, PendingKV(handed_over, lambda: None)
 
     async def store(self, job: StoreJob) -> int:
-        assert job.kv is not None, "a sequence's end marker is not sent"
-        return await self.node.store_kv(job.tokens, job.salt, job.first_block, job.kv)
+        return await self.node.store_kv(job.tokens, job.salt, job.first_block, job.kv, job.decoded, job.last)
 
     async def close(self) -> None:
         await self.node.close()

@@ -311,11 +311,22 @@ class StoreKVHeader(_message.Message):
     CACHE_SALT_FIELD_NUMBER: _builtins.int
     FIRST_BLOCK_FIELD_NUMBER: _builtins.int
     KV_FIELD_NUMBER: _builtins.int
+    DECODED_FIELD_NUMBER: _builtins.int
+    LAST_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     cache_salt: _builtins.bytes
     """as in the PrefillRequest that served its prompt"""
     first_block: _builtins.int
     """the KV sent starts at this block of `tokens` (the blocks before: stored already)"""
+    decoded: _builtins.bool
+    """The KV was made by decode steps whose numerics differ from the prefill's (int8 activations):
+    stored for a migrated sequence to resume from, not for prompts to reuse, until the prefill
+    node has recomputed those blocks exactly.
+    """
+    last: _builtins.bool
+    """The sequence is over: no more of its blocks follow, and its decoded blocks are recomputed in
+    the background. A last header may carry no KV (layout tokens 0, chunk_count 0, no chunks).
+    """
     @_builtins.property
     def tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """the sequence's tokens from its first; the KV sent ends at their last full block"""
@@ -332,10 +343,12 @@ class StoreKVHeader(_message.Message):
         cache_salt: _builtins.bytes = ...,
         first_block: _builtins.int = ...,
         kv: _kv_pb2.KVHeader | None = ...,
+        decoded: _builtins.bool = ...,
+        last: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["kv", b"kv"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_salt", b"cache_salt", "first_block", b"first_block", "kv", b"kv", "request_id", b"request_id", "tokens", b"tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_salt", b"cache_salt", "decoded", b"decoded", "first_block", b"first_block", "kv", b"kv", "last", b"last", "request_id", b"request_id", "tokens", b"tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -38,13 +38,15 @@ def make_engine(tiny_fp32: ModelFolder, tmp_path: Path) -> Iterator[EngineFactor
         busy: bool = False,  # the node never quiet: writes wait their longest (a minute)
         turns: Turns | None = None,
         chunk_tokens: int = 0,
+        reuse_decoded: bool = False,
     ) -> tuple[PrefillEngine, Events]:
         config = StoreConfig(path or tmp_path / "store", budget_bytes=budget_bytes, block_size=BLOCK)
         store = PrefixStore(config, fingerprint or tiny_fp32.fingerprint, runner.layout)
         events = Events()
         writer = StoreWriter(store, events, lambda: not busy, max_wait_s=60.0 if busy else 0.5)
         opened.append((store, writer))
-        engine = PrefillEngine(runner, store, writer, fingerprint or tiny_fp32.fingerprint, cache, turns, chunk_tokens)
+        fp = fingerprint or tiny_fp32.fingerprint
+        engine = PrefillEngine(runner, store, writer, fp, cache, turns, chunk_tokens, reuse_decoded)
         return engine, events
 
     yield make

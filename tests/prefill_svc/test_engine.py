@@ -7,6 +7,7 @@ import pytest
 
 from kvmesh.errors import InvalidArgument, ModelError
 from kvmesh.model.folder import ModelFolder
+from kvmesh.model.kv import KVCache
 from kvmesh.model.runner import ModelRunner, RunnerConfig
 from kvmesh.sampling import SamplingParams
 from prefill_svc.engine import PUT_BATCH, PrefillEngine, PrefillOutcome
@@ -297,3 +298,61 @@ def test_turns_alternate_when_both_sides_wait() -> None:
     for t in threads:
         t.join(10)
     assert order == ["prefill", "decode"] * 4
+
+
+def _decoded_reply(engine: PrefillEngine) -> tuple[PrefillOutcome, KVCache]:
+    """PROMPT's first 3 blocks stored by a prefill, then blocks 3-4 written back as a decode node
+    with other numerics would (here: the exact KV + 0.5, so the two are told apart)."""
+    exact = engine.prefill(PROMPT, GREEDY)
+    engine.writer.submit(lambda store, events: store.drop(engine.keys(PROMPT, b"")[3], events))
+    _settle(engine)
+    s = slice(3 * BLOCK, 5 * BLOCK)
+    made = KVCache([k[:, :, s] + 0.5 for k in exact.kv.keys], [v[:, :, s] + 0.5 for v in exact.kv.values])
+    assert engine.store_kv(PROMPT[: 5 * BLOCK], b"", 3, made, decoded=True) == 2
+    _settle(engine)
+    return exact, made
+
+
+def test_a_decode_nodes_blocks_serve_a_resumption_not_a_prompt(make_engine: EngineFactory) -> None:
+    """Blocks a decode node made with other numerics (int8 activations) are where a migrated
+    sequence resumes from (its KV as its decode steps made it), but a prompt's lookup stops before
+    them and computes them exactly, and that exact KV takes their place in the store."""
+    engine, events = make_engine()
+    exact, made = _decoded_reply(engine)
+    assert engine.store.cached_blocks(engine.keys(PROMPT, b"")) == 3
+    assert engine.store.cached_blocks(engine.keys(PROMPT, b""), decoded=True) == 5
+    resumed = engine.prefill(PROMPT, GREEDY, replay=4)  # prompt: the first 40 tokens
+    assert resumed.cached_tokens == 5 * BLOCK
+    np.testing.assert_array_equal(resumed.kv.keys[0][:, :, 3 * BLOCK :], made.keys[0])
+    assert engine.uncached_tokens(PROMPT, b"") == len(PROMPT) - 3 * BLOCK
+    again = engine.prefill(PROMPT, GREEDY)
+    assert again.cached_tokens == 3 * BLOCK
+    _same(again, exact)
+    _settle(engine)  # its blocks 3-4, exact, replaced the decoded ones
+    assert engine.store.cached_blocks(engine.keys(PROMPT, b"")) == 5
+    assert engine.prefill(PROMPT, GREEDY).cached_tokens == 5 * BLOCK
+    stored = [keys for kind, keys in events.log if kind == "stored"]
+    assert sum(len(k) for k in stored) == 5 + 2  # the write-back announced; the replacement not again
+
+
+def test_a_finished_replys_blocks_are_recomputed_exactly(make_engine: EngineFactory) -> None:
+    engine, _ = make_engine()
+    exact, _ = _decoded_reply(engine)
+    full = PROMPT[: 5 * BLOCK]
+    assert engine.recompute(full, b"", max_tokens=BLOCK) == 1  # a piece at a time
+    _settle(engine)
+    assert engine.recompute(full, b"", max_tokens=256) == 1
+    _settle(engine)
+    assert engine.recompute(full, b"", max_tokens=256) == 0  # nothing left
+    warm = engine.prefill(PROMPT, GREEDY)
+    assert warm.cached_tokens == 5 * BLOCK
+    _same(warm, exact)
+    assert engine.recompute([1] * 2 * BLOCK, b"", 256) == 0  # a chain not stored: nothing
+
+
+def test_reusing_decoded_blocks_is_one_setting_away(make_engine: EngineFactory) -> None:
+    engine, _ = make_engine(reuse_decoded=True)
+    _, made = _decoded_reply(engine)
+    hit = engine.prefill(PROMPT, GREEDY)
+    assert hit.cached_tokens == 5 * BLOCK and engine.uncached_tokens(PROMPT, b"") == len(PROMPT) - 5 * BLOCK
+    np.testing.assert_array_equal(hit.kv.keys[0][:, :, 3 * BLOCK : 5 * BLOCK], made.keys[0])

@@ -415,9 +415,12 @@ def test_one_tenants_flood_leaves_room_for_another(tiny_fp32: ModelFolder, serve
         proxy.stop()
 
 
-def _three_turns(client: Client, session: str, edit: bool = False) -> list[tuple[str, int, int, int]]:
-    """A chat of three turns; edit: the client changes the first reply before sending it back.
-    -> per turn (reply, prompt tokens, cached tokens, completion tokens)."""
+def _three_turns(
+    client: Client, session: str, edit: bool = False, between: Callable[[], None] = lambda: None
+) -> list[tuple[str, int, int, int]]:
+    """A chat of three turns; edit: the client changes the first reply before sending it back;
+    between: called after each turn (the user thinking). -> per turn (reply, prompt tokens, cached
+    tokens, completion tokens)."""
     history = [{"role": "system", "content": "Be brief."}]  # the tiny model's context is 256 tokens
     out = []
     for turn in range(3):
@@ -428,6 +431,7 @@ def _three_turns(client: Client, session: str, edit: bool = False) -> list[tuple
         out.append((reply.text, usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens))
         text = reply.text + (" (edited)" if edit and turn == 0 else "")
         history.append({"role": "assistant", "content": text})
+        between()
     return out
 
 
@@ -462,6 +466,62 @@ def test_the_whole_conversation_stays_cached(
         plain.stop()
     assert [t[0] for t in turns] == [t[0] for t in baseline]
     assert all(t[2] == 0 for t in baseline)
+
+
+@pytest.mark.parametrize("shape", ["disaggregated", "worker"])
+def test_replies_made_with_int8_decode_steps_are_stored_as_an_exact_prefill_makes_them(
+    tiny_int4_dec4: ModelFolder, servers: MakeServer, shape: str
+) -> None:
+    """Decode steps with int8 activations (the default numerics) make a reply's KV unlike an exact
+    prefill's; the prefill node recomputes a finished reply's blocks exactly between prompts, so
+    the next turn (after the user's pause) finds the whole previous turn cached, and its KV, and so
+    its greedy text, is what a cluster without a store computes."""
+    import time
+
+    folder = tiny_int4_dec4
+
+    def proxy_of(prefill: list[str], decode: list[str], worker: list[str]) -> ServerThread:
+        config = ProxyConfig(
+            model=folder.path,
+            port=0,
+            http_port=0,
+            prefill=tuple(prefill),
+            decode=tuple(decode),
+            worker=tuple(worker),
+            block_size=8,
+            drain_seconds=1.0,
+        )
+        proxy = ServerThread(lambda: ProxyServer(config))
+        assert proxy.call(proxy.server.node.backends.wait_healthy(20))
+        return proxy
+
+    if shape == "worker":
+        w = servers("worker", folder, slot_tokens=250)
+        node, proxy = w.server.prefill, proxy_of([], [], [w.address])
+    else:
+        p, d = servers("prefill", folder), servers("decode", folder, slot_tokens=250)
+        node, proxy = p.server.node, proxy_of([p.address], [d.address], [])
+
+    def pause() -> None:  # until the prefill node has nothing left to write or recompute
+        deadline = time.monotonic() + 20
+        while not (node.queue.idle and node.writer.pending == 0) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    try:
+        turns = _three_turns(Client(proxy.address), "chat-int8", between=pause)
+    finally:
+        proxy.stop()
+    assert node.metrics.registry.get_sample_value("kvmesh_prefill_recomputed_blocks_total") > 0
+    for (_, prev_prompt, _, prev_made), (_, prompt, cached, _) in itertools.pairwise(turns):
+        new = prompt - prev_prompt - prev_made
+        assert prompt - cached <= new + 8, (prompt, cached, new)
+    plain_p = servers("prefill", folder, prefix_cache=False)
+    plain = proxy_of([plain_p.address], [servers("decode", folder, slot_tokens=250).address], [])
+    try:
+        baseline = _three_turns(Client(plain.address), "chat-int8")
+    finally:
+        plain.stop()
+    assert [t[0] for t in turns] == [t[0] for t in baseline]
 
 
 def test_an_edited_history_still_gets_its_longest_correct_prefix(cluster: Callable[..., ServerThread]) -> None:
