@@ -4,17 +4,22 @@ Workload: --sessions chats at once (4), each --turns turns (5): one shared --sys
 prompt (2,000), a --user-tokens user message per turn (100, different in every turn and session),
 greedy replies of exactly --reply-tokens each (64 and 512; EOS ignored), the reply's text sent back
 as the assistant turn, as a chat client does. kvmesh: the local cluster in the shape `kvmesh up`
-picks for this machine (or --shape), a fresh KVMESH_HOME (empty store) per configuration, with the
-proxy's reply write-back on and off (KVMESH_PROXY_WRITE_BACK), their order alternating by reply
-length. Per turn the proxy's usage: prompt tokens, cached tokens (what the store supplied),
-computed = prompt - cached; new = the tokens after the previous turn's prompt and reply (the user
-message and the template's markers); TTFT at the client. The decode side's resident memory (the
-decode or worker processes' VmRSS): at rest after start, its peak while the sessions run, after.
+picks for this machine (or --shape), a fresh KVMESH_HOME (empty store) per configuration: the
+proxy's reply write-back off (KVMESH_PROXY_WRITE_BACK=0), on with the default `--reply-kv exact`
+(the prefill side recomputes a finished reply's blocks exactly, between prompts, so the next turn
+reads what an exact prefill makes), and on with `--reply-kv decoded` (the decode steps' own KV, int8
+activations, reused as is); their order rotating by reply length. --think-s: the user's pause
+between a reply and the next turn (0: the next turn at once, the exact recompute's worst case). Per
+turn the proxy's usage: prompt tokens, cached tokens (what the store supplied), computed = prompt -
+cached; new = the tokens after the previous turn's prompt and reply (the user message and the
+template's markers); TTFT at the client. The decode side's resident memory (the decode or worker
+processes' VmRSS): at rest after start, its peak while the sessions run, after.
 
 Targets (the issue's): computed per later turn <= new + 16 with write-back; TTFT of turns 2-5 with
-write-back <= 0.7x without at 512-token replies.
+write-back <= 0.7x without at 512-token replies. Also: turns whose reply text equals the run without
+write-back (greedy: the same KV gives the same text).
 
-  python bench/multiturn.py [--reply-tokens 64 512] [--json out.json]
+  python bench/multiturn.py [--reply-tokens 64 512] [--think-s 0] [--json out.json]
 """
 
 from __future__ import annotations
@@ -73,8 +78,11 @@ class Peak(threading.Thread):
         return self.peak
 
 
+MODES = ("off", "exact", "decoded")  # write-back off; on, the reply KV recomputed exactly or as decoded
+
+
 async def _session(
-    client: AsyncClient, name: str, system: str, users: list[str], reply_tokens: int
+    client: AsyncClient, name: str, system: str, users: list[str], reply_tokens: int, think_s: float
 ) -> list[dict[str, Any]]:
     history = [{"role": "system", "content": system}]
     turns: list[dict[str, Any]] = []
@@ -95,15 +103,19 @@ async def _session(
             }
         )
         history.append({"role": "assistant", "content": text})
+        if i + 1 < len(users):
+            await asyncio.sleep(think_s)
     for prev, turn in itertools.pairwise(turns):
         turn["new"] = turn["prompt"] - prev["prompt"] - prev["completion"]
     return turns
 
 
-def run_config(args: argparse.Namespace, write_back: bool, reply_tokens: int, texts: dict[str, Any]) -> dict[str, Any]:
+def run_config(args: argparse.Namespace, mode: str, reply_tokens: int, texts: dict[str, Any]) -> dict[str, Any]:
     home = Path(tempfile.mkdtemp(prefix="kvmesh-multiturn-"))
     os.environ["KVMESH_HOME"] = str(home)
-    os.environ["KVMESH_PROXY_WRITE_BACK"] = "1" if write_back else "0"
+    os.environ["KVMESH_PROXY_WRITE_BACK"] = "0" if mode == "off" else "1"
+    for service in ("PREFILL", "WORKER"):
+        os.environ[f"KVMESH_{service}_REPLY_KV"] = "decoded" if mode == "decoded" else "exact"
     spec = cluster_spec(args)
     procs = cluster.up(spec)
     decode_pids = [p.pid for p in procs if p.kind in ("decode", "worker")]
@@ -117,7 +129,7 @@ def run_config(args: argparse.Namespace, write_back: bool, reply_tokens: int, te
             try:
                 return await asyncio.gather(
                     *(
-                        _session(client, f"s{i}", texts["system"], texts["users"][i], reply_tokens)
+                        _session(client, f"s{i}", texts["system"], texts["users"][i], reply_tokens, args.think_s)
                         for i in range(args.sessions)
                     )
                 )
@@ -135,7 +147,7 @@ def run_config(args: argparse.Namespace, write_back: bool, reply_tokens: int, te
     computed = [t["prompt"] - t["cached"] for t in later]
     excess = [t["prompt"] - t["cached"] - t["new"] for t in later]
     return {
-        "write_back": write_back,
+        "mode": mode,
         "reply_tokens": reply_tokens,
         "shape": cluster.describe(spec),
         "turns": per_session,
@@ -159,6 +171,7 @@ def main() -> None:
     ap.add_argument("--system-tokens", type=int, default=2000)
     ap.add_argument("--user-tokens", type=int, default=100)
     ap.add_argument("--reply-tokens", type=int, nargs="+", default=[64, 512])
+    ap.add_argument("--think-s", type=float, default=0.0, help="pause between a reply and the next turn")
     ap.add_argument("--model", type=Path, default=None, help="model folder (default: the prepared SmolLM2 int4)")
     ap.add_argument("--shape", help="kvmesh's cluster as `kvmesh up` flags, e.g. '--prefill 1 --decode 1'")
     ap.add_argument("--port", type=int, default=0, help="the proxy's port (0: a free block)")
@@ -177,20 +190,20 @@ def main() -> None:
     }
     results = []
     for i, reply in enumerate(args.reply_tokens):
-        for write_back in (True, False) if i % 2 == 0 else (False, True):
-            r = run_config(args, write_back, reply, texts)
-            print(f"reply {reply}, write-back {'on' if write_back else 'off'}: {r['wall_s']:.0f} s", file=sys.stderr)
+        for mode in MODES[i % 3 :] + MODES[: i % 3]:
+            r = run_config(args, mode, reply, texts)
+            print(f"reply {reply}, write-back {mode}: {r['wall_s']:.0f} s", file=sys.stderr)
             results.append(r)
     print(
         f"\n{args.sessions} sessions x {args.turns} turns, {args.system_tokens}-token system prompt, "
-        f"{args.user_tokens}-token user messages; shape: {results[0]['shape']}"
+        f"{args.user_tokens}-token user messages, {args.think_s:g} s between turns; shape: {results[0]['shape']}"
     )
     rows = []
     for r in results:
         rows.append(
             [
                 r["reply_tokens"],
-                "on" if r["write_back"] else "off",
+                r["mode"],
                 round(r["computed_later_mean"], 1),
                 round(r["new_later_mean"], 1),
                 r["excess_later_max"],
@@ -218,28 +231,26 @@ def main() -> None:
         ],
         rows,
     )
-    ratios = {}
+    ratios: dict[str, dict[str, float]] = {}
     for reply in args.reply_tokens:
-        on = next(r for r in results if r["reply_tokens"] == reply and r["write_back"])
-        off = next(r for r in results if r["reply_tokens"] == reply and not r["write_back"])
-        ratios[reply] = {
-            "ttft_later_p50": on["ttft_later_p50_s"] / off["ttft_later_p50_s"] if off["ttft_later_p50_s"] else 0.0,
-            "ttft_later_p99": on["ttft_later_p99_s"] / off["ttft_later_p99_s"] if off["ttft_later_p99_s"] else 0.0,
-            "computed_later": on["computed_later_mean"] / off["computed_later_mean"]
-            if off["computed_later_mean"]
-            else 0.0,
-            # replies turn by turn, on and off: the reused reply KV is the decode steps' (int8
-            # activations on int4 folders), a turn without write-back recomputes it exactly
-            "same_text_turns": sum(
-                a["text"] == b["text"]
-                for sa, sb in zip(on["turns"], off["turns"], strict=True)
-                for a, b in zip(sa, sb, strict=True)
-            ),
-            "turns": sum(len(s) for s in on["turns"]),
-        }
+        off = next(r for r in results if r["reply_tokens"] == reply and r["mode"] == "off")
+        for mode in MODES[1:]:
+            on = next(r for r in results if r["reply_tokens"] == reply and r["mode"] == mode)
+            ratios[f"{reply} {mode}"] = {
+                "ttft_later_p50": _ratio(on["ttft_later_p50_s"], off["ttft_later_p50_s"]),
+                "ttft_later_p99": _ratio(on["ttft_later_p99_s"], off["ttft_later_p99_s"]),
+                "computed_later": _ratio(on["computed_later_mean"], off["computed_later_mean"]),
+                # greedy replies turn by turn against write-back off (every turn computed exactly)
+                "same_text_turns": sum(
+                    a["text"] == b["text"]
+                    for sa, sb in zip(on["turns"], off["turns"], strict=True)
+                    for a, b in zip(sa, sb, strict=True)
+                ),
+                "turns": sum(len(s) for s in on["turns"]),
+            }
     print("\nwrite-back on / off (target at 512-token replies: TTFT of turns 2+ <= 0.7; computed <= new + 16)")
     table(
-        ["reply", "TTFT2+ p50", "TTFT2+ p99", "computed/turn", "same reply text (turns)"],
+        ["reply, reply KV", "TTFT2+ p50", "TTFT2+ p99", "computed/turn", "same reply text (turns)"],
         [
             [
                 k,
@@ -253,6 +264,10 @@ def main() -> None:
     )
     if args.json:
         args.json.write_text(json.dumps({"results": results, "on_over_off": ratios}, indent=2) + "\n")
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else 0.0
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ def test_multiturn(real_int4: ModelFolder, tmp_path: Path) -> None:
     stdout, report = _bench("multiturn.py", tmp_path, *sizes)
     assert "write-back on / off" in stdout
     results = report["results"]
-    assert {(r["reply_tokens"], r["write_back"]) for r in results} == {(16, True), (16, False)}  # type: ignore[attr-defined]
+    assert {(r["reply_tokens"], r["mode"]) for r in results} == {(16, m) for m in ("off", "exact", "decoded")}  # type: ignore[attr-defined]
     assert all(len(s) == 2 for r in results for s in r["turns"])  # type: ignore[attr-defined]
 
 
