@@ -29,6 +29,13 @@ FIELDS = (
     "code",
     "healthy",
     "error",
+    "why",
+    "migration",
+    "tokens_sent",
+    "replay_tokens",
+    "bad_blocks",
+    "blocks",
+    "sequence_tokens",
 )
 
 

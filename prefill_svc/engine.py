@@ -150,6 +150,8 @@ class PrefillEngine:
         (a finished sequence's reply: the next turn reads what a prefill would make). -> blocks
         computed; 0: nothing left to recompute (or the chain is gone: its blocks were evicted)."""
         keys = self.lookup_keys(tokens, salt)
+        if self.store.cached_blocks(keys) == len(keys):  # a next turn computed them: no past to read
+            return 0
         past, cached, _ = self._cached_past(keys, len(tokens) + 1)
         done = cached // self.block_size
         if done == len(keys) or (done == 0 and self.store.cached_blocks(keys[:1], decoded=True) == 0):

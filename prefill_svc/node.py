@@ -36,6 +36,10 @@ SNAPSHOT_BATCH = 4096
 # A finished reply's blocks are recomputed this many tokens at a time, between prompts: one that
 # arrives meanwhile waits for one piece (~0.2 s on 2 cores after a 2,500-token past), not all.
 RECOMPUTE_TOKENS = 256
+# ... and only this long after the sequence ended: a next turn sent at once (a program's, not a
+# person's) computes those blocks itself, ahead of the recompute instead of waiting behind it (at
+# once, bench/multiturn.py's next turns missed their first-token deadline and were retried).
+RECOMPUTE_AFTER_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,7 @@ class PrefillNode:
         self.engine: PrefillEngine | None = None
         self.node_id = config.node_id
         self._serving = 0
+        self._later: set[asyncio.TimerHandle] = set()  # recomputes not yet queued
         self.draining = False  # new prefills refused (UNAVAILABLE: the caller retries elsewhere)
         self._lookup = self._hits = 0
 
@@ -216,13 +221,26 @@ class PrefillNode:
             engine, full = self.engine, list(tokens[: len(tokens) // self.config.block_size * self.config.block_size])
 
             def piece() -> bool:
+                start = time.perf_counter()
                 done = engine.recompute(full, salt, RECOMPUTE_TOKENS)
-                self.metrics.recomputed.inc(done)
+                if done:
+                    self.metrics.recomputed.inc(done)
+                    ms = round((time.perf_counter() - start) * 1000, 1)
+                    log.info("recomputed", extra={"blocks": done, "sequence_tokens": len(full), "compute_ms": ms})
                 return done > 0
 
-            if not self.queue.background(piece):
-                log.warning("recompute backlog full: a reply's blocks stay as its decode node made them")
+            def queue() -> None:
+                self._later.discard(timer)
+                if not self.queue.background(piece):
+                    log.warning("recompute backlog full: a reply's blocks stay as its decode node made them")
+
+            timer = asyncio.get_running_loop().call_later(RECOMPUTE_AFTER_S, queue)
+            self._later.add(timer)
         return blocks
+
+    def settled(self) -> bool:
+        """Nothing left to run, recompute or write (what a test waits for between turns)."""
+        return not self._later and self.queue.idle and (self.writer is None or self.writer.pending == 0)
 
     def idle(self) -> bool:
         """No prefill running and no KV stream in progress (what a drain waits for)."""
@@ -250,6 +268,8 @@ class PrefillNode:
                 yield event
 
     async def close(self) -> None:
+        for timer in self._later:
+            timer.cancel()
         self.queue.close()
         if self.writer is not None:
             self.writer.close()

@@ -502,9 +502,9 @@ def test_replies_made_with_int8_decode_steps_are_stored_as_an_exact_prefill_make
         p, d = servers("prefill", folder), servers("decode", folder, slot_tokens=250)
         node, proxy = p.server.node, proxy_of([p.address], [d.address], [])
 
-    def pause() -> None:  # until the prefill node has nothing left to write or recompute
+    def pause() -> None:  # the user thinks until the prefill node has nothing left to recompute
         deadline = time.monotonic() + 20
-        while not (node.queue.idle and node.writer.pending == 0) and time.monotonic() < deadline:
+        while not node.settled() and time.monotonic() < deadline:
             time.sleep(0.02)
 
     try:
