@@ -5,9 +5,9 @@ prompt (2,000), a --user-tokens user message per turn (100, different in every t
 greedy replies of exactly --reply-tokens each (64 and 512; EOS ignored), the reply's text sent back
 as the assistant turn, as a chat client does. kvmesh: the local cluster in the shape `kvmesh up`
 picks for this machine (or --shape), a fresh KVMESH_HOME (empty store) per configuration: the
-proxy's reply write-back off (KVMESH_PROXY_WRITE_BACK=0), on with the default `--reply-kv exact`
+proxy's reply write-back off (KVMESH_PROXY_WRITE_BACK=0), on with `--reply-kv exact`
 (the prefill side recomputes a finished reply's blocks exactly, between prompts, so the next turn
-reads what an exact prefill makes), and on with `--reply-kv decoded` (the decode steps' own KV, int8
+reads what an exact prefill makes), and on with `--reply-kv decoded` (the default: the decode steps' own KV, int8
 activations, reused as is); their order rotating by reply length. --think-s: the user's pause
 between a reply and the next turn (0: the next turn at once, the exact recompute's worst case). Per
 turn the proxy's usage: prompt tokens, cached tokens (what the store supplied), computed = prompt -

@@ -48,11 +48,11 @@ class PrefillConfig:
     )
 
     reply_kv: str = field(
-        default="exact",
+        default="decoded",
         metadata=doc(
-            "a written-back reply's KV for the next turn: exact (recomputed here in the background, "
-            "between prompts; a turn that comes first computes it) or decoded (the decode steps' own KV: "
-            "int8 activations, no recompute; a reply can then differ from an uncached run's)"
+            "a written-back reply's KV for the next turn: decoded (the decode steps' own KV, int8 "
+            "activations, reused as is; a reply can differ from an uncached run's) or exact (recomputed "
+            "here 1 s after the reply ends, between prompts; a turn that comes first computes it)"
         ),
     )
 

@@ -496,10 +496,10 @@ def test_replies_made_with_int8_decode_steps_are_stored_as_an_exact_prefill_make
         return proxy
 
     if shape == "worker":
-        w = servers("worker", folder, slot_tokens=250)
+        w = servers("worker", folder, slot_tokens=250, reply_kv="exact")
         node, proxy = w.server.prefill, proxy_of([], [], [w.address])
     else:
-        p, d = servers("prefill", folder), servers("decode", folder, slot_tokens=250)
+        p, d = servers("prefill", folder, reply_kv="exact"), servers("decode", folder, slot_tokens=250)
         node, proxy = p.server.node, proxy_of([p.address], [d.address], [])
 
     def pause() -> None:  # the user thinks until the prefill node has nothing left to recompute
