@@ -119,6 +119,9 @@ class DecodeNode:
         )
         self.runner = ModelRunner(self.folder, runner_config)
         log.info("decode numerics: %s", self.runner.decode_numerics)
+        # int8-activation decode steps: the KV they make is written back flagged, for resumptions
+        # (the prefill node may recompute a finished reply's blocks exactly for the next turn)
+        self._decoded_kv = self.runner.decode_numerics != self.runner.prefill_numerics
         self.tokenizer = ChatTokenizer(self.folder)
         self.capacity = min(config.slot_tokens or self.runner.max_context, self.runner.max_context)
         self.metrics = DecodeMetrics()
@@ -319,9 +322,7 @@ class DecodeNode:
         """A sequence's write-back, from the first block of its KV that the prefill node did not
         hold (`held` tokens came from it), a job per send; `stored` is set when the last is done."""
 
-        # int8-activation decode steps: their KV serves a resumption; the prefill node recomputes a
-        # finished reply's blocks for the next turn (stored KV of prompts stays an exact prefill's)
-        decoded = self.runner.decode_numerics != self.runner.prefill_numerics
+        decoded = self._decoded_kv
 
         def send(tokens: list[int], first: int, kv: KVCache | None) -> None:  # from the batcher thread
             if kv is not None:

@@ -146,10 +146,13 @@ class FairQueue:
             del self._waiting[group]
         job.turn.set_result(None)
 
-    def _finish(self, job: _Job) -> None:
+    def _finish(self, job: _Job, release: bool = True) -> None:
+        """The thread is free again; release: the job's tokens and place in its group (a piece of
+        background work holds neither)."""
         if self._busy is job:
             self._busy = None
-            self._release(job)
+            if release:
+                self._release(job)
             self._dispatch()
 
     def _run_background(self, piece: Callable[[], bool]) -> None:
@@ -161,9 +164,7 @@ class FairQueue:
                 log.error("background work on the model thread failed", exc_info=done.exception())
             elif done.result():
                 self._background.append(piece)
-            if self._busy is job:
-                self._busy = None
-                self._dispatch()
+            self._finish(job, release=False)
 
         self._thread.submit(piece).add_done_callback(lambda done: loop.call_soon_threadsafe(finished, done))
 
