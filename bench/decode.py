@@ -9,7 +9,7 @@ moment the last stream got its second token to the moment the first one finished
 Inter-token latency = gaps between a stream's tokens at the client. One warm-up, then --rounds
 rounds of every concurrency; medians, and "x 1 stream" pairs each round with its own 1 stream.
 Two decode nodes share the prefill node, one per decode numerics (--numerics): the default
-(int8 activations) and exact (fp32 activations, --exact-decode), each concurrency on both in turn.
+(int8 activations) and exact (fp32 activations, --decode-numerics exact), each concurrency on both in turn.
 --model takes another folder, e.g. one prepared with --exact-decode.
 
   python bench/decode.py [--concurrency 1 4 8 16] [--rounds 3] [--model DIR] [--json out.json]
@@ -38,7 +38,7 @@ from kvmesh.v1 import decode_pb2, decode_pb2_grpc, stream_pb2
 SIZES = {"prompt_tokens": 512, "shared_tokens": 496, "new_tokens": 128}
 MODEL = [default_model_dir("int4")]
 # decode node flags per numerics: the folder's default (int8 activations), and exact (fp32)
-NUMERICS = {"default": [], "exact": ["--exact-decode"]}
+NUMERICS = {"default": [], "exact": ["--decode-numerics", "exact"]}
 
 
 def prompts(n: int) -> list[list[int]]:

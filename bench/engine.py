@@ -50,7 +50,7 @@ def _runner(folder: Path, exact: bool = False) -> Any:
     from kvmesh.model.folder import ModelFolder
     from kvmesh.model.runner import ModelRunner, RunnerConfig
 
-    config = RunnerConfig(threads=THREADS, provider="cpu", use_decode_graph=not exact)
+    config = RunnerConfig(threads=THREADS, provider="cpu", decode_numerics="exact" if exact else "auto")
     return ModelRunner(ModelFolder.load(folder), config)
 
 

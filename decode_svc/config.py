@@ -19,9 +19,12 @@ class DecodeConfig:
     threads: int = field(default=2, metadata=doc("ONNX Runtime intra-op threads"))
     provider: str = field(default="auto", metadata=doc("execution provider: auto, cpu, cuda"))
     metrics_port: int = field(default=-1, metadata=doc("Prometheus port (-1: none, 0: any free port)"))
-    exact_decode: bool = field(
-        default=False,
-        metadata=doc("decode steps with fp32 activations (the exact graph) instead of the default int8 activations"),
+    decode_numerics: str = field(
+        default="auto",
+        metadata=doc(
+            "decode steps: int8 (activations, the folder's decode graph), exact (fp32 activations, as prefill), "
+            "auto (int8 where the CPU has AVX-512 VNNI, else exact)"
+        ),
     )
     slots: int = field(default=16, metadata=doc("sequences decoded together at most (the batch)"))
     slot_tokens: int = field(
@@ -63,5 +66,7 @@ class DecodeConfig:
             raise InvalidArgument("slots >= 1, slot_tokens 0 or >= 2 and max_waiting >= 0")
         if self.warm_tokens < 0 or self.kv_budget_tokens < 2:
             raise InvalidArgument("warm_tokens >= 0 and kv_budget_tokens >= 2")
+        if self.decode_numerics not in ("auto", "int8", "exact"):
+            raise InvalidArgument(f"decode_numerics must be auto, int8 or exact, not {self.decode_numerics!r}")
         if self.provider not in ("auto", "cpu", "cuda"):
             raise InvalidArgument(f"provider must be auto, cpu or cuda, not {self.provider!r}")

@@ -21,7 +21,7 @@ from kvmesh.errors import InvalidArgument, KvmeshError, ResourceExhausted, Unava
 from kvmesh.model.folder import ModelFolder
 from kvmesh.model.kv import KVCache
 from kvmesh.model.prepare import default_model_dir
-from kvmesh.model.runner import ModelRunner, Provider, RunnerConfig
+from kvmesh.model.runner import DecodeNumerics, ModelRunner, Provider, RunnerConfig
 from kvmesh.model.tokenizer import ChatTokenizer, StreamDecoder
 from kvmesh.model.turns import Turns
 from kvmesh.sampling import Sampler, SamplingParams, StopMatcher
@@ -114,11 +114,10 @@ class DecodeNode:
         self.config = config
         self.folder = ModelFolder.load(config.model or default_model_dir("int4"))
         provider = cast(Provider, config.provider)
-        runner_config = RunnerConfig(
-            threads=config.threads, provider=provider, use_decode_graph=not config.exact_decode
-        )
-        self.runner = ModelRunner(self.folder, runner_config)
-        log.info("decode numerics: %s", self.runner.decode_numerics)
+        numerics = cast(DecodeNumerics, config.decode_numerics)
+        self.runner = ModelRunner(self.folder, RunnerConfig(config.threads, provider, decode_numerics=numerics))
+        why = self.runner.why_exact_decode
+        log.info("decode numerics: %s%s", self.runner.decode_numerics, f" ({why})" if why else "")
         # int8-activation decode steps: the KV they make is written back flagged, for resumptions
         # (the prefill node may recompute a finished reply's blocks exactly for the next turn)
         self._decoded_kv = self.runner.decode_numerics != self.runner.prefill_numerics

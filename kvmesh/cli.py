@@ -60,9 +60,11 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         help="execution provider (KVMESH_PROVIDER)",
     )
     p.add_argument(
-        "--exact-decode",
-        action="store_true",
-        help="decode steps with fp32 activations (the exact graph) instead of the folder's int8-activation one",
+        "--decode-numerics",
+        choices=["auto", "int8", "exact"],
+        default=_env("DECODE_NUMERICS", "auto"),
+        help="decode steps: int8 (activations; the folder's decode graph), exact (fp32 activations, as prefill), "
+        "auto (int8 where the CPU has AVX-512 VNNI, else exact; KVMESH_DECODE_NUMERICS)",
     )
 
 

@@ -54,7 +54,7 @@ def _folder(args: argparse.Namespace) -> ModelFolder:
 
 
 def _runner(args: argparse.Namespace, folder: ModelFolder) -> ModelRunner:
-    config = RunnerConfig(threads=args.threads, provider=args.provider, use_decode_graph=not args.exact_decode)
+    config = RunnerConfig(threads=args.threads, provider=args.provider, decode_numerics=args.decode_numerics)
     return ModelRunner(folder, config)
 
 
@@ -65,7 +65,8 @@ def model_info(args: argparse.Namespace) -> int:
     print(f"folder       {folder.path}\ngraph        {runner.graph}")
     print(f"layout       {lay.layers} layers x {lay.kv_heads} KV heads x {lay.head_dim} head_dim, {lay.dtype}")
     print(f"KV bytes     {lay.bytes_per_token} per token\ncontext      {folder.context_length}")
-    print(f"decode       {runner.decode_numerics}\nprefill      {runner.prefill_numerics}")
+    why = f" ({runner.why_exact_decode})" if runner.why_exact_decode else ""
+    print(f"decode       {runner.decode_numerics}{why}\nprefill      {runner.prefill_numerics}")
     print(f"providers    {', '.join(runner.session.get_providers())}\nfingerprint  {folder.fingerprint}")
     return 0
 

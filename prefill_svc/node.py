@@ -74,7 +74,7 @@ class PrefillNode:
         self.runner = runner or ModelRunner(
             # no decode graph: a prefill node runs no decode step (and so holds no second session)
             self.folder,
-            RunnerConfig(threads=config.threads, provider=provider, stop_spinning=True, use_decode_graph=False),
+            RunnerConfig(threads=config.threads, provider=provider, stop_spinning=True, decode_numerics="exact"),
         )
         store_config = StoreConfig(
             config.store or kvmesh_home() / "prefix-store", config.store_budget_bytes, config.block_size

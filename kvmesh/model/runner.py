@@ -28,6 +28,23 @@ _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 Provider = Literal["auto", "cpu", "cuda"]
+DecodeNumerics = Literal["auto", "int8", "exact"]
+DECODE_NUMERICS: tuple[DecodeNumerics, ...] = ("auto", "int8", "exact")
+# ONNX Runtime's int8-activation MatMulNBits kernels were measured batch-invariant (a row's
+# activations quantized alone) and within the quality floor (top-1 agreement >= 0.97 with fp32)
+# with AVX-512 VNNI. On an AVX2-only CPU (an AMD EPYC here) the same graph gave 0.960 agreement and
+# a sequence's logits changed with its batch mates, so "auto" decodes exactly there.
+INT8_DECODE_FLAGS = frozenset({"avx512_vnni"})
+
+
+def cpu_flags() -> frozenset[str]:
+    """This machine's CPU feature flags (Linux /proc/cpuinfo; empty where it cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
+    return frozenset(line.partition(":")[2].split())
 
 
 @dataclass(frozen=True)
@@ -38,8 +55,11 @@ class RunnerConfig:
     # folder's model_last.onnx computes ~20% faster on long prompts.
     all_logits: bool = False
     # Decode steps on the folder's model_decode.onnx when it has one (int8 activations, the
-    # default numerics of decode); False: the exact graph (fp32 activations), as prefill runs.
-    use_decode_graph: bool = True
+    # default numerics of decode): "auto" where the CPU has INT8_DECODE_FLAGS (or on CUDA),
+    # "int8" anywhere, "exact": the exact graph (fp32 activations), as prefill runs.
+    decode_numerics: DecodeNumerics = "auto"
+    # The CPU's feature flags for "auto" (None: this machine's)
+    cpu_flags: frozenset[str] | None = None
     # Park ONNX Runtime's worker threads as soon as a run ends instead of letting them spin for
     # the next one: for a process that works between runs (a prefill node streams the KV right
     # after: 101 MB in ~45 ms instead of ~55 with a worker spinning on one of 2 cores). A decode
@@ -49,6 +69,8 @@ class RunnerConfig:
     def __post_init__(self) -> None:
         if self.threads < 0:
             raise InvalidArgument("threads must be >= 0")
+        if self.decode_numerics not in DECODE_NUMERICS:
+            raise InvalidArgument(f"decode numerics must be one of {', '.join(DECODE_NUMERICS)}")
 
 
 def _gqa_kv_type(graph: Path) -> int | None:
@@ -106,7 +128,7 @@ class ModelRunner:
     def __init__(self, folder: ModelFolder, config: RunnerConfig | None = None) -> None:
         self.folder = folder
         self.config = config or RunnerConfig()
-        separate_decode = bool(folder.decode_graph and self.config.use_decode_graph and not self.config.all_logits)
+        separate_decode = self._int8_decode_steps()
         # With a decode session of its own, the prefill session's workers park after each run:
         # spinning on, they took the cores of the decode steps that follow (a colocated worker).
         opts = _session_options(self.config.threads, self.config.stop_spinning or separate_decode)
@@ -156,6 +178,22 @@ class ModelRunner:
         # Decode steps bind past and present to one buffer per layer and GQA writes in place.
         self.shares_buffers = self.vocab_size > 0 and kv_type is not None
         self.max_context = folder.context_length or 1 << 30
+
+    def _int8_decode_steps(self) -> bool:
+        """Whether decode steps run the folder's int8-activation graph; if "auto" says no where the
+        folder has one, why_exact_decode says why. (Only float32 folders have one: they run on the CPU.)"""
+        self.why_exact_decode = ""
+        choice = self.config.decode_numerics
+        if self.folder.decode_graph is None or choice == "exact" or self.config.all_logits:
+            return False
+        flags = cpu_flags() if self.config.cpu_flags is None else self.config.cpu_flags
+        if choice == "auto" and not flags >= INT8_DECODE_FLAGS:
+            self.why_exact_decode = (
+                f"this CPU has no {', '.join(sorted(INT8_DECODE_FLAGS))}, without which int8-activation decode "
+                "steps were measured neither batch-invariant nor as accurate (--decode-numerics int8: anyway)"
+            )
+            return False
+        return True
 
     def check_tokens(self, tokens: Sequence[int]) -> None:
         """Token ids from a caller or a peer must index the vocabulary (else ORT's Gather fails)."""

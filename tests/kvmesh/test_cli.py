@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from kvmesh.model.folder import ModelFolder
+from kvmesh.model.runner import INT8_DECODE_FLAGS, cpu_flags
 from kvmesh.model.tiny import write_tiny_gguf
 
 
@@ -154,10 +155,15 @@ def test_prepare_writes_the_int8_decode_graph_by_default_and_exact_decode_on_req
     default = ModelFolder.load(out)
     assert default.decode_graph is not None and default.meta["decode_accuracy_level"] == 4
     assert default.meta["accuracy_level"] == 0 and default.fingerprint == exact.fingerprint
-    info = kvmesh("model", "info", "--model", str(out), "--threads", "1")
+    info = kvmesh("model", "info", "--model", str(out), "--threads", "1", "--decode-numerics", "int8")
     assert "decode       int8 activations (model_decode.onnx" in info.stdout
     assert "prefill      exact" in info.stdout
-    forced = kvmesh("model", "info", "--model", str(out), "--threads", "1", "--exact-decode")
+    auto = kvmesh("model", "info", "--model", str(out), "--threads", "1").stdout
+    if cpu_flags() >= INT8_DECODE_FLAGS:
+        assert "decode       int8 activations (model_decode.onnx" in auto
+    else:  # the default falls back to exact decode steps on this CPU, and says why
+        assert "decode       exact (fp32 activations) (this CPU has no avx512_vnni" in auto
+    forced = kvmesh("model", "info", "--model", str(out), "--threads", "1", "--decode-numerics", "exact")
     assert "decode       exact (fp32 activations)" in forced.stdout
     assert "up to date" in kvmesh(*args).stdout
 

@@ -472,7 +472,7 @@ def test_the_whole_conversation_stays_cached(
 def test_replies_made_with_int8_decode_steps_are_stored_as_an_exact_prefill_makes_them(
     tiny_int4_dec4: ModelFolder, servers: MakeServer, shape: str
 ) -> None:
-    """Decode steps with int8 activations (the default numerics) make a reply's KV unlike an exact
+    """Decode steps with int8 activations (the default numerics with AVX-512 VNNI) make a reply's KV unlike an exact
     prefill's; the prefill node recomputes a finished reply's blocks exactly between prompts, so
     the next turn (after the user's pause) finds the whole previous turn cached, and its KV, and so
     its greedy text, is what a cluster without a store computes."""
@@ -496,10 +496,11 @@ def test_replies_made_with_int8_decode_steps_are_stored_as_an_exact_prefill_make
         return proxy
 
     if shape == "worker":
-        w = servers("worker", folder, slot_tokens=250, reply_kv="exact")
+        w = servers("worker", folder, slot_tokens=250, reply_kv="exact", decode_numerics="int8")
         node, proxy = w.server.prefill, proxy_of([], [], [w.address])
     else:
-        p, d = servers("prefill", folder, reply_kv="exact"), servers("decode", folder, slot_tokens=250)
+        p = servers("prefill", folder, reply_kv="exact")
+        d = servers("decode", folder, slot_tokens=250, decode_numerics="int8")
         node, proxy = p.server.node, proxy_of([p.address], [d.address], [])
 
     def pause() -> None:  # the user thinks until the prefill node has nothing left to recompute

@@ -1,5 +1,7 @@
 """Batched decode over KV slots gives each sequence what it gets alone, as sequences come and go."""
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -7,7 +9,7 @@ import pytest
 from kvmesh.errors import ResourceExhausted
 from kvmesh.model.batch import SlotBatch, decode_loop
 from kvmesh.model.folder import ModelFolder
-from kvmesh.model.runner import ModelRunner, RunnerConfig
+from kvmesh.model.runner import ModelRunner, RunnerConfig, cpu_flags
 
 PROMPTS = [
     [int(t) for t in np.random.default_rng(s).integers(0, 256, n)] for s, n in ((1, 5), (2, 40), (3, 17), (4, 60))
@@ -78,9 +80,9 @@ def test_slots_and_capacity_are_bounded(tiny_fp32: ModelFolder) -> None:
 
 def test_decode_graph_is_used_for_decode_steps_only(tiny_int4_dec4: ModelFolder) -> None:
     assert tiny_int4_dec4.decode_graph is not None
-    runner = ModelRunner(tiny_int4_dec4, RunnerConfig(threads=1))
+    runner = ModelRunner(tiny_int4_dec4, RunnerConfig(threads=1, decode_numerics="int8"))
     assert runner.decode_session is not runner.session
-    exact = ModelRunner(tiny_int4_dec4, RunnerConfig(threads=1, use_decode_graph=False))
+    exact = ModelRunner(tiny_int4_dec4, RunnerConfig(threads=1, decode_numerics="exact"))
     assert exact.decode_session is exact.session
     np.testing.assert_array_equal(runner.prefill(PROMPTS[1])[0], exact.prefill(PROMPTS[1])[0])  # prefill: same graph
     # Decode steps: int8 activations, the 8-bit head in one MatMulNBits; close to the exact run.
@@ -114,3 +116,18 @@ def test_slot_memory_is_resident_and_zero_from_the_start() -> None:
     assert a.shape == (4, 3, 4096, 256) and not a.any()
     a[3, 2, -1, -1] = 1.5
     assert a.sum() == 1.5
+
+
+def test_auto_decode_numerics_run_int8_only_where_the_cpu_has_vnni(tiny_int4_dec4: ModelFolder) -> None:
+    """Without AVX-512 VNNI, ONNX Runtime's int8-activation steps were measured neither batch-
+    invariant nor within the quality floor: "auto" decodes exactly there, and says why."""
+    with_vnni = ModelRunner(tiny_int4_dec4, RunnerConfig(threads=1, cpu_flags=frozenset({"avx2", "avx512_vnni"})))
+    assert with_vnni.decode_session is not with_vnni.session and with_vnni.why_exact_decode == ""
+    assert with_vnni.decode_numerics.startswith("int8 activations")
+    avx2 = ModelRunner(tiny_int4_dec4, RunnerConfig(threads=1, cpu_flags=frozenset({"avx2", "fma"})))
+    assert avx2.decode_session is avx2.session and avx2.decode_numerics == avx2.prefill_numerics
+    assert "no avx512_vnni" in avx2.why_exact_decode
+    forced = ModelRunner(tiny_int4_dec4, RunnerConfig(threads=1, decode_numerics="int8", cpu_flags=frozenset()))
+    assert forced.decode_session is not forced.session
+    if Path("/proc/cpuinfo").exists():
+        assert {"fpu"} <= cpu_flags() or {"fp"} <= cpu_flags()  # x86 and arm64 name it so

@@ -84,7 +84,7 @@ def test_onnxruntime_genai_loads_the_folder_and_agrees(precision: str, request: 
 def _greedy(folder: ModelFolder, prompt: list[int], n: int) -> list[int]:
     """GenAI runs model.onnx, the exact graph: so do our decode steps here (not model_decode.onnx)."""
     tok = ChatTokenizer(folder)
-    runner = ModelRunner(folder, RunnerConfig(use_decode_graph=False))
+    runner = ModelRunner(folder, RunnerConfig(decode_numerics="exact"))
     *_, done = generate(runner, tok, prompt, SamplingParams(max_tokens=n))
     assert isinstance(done, Finished)
     return done.token_ids

@@ -8,7 +8,7 @@ from kvmesh.model.prepare import default_model_dir
 from kvmesh.model.runner import ModelRunner, RunnerConfig
 
 r = ModelRunner(
-    ModelFolder.load(default_model_dir("int4")), RunnerConfig(threads=2, stop_spinning=True, use_decode_graph=False)
+    ModelFolder.load(default_model_dir("int4")), RunnerConfig(threads=2, stop_spinning=True, decode_numerics="exact")
 )
 ids = [int(t) for t in np.random.default_rng(1).integers(100, 40000, 3000)]
 _, full = r.prefill(ids[:2600])
