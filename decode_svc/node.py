@@ -284,7 +284,8 @@ class DecodeNode:
             if item[0] == "end":
                 if stored is not None:  # the next turn, sent once Done is heard, finds the blocks stored
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(asyncio.shield(stored), WRITE_BACK_WAIT_S)
+                        async with asyncio.timeout(WRITE_BACK_WAIT_S):
+                            await asyncio.shield(stored)
                 for event in reply.end(str(item[1])):
                     yield event
                 return

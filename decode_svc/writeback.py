@@ -77,7 +77,8 @@ class WriteBack:
         migrated sequences resume), then the task ends."""
         if self._task is not None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._jobs.join(), flush_s)
+                async with asyncio.timeout(flush_s):
+                    await self._jobs.join()
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task

@@ -5,7 +5,6 @@ stream, each reconnecting on failure; all owned by Backends and cancelled by clo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -19,6 +18,7 @@ from proxy.routing import NodeState
 
 log = logging.getLogger(__name__)
 RETRY_S, LOAD_EVERY_S, DISCOVER_EVERY_S = 0.5, 0.25, 2.0
+CLOSE_S = 2.0  # close(): how long cancelled watches may take to end
 # A load poll that gets no answer in POLL_TIMEOUT_S is missed; MISSES in a row make the node suspect
 # (out of routing) until one is answered: a frozen node (SIGSTOP, a stalled host) leaves routing in
 # ~1 s, since its health stream only goes quiet; a thawed or restarted one is back within a poll.
@@ -161,7 +161,10 @@ class Backends:
         """Every LOAD_EVERY_S, `ask` within POLL_TIMEOUT_S; an error or no answer is a miss."""
         while True:
             try:
-                await asyncio.wait_for(ask(), POLL_TIMEOUT_S)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that comes as
+                # the answer does, and close() then waited for this loop forever
+                async with asyncio.timeout(POLL_TIMEOUT_S):
+                    await ask()
                 self._answered(address, node, True)
             except (grpc.aio.AioRpcError, TimeoutError):
                 self._answered(address, node, False)
@@ -206,8 +209,9 @@ class Backends:
         tasks = [*self._tasks, *(t for ts in self._node_tasks.values() for t in ts)]
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if tasks:  # bounded: a task that ignored its cancel must not hold the process
+            _, stuck = await asyncio.wait(tasks, timeout=CLOSE_S)
+            for task in stuck:
+                log.warning("%s did not end when cancelled", task.get_name())
         for channel in self.channels.values():
             await channel.close()

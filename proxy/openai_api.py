@@ -246,7 +246,8 @@ class OpenAIFrontDoor:
         app.router.add_get("/health", self.health)
         # handler_cancellation: a client that goes away cancels its handler at once, and with it the
         # upstream call (the decode slot is freed at the next step)
-        self.runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        # shutdown_timeout: stop() comes after the gRPC drain, so what still runs is cut after 1 s, not 60
+        self.runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
         self.port = 0
 
     async def start(self, host: str, port: int) -> int:

@@ -1,5 +1,7 @@
 """Property tests of the routing policies (hypothesis)."""
 
+import asyncio
+import contextlib
 import math
 
 from hypothesis import given, settings
@@ -71,3 +73,36 @@ def test_unhealthy_nodes_leave_the_candidates() -> None:
     for s in ("x", "y", "z"):
         assert CacheAwarePolicy().choose(states, _request(s, [])).node_id == "b"
         assert SessionHashPolicy().choose(states, _request(s, [])).node_id == "b"
+
+
+def test_closing_the_backends_is_bounded_when_a_watch_ignores_its_cancel() -> None:
+    """Python 3.11's wait_for could swallow a cancel that came as its answer did; a watch that goes
+    on after close() cancelled it must not hold close() (a proxy's stop) forever."""
+    from proxy.backends import Backends
+
+    async def main() -> None:
+        backends = Backends(("127.0.0.1:1",), ("127.0.0.1:1",), 8)
+        backends.start()
+        cancels = 0
+
+        async def stubborn() -> None:
+            nonlocal cancels
+            while True:
+                try:
+                    await asyncio.sleep(30)
+                except asyncio.CancelledError:
+                    cancels += 1
+                    if cancels > 1:
+                        raise
+
+        task = asyncio.create_task(stubborn())
+        backends._tasks.append(task)
+        await asyncio.sleep(0)
+        await asyncio.wait_for(backends.close(), 30)  # a guard against a hang, not a timing
+        assert cancels == 1 and not task.done()
+        assert all(t.done() for ts in backends._node_tasks.values() for t in ts)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
