@@ -61,7 +61,7 @@ class PrefillEngine:
         self._past_buffer = np.empty(0, runner.layout.dtype)
         # Blocks queued for the writer, readable from memory until written: a prefill that needs
         # them (the same new prefix again, a reply just written back) takes them from here. The
-        # writer runs at the lowest priority; under a busy decode batch (a colocated worker, 4
+        # writer waits for a quiet node; under a busy decode batch (a colocated worker, 4
         # streams) waiting for it took > 2 s and the prefix was computed again (3.2 s -> 6.4 s).
         # (block, decoded: a decode node's KV with other numerics, see PrefixStore)
         self._pending: dict[bytes, tuple[Callable[[], np.ndarray], bool]] = {}

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import queue
 import struct
 import threading
@@ -331,16 +330,6 @@ class PrefixStore:
         txn.put(name, struct.pack("<Q", self._counter(txn, name) + delta), db=self.info)
 
 
-def _lowest_priority() -> None:
-    """The calling thread at nice 19: it runs when model runs leave a core free. On 2 cores a
-    write beside a decode step (two ORT threads) took one of them: a colocated worker's decode
-    after a new 2,200-token prompt went 56-66 -> 79-80 tokens/s with the writer at nice 19."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except OSError:  # not permitted or not Linux: a normal-priority writer still works
-        log.warning("the prefix store writer runs at normal priority")
-
-
 class StoreWriter:
     """The one thread of this process that writes the store: jobs run in submission order.
 
@@ -416,7 +405,12 @@ class StoreWriter:
             time.sleep(0.005)
 
     def _run(self) -> None:
-        _lowest_priority()
+        # At normal priority: at nice 19 (to leave the cores to model runs) the writer was
+        # preempted while it held the GIL (waking the loop, polling `quiet`), and the loop and the
+        # decode thread then waited for the GIL until it next got a core behind two spinning ORT
+        # threads: 0.1-1.4 s gaps in every running stream of a colocated worker while it stored
+        # blocks. At nice 0 those went, and one stream decoding after a new 2,200-token prompt
+        # (written meanwhile) ran as fast (35-37 tokens/s either way on this machine that day).
         while (item := self._jobs.get()) is not None:
             job, self._deadline = item
             self.pause()
