@@ -43,7 +43,6 @@ from kvmesh import cluster
 from kvmesh.client import AsyncClient
 from kvmesh.model.folder import ModelFolder
 from kvmesh.model.prepare import default_model_dir, find_default_gguf
-from kvmesh.model.runner import cpu_flags
 from kvmesh.model.tokenizer import ChatTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,12 +59,6 @@ class Peer:
         self.port = free_port()
         cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(self.port)]
         cmd += ["-t", str(threads), "-tb", str(threads), "-np", str(slots), "-c", str(slots * slot_tokens)]
-        if "amx_int8" in cpu_flags():
-            # ggml's AMX matmul (chosen by its weight repacking on CPUs with AMX) crashed with
-            # SIGSEGV at the first batch on a Xeon VM here; Q4_1 has no other repacked kernels, so
-            # the peer runs its AVX-512 VNNI path as it does on other CPUs.
-            cmd.append("--no-repack")
-            print("llama-server: --no-repack (its AMX matmul crashes on this CPU)", file=sys.stderr)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.port}", timeout=600)
 
