@@ -95,3 +95,13 @@ def test_failover(real_int4: ModelFolder, tmp_path: Path) -> None:
     assert set(rows) == {"undisturbed", "write-back off", "kill, migration on", "kill, migration off"}
     assert all(r["streams"] == 2 for r in rows.values())
     assert len(rows["kill, migration on"]["killed"]) == 2  # decode-0, then prefill-0
+
+
+def test_the_peer_is_built_natively_and_without_amx_where_the_cpu_has_it() -> None:
+    from bench.llama_server import cpu_options
+
+    assert cpu_options(frozenset({"avx2", "fma", "avx512_vnni"})) == (["-DGGML_NATIVE=ON"], "")
+    options, tag = cpu_options(frozenset({"avx2", "fma", "avx512f", "avx512_vnni", "amx_int8", "amx_tile"}))
+    assert tag == "-noamx" and "-DGGML_NATIVE=OFF" in options
+    assert {"-DGGML_AVX2=ON", "-DGGML_AVX512=ON", "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=OFF"} <= set(options)
+    assert not any("AMX" in o for o in options)  # ggml's AMX options stay at their default, off
