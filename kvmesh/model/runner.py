@@ -7,6 +7,7 @@ GenAI's), runs a prompt with or without past KV, and decode steps. KV is per lay
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Sequence
@@ -37,6 +38,7 @@ DECODE_NUMERICS: tuple[DecodeNumerics, ...] = ("auto", "int8", "exact")
 INT8_DECODE_FLAGS = frozenset({"avx512_vnni"})
 
 
+@functools.cache
 def cpu_flags() -> frozenset[str]:
     """This machine's CPU feature flags (Linux /proc/cpuinfo; empty where it cannot be read)."""
     try:
@@ -55,8 +57,8 @@ class RunnerConfig:
     # folder's model_last.onnx computes ~20% faster on long prompts.
     all_logits: bool = False
     # Decode steps on the folder's model_decode.onnx when it has one (int8 activations, the
-    # default numerics of decode): "auto" where the CPU has INT8_DECODE_FLAGS (or on CUDA),
-    # "int8" anywhere, "exact": the exact graph (fp32 activations), as prefill runs.
+    # default numerics of decode): "auto" where the CPU has INT8_DECODE_FLAGS, "int8" anywhere;
+    # "exact": the exact graph (fp32 activations), as prefill runs.
     decode_numerics: DecodeNumerics = "auto"
     # The CPU's feature flags for "auto" (None: this machine's)
     cpu_flags: frozenset[str] | None = None
