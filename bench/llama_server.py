@@ -2,8 +2,8 @@
 
 Built once from the llama-cpp-python sdist on PyPI (its vendored llama.cpp, compiled natively for
 this CPU, AMX left out: see cpu_options; ~10 minutes on 2 cores) and cached under
-$KVMESH_HOME/peer; never built in CI. The web UI
-is not built and no prebuilt UI is fetched (only the package registry is reachable).
+$KVMESH_HOME/peer; never built in CI. The web UI is not built and no prebuilt UI is fetched (only
+the package registry is reachable).
 
   python bench/llama_server.py            # build (or find) it; prints its path
 """

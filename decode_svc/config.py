@@ -66,6 +66,7 @@ class DecodeConfig:
             raise InvalidArgument("slots >= 1, slot_tokens 0 or >= 2 and max_waiting >= 0")
         if self.warm_tokens < 0 or self.kv_budget_tokens < 2:
             raise InvalidArgument("warm_tokens >= 0 and kv_budget_tokens >= 2")
+        # the runner's DECODE_NUMERICS, spelled out: flags parse without importing onnxruntime
         if self.decode_numerics not in ("auto", "int8", "exact"):
             raise InvalidArgument(f"decode_numerics must be auto, int8 or exact, not {self.decode_numerics!r}")
         if self.provider not in ("auto", "cpu", "cuda"):

@@ -116,8 +116,7 @@ class DecodeNode:
         provider = cast(Provider, config.provider)
         numerics = cast(DecodeNumerics, config.decode_numerics)
         self.runner = ModelRunner(self.folder, RunnerConfig(config.threads, provider, decode_numerics=numerics))
-        why = self.runner.why_exact_decode
-        log.info("decode numerics: %s%s", self.runner.decode_numerics, f" ({why})" if why else "")
+        log.info("decode numerics: %s", self.runner.decode_numerics_said)
         # int8-activation decode steps: the KV they make is written back flagged, for resumptions
         # (the prefill node may recompute a finished reply's blocks exactly for the next turn)
         self._decoded_kv = self.runner.decode_numerics != self.runner.prefill_numerics

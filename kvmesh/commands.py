@@ -65,8 +65,7 @@ def model_info(args: argparse.Namespace) -> int:
     print(f"folder       {folder.path}\ngraph        {runner.graph}")
     print(f"layout       {lay.layers} layers x {lay.kv_heads} KV heads x {lay.head_dim} head_dim, {lay.dtype}")
     print(f"KV bytes     {lay.bytes_per_token} per token\ncontext      {folder.context_length}")
-    why = f" ({runner.why_exact_decode})" if runner.why_exact_decode else ""
-    print(f"decode       {runner.decode_numerics}{why}\nprefill      {runner.prefill_numerics}")
+    print(f"decode       {runner.decode_numerics_said}\nprefill      {runner.prefill_numerics}")
     print(f"providers    {', '.join(runner.session.get_providers())}\nfingerprint  {folder.fingerprint}")
     return 0
 

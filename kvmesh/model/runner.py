@@ -181,6 +181,11 @@ class ModelRunner:
         self.shares_buffers = self.vocab_size > 0 and kv_type is not None
         self.max_context = folder.context_length or 1 << 30
 
+    @property
+    def decode_numerics_said(self) -> str:
+        """decode_numerics and, where "auto" chose exact steps, why: for logs and `model info`."""
+        return f"{self.decode_numerics} ({self.why_exact_decode})" if self.why_exact_decode else self.decode_numerics
+
     def _int8_decode_steps(self) -> bool:
         """Whether decode steps run the folder's int8-activation graph; if "auto" says no where the
         folder has one, why_exact_decode says why. (Only float32 folders have one: they run on the CPU.)"""

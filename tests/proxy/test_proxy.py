@@ -472,8 +472,8 @@ def test_the_whole_conversation_stays_cached(
 def test_replies_made_with_int8_decode_steps_are_stored_as_an_exact_prefill_makes_them(
     tiny_int4_dec4: ModelFolder, servers: MakeServer, shape: str
 ) -> None:
-    """Decode steps with int8 activations (the default numerics with AVX-512 VNNI) make a reply's KV unlike an exact
-    prefill's; the prefill node recomputes a finished reply's blocks exactly between prompts, so
+    """Decode steps with int8 activations (the default numerics with AVX-512 VNNI) make a reply's
+    KV unlike an exact prefill's; the prefill node recomputes a finished reply's blocks exactly between prompts, so
     the next turn (after the user's pause) finds the whole previous turn cached, and its KV, and so
     its greedy text, is what a cluster without a store computes."""
     import time
