@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kvmesh.model.batch import make_batch
+from kvmesh.errors import KvmeshError
+from kvmesh.model.batch import SlotBatch, make_batch
 from kvmesh.model.kv import KVCache
+from kvmesh.model.lease import LeasedKV, SlotLease
 from kvmesh.model.runner import ModelRunner
 from kvmesh.model.turns import Turns
 from kvmesh.sampling import Sampler
@@ -92,8 +94,15 @@ class Batcher:
     def tokens_held(self) -> int:
         return int(self.batch.lengths[: self.batch.active].sum())
 
+    def lease(self) -> SlotLease | None:
+        """A slot for a prefill of this process to write a prompt's KV into (kvmesh/model/lease.py);
+        None where the slots are not host memory."""
+        return self.batch.lease()
+
     def submit(self, seq: Sequence, kv: KVCache) -> None:
-        """Join at the next step (or when a slot frees)."""
+        """Join at the next step (or when a slot frees); a LeasedKV joins in its slot."""
+        if isinstance(kv, LeasedKV) and kv.lease.hand_over() is None:
+            raise KvmeshError("a leased slot was given back before its sequence joined")  # a bug: INTERNAL
         self._joins.put((seq, kv))
         self._wake.set()
 
@@ -125,21 +134,55 @@ class Batcher:
                 self.on_fault(e)
                 for seq in [*self._running, *(s for s, _ in waiting)]:
                     seq.emit(("end", "error"))
+                self._give_back(waiting)
                 for seq in list(self._running):
                     self._leave(seq, keep=False)  # after a failed step its KV is not trusted
                 waiting = []
 
     def _admit(self, waiting: list[tuple[Sequence, KVCache]]) -> list[tuple[Sequence, KVCache]]:
-        """Free slots to waiting sequences, fairly across groups: the next one is the earliest of the
-        group with the fewest sequences running (a tenant with many waiting cannot hold every slot)."""
-        while waiting and self.batch.active < self.batch.slots:
+        """Sequences whose KV is in a lent slot join first, in the order lent (the prefill queue
+        was fair already). Then free slots go to the others, fairly across groups: the next one is
+        the earliest of the group with the fewest sequences running (a tenant with many waiting
+        cannot hold every slot)."""
+        rest: list[tuple[Sequence, KVCache]] = []
+        for seq, kv in waiting:
+            if not isinstance(kv, LeasedKV):
+                rest.append((seq, kv))
+            elif seq.cancelled:
+                self._give_back([(seq, kv)])
+            elif (slot := self._slots.join(self._slot_of(kv), kv.length)) is None:
+                rest.append((seq, kv))
+            else:
+                seq.slot = slot
+                self._running.append(seq)
+        waiting = rest
+        while self.batch.can_add:
             running = Counter(s.group for s in self._running)
-            seq, kv = waiting.pop(min(range(len(waiting)), key=lambda i: (running[waiting[i][0].group], i)))
+            free = [i for i, (_, kv) in enumerate(waiting) if not isinstance(kv, LeasedKV)]
+            if not free:
+                break
+            seq, kv = waiting.pop(min(free, key=lambda i: (running[waiting[i][0].group], i)))
             if seq.cancelled:
                 continue
             seq.slot = self.batch.add(kv)
             self._running.append(seq)
         return waiting
+
+    @staticmethod
+    def _slot_of(kv: LeasedKV) -> int:
+        assert kv.lease.place is not None  # hand_over() made sure
+        return kv.lease.place.slot
+
+    def _give_back(self, waiting: list[tuple[Sequence, KVCache]]) -> None:
+        """The lent slots of sequences that will not join."""
+        for _, kv in waiting:
+            if isinstance(kv, LeasedKV):
+                self._slots.give_back(self._slot_of(kv))
+
+    @property
+    def _slots(self) -> SlotBatch:
+        assert isinstance(self.batch, SlotBatch)  # the only batch that lends slots
+        return self.batch
 
     def _drop_cancelled(self) -> None:
         for seq in sorted((s for s in self._running if s.cancelled), key=lambda s: -s.slot):

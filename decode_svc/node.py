@@ -192,10 +192,12 @@ class DecodeNode:
         budget = self._admit(job)
         start = time.perf_counter()
         seq: Sequence | None = None
+        pending: list[PendingKV] = []  # the KV behind the first token, until the sequence joins
         events: asyncio.Queue[Item] = asyncio.Queue()
         self._streams.add(events)
         try:
             info, kv_pending = await self._unless_evicted(self.source.start(self._prefill_job(job, timeout_s)))
+            pending.append(kv_pending)
             reply = _Reply(self.tokenizer, job, info, time.perf_counter() - start)
             eos = () if job.params.ignore_eos else self.tokenizer.eos_token_ids
             if job.generated:
@@ -228,6 +230,8 @@ class DecodeNode:
             self._streams.discard(events)
             if seq is not None:
                 self.batcher.cancel(seq)  # a no-op for a finished sequence; frees a cancelled one's slot
+            elif pending:
+                pending[0].cancel()  # left before joining (its KV stream stops; a lent slot goes back)
             self._admitted -= 1
             self._reserved -= len(job.tokens) + budget
 

@@ -14,6 +14,7 @@ import numpy as np
 from kvmesh.blockhash import block_keys, root_key
 from kvmesh.errors import InvalidArgument, KvmeshError
 from kvmesh.model.kv import KVCache
+from kvmesh.model.lease import LeasedKV, Place, SlotLease
 from kvmesh.model.runner import ModelRunner
 from kvmesh.model.turns import Turns
 from kvmesh.sampling import Sampler, SamplingParams
@@ -88,9 +89,11 @@ class PrefillEngine:
         salt: bytes = b"",
         keys: list[bytes] | None = None,
         replay: int = 0,
+        into: SlotLease | None = None,
     ) -> PrefillOutcome:
         """`keys`: lookup_keys(tokens, salt), if the caller made them already. `replay` > 0: a
-        resumption (see `resume`)."""
+        resumption (see `resume`). `into`: a decode slot of this process to prefill in place
+        (a colocated worker's; the outcome's KV is then a LeasedKV), where one is free."""
         if not tokens:
             raise InvalidArgument("empty prompt")
         if len(tokens) >= self.runner.max_context:
@@ -103,6 +106,14 @@ class PrefillEngine:
         keys = self.lookup_keys(tokens, salt) if keys is None else keys
         if replay:
             return self.resume(tokens, len(tokens) - replay, keys)
+        if into is not None and (place := into.take()) is not None:
+            ok = False
+            try:
+                outcome = self._prefill_in_place(tokens, params, keys, place, into)
+                ok = True
+                return outcome
+            finally:
+                into.written(ok)
         start = time.perf_counter()
         past, cached, bad = self._cached_past(keys, len(tokens), self.reuse_decoded) if keys else (None, 0, 0)
         read = time.perf_counter()
@@ -111,6 +122,30 @@ class PrefillEngine:
         if keys:
             self._store(keys, _block_of(kv, self.block_size), None, len(keys))
         return PrefillOutcome(kv, cached, token, logprob, bad, read - start, time.perf_counter() - read)
+
+    def _prefill_in_place(
+        self, tokens: Sequence[int], params: SamplingParams, keys: list[bytes], place: Place, lease: SlotLease
+    ) -> PrefillOutcome:
+        """prefill() into a decode slot: the stored prefix read straight into it, the rest run
+        there in place (no past buffer, no present made by the model, no copy into the slot)."""
+        start = time.perf_counter()
+        place.ensure(len(tokens) + 1)
+        _, cached, bad = (
+            self._cached_past(keys, len(tokens), self.reuse_decoded, place.blocks) if keys else (None, 0, 0)
+        )
+        read = time.perf_counter()
+        logits = self._run_in_place(tokens, cached, place.buffers)
+        token, logprob = Sampler(params).sample(logits)
+        kv = place.kv(len(tokens))
+        bs = self.block_size
+        if (first := cached // bs) < len(keys):
+            # The new blocks, copied: the slot is the decode batch's once the sequence joins,
+            # and the writer runs later. (1, kv_heads, new tokens, head_dim) a layer.
+            new = slice(first * bs, len(keys) * bs)
+            part = KVCache([k[:, :, new].copy() for k in kv.keys], [v[:, :, new].copy() for v in kv.values])
+            self._store(keys[first:], _block_of(part, bs), keys[first - 1] if first else None, len(keys))
+        leased = LeasedKV(kv.keys, kv.values, lease)
+        return PrefillOutcome(leased, cached, token, logprob, bad, read - start, time.perf_counter() - read)
 
     def resume(self, tokens: Sequence[int], prompt: int, keys: list[bytes]) -> PrefillOutcome:
         """A migrated sequence: `tokens` = its prompt (the first `prompt`) + the output it made. The
@@ -207,23 +242,37 @@ class PrefillEngine:
         (a last chunk of 1 would take another kernel path: it joins the one before)."""
         if self.turns is None:
             return self.runner.prefill(tokens, past)
-        size = self.chunk_tokens or len(tokens)
-        bounds = list(range(0, len(tokens), size))
-        if len(bounds) > 1 and len(tokens) - bounds[-1] == 1:
-            bounds.pop()
-        for i, start in enumerate(bounds):
-            end = bounds[i + 1] if i + 1 < len(bounds) else len(tokens)
+        for start, end in self._chunks(len(tokens)):
             with self.turns.turn("prefill"):
                 logits, past = self.runner.prefill(tokens[start:end], past)
         assert past is not None
         return logits, past
 
+    def _run_in_place(self, tokens: Sequence[int], past: int, buffers: list[np.ndarray]) -> np.ndarray:
+        """_run for tokens[past:] in a slot's buffers that hold the first `past`. -> last logits."""
+        if self.turns is None:
+            return self.runner.prefill_in_place(tokens[past:], buffers, past)
+        for start, end in self._chunks(len(tokens) - past):
+            with self.turns.turn("prefill"):
+                logits = self.runner.prefill_in_place(tokens[past + start : past + end], buffers, past + start)
+        return logits
+
+    def _chunks(self, n: int) -> list[tuple[int, int]]:
+        """[start, end) of each chunk of n tokens taking turns with decode steps."""
+        size = self.chunk_tokens or n
+        bounds = list(range(0, n, size))
+        if len(bounds) > 1 and n - bounds[-1] == 1:
+            bounds.pop()
+        return list(zip(bounds, [*bounds[1:], n], strict=True))
+
     def _cached_past(
-        self, keys: list[bytes], prompt_len: int, decoded: bool = False
+        self, keys: list[bytes], prompt_len: int, decoded: bool = False, into: np.ndarray | None = None
     ) -> tuple[KVCache | None, int, int]:
         """KV of the longest stored prefix, capped one token short of the prompt: the last prompt
         token always runs through the model, for the logits of the first new token. decoded: a
-        resumption's, taking a decode node's blocks too (else the prefix stops before them)."""
+        resumption's, taking a decode node's blocks too (else the prefix stops before them).
+        into: (layers, 2, kv_heads, >= the prompt, head_dim) to read into (a decode slot), else
+        the past buffer."""
         n = self.store.cached_blocks(keys, decoded)
         queued: list[Callable[[], np.ndarray]] = []
         with self._pending_lock:  # the chain goes on in blocks still queued for the writer
@@ -236,8 +285,11 @@ class PrefillEngine:
             return None, 0, 0
         lay, bs = self.runner.layout, self.block_size
         shape = (lay.layers, 2, lay.kv_heads, (n + len(queued)) * bs, lay.head_dim)
-        self.reserve(shape[3])  # a no-op unless the writer has not grown it yet
-        out = self._past_buffer[: np.prod(shape)].reshape(shape)  # contiguous: the model takes it as is
+        if into is None:
+            self.reserve(shape[3])  # a no-op unless the writer has not grown it yet
+            out = self._past_buffer[: np.prod(shape)].reshape(shape)  # contiguous: the model takes it as is
+        else:
+            out = into
         n_ok, bad = self.store.read(keys[:n], out)
         if bad:  # a corrupt value: drop it and everything below it, recompute from here
             corrupt = bad[0]

@@ -19,6 +19,7 @@ from kv_transfer.codec import Chunk, Layout, check_same_model, chunk_count, enco
 from kvmesh.errors import DataLoss, InvalidArgument, Unavailable
 from kvmesh.model.folder import ModelFolder
 from kvmesh.model.kv import KVCache
+from kvmesh.model.lease import SlotLease
 from kvmesh.model.prepare import default_model_dir, kvmesh_home
 from kvmesh.model.runner import ModelRunner, Provider, RunnerConfig
 from kvmesh.model.tokenizer import ChatTokenizer
@@ -130,9 +131,16 @@ class PrefillNode:
             self.events.publish_threadsafe(kind, keys)
 
     async def prefill(
-        self, tokens: Sequence[int], params: SamplingParams, salt: bytes, request_id: str = "", replay: int = 0
+        self,
+        tokens: Sequence[int],
+        params: SamplingParams,
+        salt: bytes,
+        request_id: str = "",
+        replay: int = 0,
+        into: SlotLease | None = None,
     ) -> PrefillOutcome:
-        """replay > 0: a migrated sequence's resumption (PrefillEngine.resume)."""
+        """replay > 0: a migrated sequence's resumption (PrefillEngine.resume); into: a decode slot
+        of this process to prefill in place (a colocated worker's)."""
         assert self.engine is not None, "start() first"
         if self.draining:
             raise Unavailable("this prefill node is draining")
@@ -140,7 +148,7 @@ class PrefillNode:
         keys = self.engine.lookup_keys(tokens, salt)  # hashed once: for the queue here and the prefill
         work = self.engine.uncached_tokens(tokens, salt, keys) if tokens else 0
         start = time.perf_counter()
-        run = functools.partial(self.engine.prefill, tokens, params, salt, keys, replay)
+        run = functools.partial(self.engine.prefill, tokens, params, salt, keys, replay, into)
         outcome = await self.queue.run(salt, work, run)
         self.metrics.latency.observe(time.perf_counter() - start)
         self.metrics.lookup_tokens.inc(len(tokens))

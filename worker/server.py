@@ -27,7 +27,7 @@ class WorkerServer:
         turns = Turns() if config.prefill.prefill_chunk_tokens else None
         self.node = DecodeNode(config.decode, turns)
         self.prefill = PrefillNode(config.prefill, self.node.runner, self.node.metrics.registry, turns)
-        self.node.source = LocalPrefill(self.prefill)  # closed with the decode node
+        self.node.source = LocalPrefill(self.prefill, self.node.batcher.lease)  # closed with the decode node
         self.host = ServiceHost((DECODE_SERVICE, PREFILL_SERVICE), config.decode, self.node.metrics.registry)
 
     async def start(self) -> int:

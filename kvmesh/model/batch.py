@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import threading
 from typing import Any
 
 import numpy as np
@@ -24,12 +25,8 @@ from onnx import helper
 
 from kvmesh.errors import InvalidArgument, ResourceExhausted
 from kvmesh.model.kv import KVCache, KVLayout
-from kvmesh.model.runner import ModelRunner
-
-
-def _names(layers: int) -> list[tuple[str, str]]:
-    """(past input, present output) per buffer, in buffer order: keys 0, values 0, keys 1, ..."""
-    return [(f"past_key_values.{i}.{p}", f"present.{i}.{p}") for i in range(layers) for p in ("key", "value")]
+from kvmesh.model.lease import Place, SlotLease
+from kvmesh.model.runner import ModelRunner, kv_io_names
 
 
 def _arrays(kv: KVCache) -> list[np.ndarray]:
@@ -54,8 +51,11 @@ class HostSlots:
     free gives back what it held beyond its warm part."""
 
     def __init__(self, layout: KVLayout, slots: int, capacity: int, warm_tokens: int, budget_tokens: int) -> None:
-        shape = (slots, layout.kv_heads, capacity, layout.head_dim)
-        self.buffers = [reserved(shape, layout.dtype) for _ in range(2 * layout.layers)]
+        self._layers = layout.layers
+        # One reservation, buffer j = all[j]: a slot is then one strided view across every buffer
+        # (`place`), in the prefix store's block order, that a prefill reads stored blocks into.
+        self._all = reserved((2 * layout.layers, slots, layout.kv_heads, capacity, layout.head_dim), layout.dtype)
+        self.buffers = list(self._all)
         self._heads, self._capacity = layout.kv_heads, capacity
         self._row = layout.head_dim * layout.dtype.itemsize  # bytes of one token of one head
         self.warm = min(warm_tokens, capacity)
@@ -116,9 +116,14 @@ class HostSlots:
     def read(self, slot: int, tokens: int) -> KVCache:
         return _cache([buf[slot : slot + 1, :, :tokens] for buf in self.buffers])
 
+    def place(self, slot: int) -> Place:
+        """The slot as a prefill writes into it (kvmesh/model/lease.py)."""
+        blocks = self._all[:, slot].reshape(self._layers, 2, *self._all.shape[2:])  # a view: axis 0 split
+        return Place(slot, blocks, [buf[slot : slot + 1] for buf in self.buffers], lambda n: self.ensure(slot, n))
+
     def bind(self, io: ort.IOBinding, b: int) -> None:
         """Past and present of the first b slots (a leading-dimension slice: still contiguous)."""
-        for (past, present), buf in zip(_names(len(self.buffers) // 2), self.buffers, strict=True):
+        for (past, present), buf in zip(kv_io_names(len(self.buffers) // 2), self.buffers, strict=True):
             value = ort.OrtValue.ortvalue_from_numpy(buf[:b])
             io.bind_ortvalue_input(past, value)
             io.bind_ortvalue_output(present, value)
@@ -219,7 +224,7 @@ class DeviceSlots:
 
     def bind(self, io: ort.IOBinding, b: int) -> None:
         shape = [b, *self.slot_shape[1:]]
-        for j, (past, present) in enumerate(_names(len(self.buffers) // 2)):
+        for j, (past, present) in enumerate(kv_io_names(len(self.buffers) // 2)):
             address = self._address(j, 0)
             io.bind_input(past, self.device, 0, self.dtype, shape, address)
             io.bind_output(present, self.device, 0, self.dtype, shape, address)
@@ -268,38 +273,88 @@ class SlotBatch:
         self._ids = np.zeros((slots, 1), np.int64)
         self._mask = np.zeros((slots, capacity), np.int64)
         self.active = 0
+        # Slots lent to prefills of this process (SlotLease), all at or above `active`; the lock
+        # is held where `active` or the lent slots change (a prefill thread lends).
+        self._lent: set[int] = set()
+        self._lock = threading.Lock()
         self._logits = np.zeros((slots, 1, runner.vocab_size), np.float32)
         self._bound = -1  # the batch size the binding was made for
         self._io = runner.decode_session.io_binding()
 
+    @property
+    def can_add(self) -> bool:
+        """Whether add() has a slot: the next one is neither busy nor lent."""
+        return self.active < self.slots and self.active not in self._lent
+
     def add(self, kv: KVCache) -> int:
         """Copy one sequence's KV into the next free slot. -> the slot."""
-        if self.active == self.slots:
+        if not self.can_add:
             raise ResourceExhausted(f"all {self.slots} decode slots are busy")
         if kv.length >= self.capacity:
             raise ResourceExhausted(f"{kv.length} tokens exceed a slot's capacity of {self.capacity}")
-        slot = self.active
-        self.kv.write(slot, kv)
-        self.lengths[slot] = kv.length
-        self._mask[slot] = 0
-        self._mask[slot, : kv.length] = 1
-        self.active += 1
+        with self._lock:
+            slot = self.active
+            self.kv.write(slot, kv)
+            self._joined(kv.length)
         return slot
+
+    def _joined(self, tokens: int) -> None:
+        slot = self.active
+        self.lengths[slot] = tokens
+        self._mask[slot] = 0
+        self._mask[slot, :tokens] = 1
+        self.active += 1
+
+    def lease(self) -> SlotLease | None:
+        """A slot for a prefill of this process to write into (host slots only), lent when its run starts."""
+        return SlotLease(self._lend, self.give_back) if isinstance(self.kv, HostSlots) else None
+
+    def _lend(self) -> Place | None:
+        assert isinstance(self.kv, HostSlots)
+        with self._lock:
+            # the lowest free slot: prefills run one at a time, so lent slots join in order and
+            # mostly where they lie (at `active`)
+            slot = next((i for i in range(self.active, self.slots) if i not in self._lent), None)
+            if slot is None:
+                return None
+            self._lent.add(slot)
+        return self.kv.place(slot)
+
+    def give_back(self, slot: int) -> None:
+        """A lent slot, unused: free again."""
+        with self._lock:
+            self._lent.discard(slot)
+            self.kv.vacated(slot)
+
+    def join(self, slot: int, tokens: int) -> int | None:
+        """The lent `slot`, holding a sequence's `tokens`, joins the batch: where it lies if that is
+        the next slot, else moved there (a copy; a sequence left meanwhile). None: the next slot is
+        lent to a prefill still writing; join again later. -> the slot it runs in."""
+        with self._lock:
+            if slot != self.active:
+                if self.active in self._lent:
+                    return None
+                self.kv.move(slot, self.active, tokens)
+                self.kv.vacated(slot)
+            self._lent.discard(slot)
+            self._joined(tokens)
+            return self.active - 1
 
     def remove(self, slot: int) -> int | None:
         """Free a slot; the last sequence moves into it. -> the slot that moved there, if any."""
-        last = self.active - 1
-        moved = None
-        if slot != last:
-            n = int(self.lengths[last])
-            self.kv.move(last, slot, n)
-            self.lengths[slot] = n
-            self._mask[slot] = self._mask[last]
-            moved = last
-        self.lengths[last] = 0
-        self._mask[last] = 0
-        self.active -= 1
-        self.kv.vacated(last)
+        with self._lock:
+            last = self.active - 1
+            moved = None
+            if slot != last:
+                n = int(self.lengths[last])
+                self.kv.move(last, slot, n)
+                self.lengths[slot] = n
+                self._mask[slot] = self._mask[last]
+                moved = last
+            self.lengths[last] = 0
+            self._mask[last] = 0
+            self.active -= 1
+            self.kv.vacated(last)
         return moved
 
     def read(self, slot: int, tokens: int | None = None) -> KVCache:
@@ -411,6 +466,13 @@ class SequentialBatch:
     @property
     def lengths(self) -> np.ndarray:
         return np.array([d.length for d in self._decoders], np.int64)
+
+    @property
+    def can_add(self) -> bool:
+        return self.active < self.slots
+
+    def lease(self) -> SlotLease | None:
+        return None  # no slot buffers: each sequence has its own decoder
 
     def add(self, kv: KVCache) -> int:
         if self.active == self.slots:

@@ -38,6 +38,11 @@ DECODE_NUMERICS: tuple[DecodeNumerics, ...] = ("auto", "int8", "exact")
 INT8_DECODE_FLAGS = frozenset({"avx512_vnni"})
 
 
+def kv_io_names(layers: int) -> list[tuple[str, str]]:
+    """(past input, present output) per KV buffer, in buffer order: keys 0, values 0, keys 1, ..."""
+    return [(f"past_key_values.{i}.{p}", f"present.{i}.{p}") for i in range(layers) for p in ("key", "value")]
+
+
 @functools.cache
 def cpu_flags() -> frozenset[str]:
     """This machine's CPU feature flags (Linux /proc/cpuinfo; empty where it cannot be read)."""
@@ -253,3 +258,32 @@ class ModelRunner:
         ids = np.asarray([tokens], dtype=np.int64)
         logits, kv = self.forward(ids, past if past is not None else KVCache.empty(self.layout))
         return logits[0, -1], kv
+
+    def prefill_in_place(self, tokens: Sequence[int], buffers: Sequence[np.ndarray], past: int) -> np.ndarray:
+        """One sequence's `tokens` after the `past` it holds, on the prefill graph, in place:
+        `buffers` (in kv_io_names order, each (1, kv_heads, capacity, head_dim), contiguous) are
+        past and present at once, and GQA writes the new tokens' KV at positions past.. (a decode
+        slot, see kvmesh/model/lease.py). Logits and KV equal prefill()'s bit for bit (the mask
+        spans the tokens held, as prefill's does). -> last logits (vocab,)."""
+        if not tokens:
+            raise InvalidArgument("empty prompt")
+        if not self.shares_buffers:
+            raise InvalidArgument("prefill in place needs a GroupQueryAttention graph")
+        total = past + len(tokens)
+        if total > min(self.max_context, buffers[0].shape[2]):
+            raise InvalidArgument(f"{total} tokens exceed the buffer or the model's context")
+        io = self.session.io_binding()
+        io.bind_output("logits", "cpu")  # bound first: get_outputs() is in binding order
+        io.bind_cpu_input("input_ids", np.asarray([tokens], dtype=np.int64))
+        io.bind_cpu_input("attention_mask", np.ones((1, total), np.int64))
+        if self._has_positions:
+            io.bind_cpu_input("position_ids", np.arange(past, total, dtype=np.int64)[None])
+        if self._has_cache_branch:
+            io.bind_cpu_input("use_cache_branch", np.array([past > 0]))
+        for (past_name, present_name), buf in zip(kv_io_names(self.layout.layers), buffers, strict=True):
+            value = ort.OrtValue.ortvalue_from_numpy(buf)
+            io.bind_ortvalue_input(past_name, value)
+            io.bind_ortvalue_output(present_name, value)
+        self.session.run_with_iobinding(io)
+        logits: np.ndarray = io.get_outputs()[0].numpy()  # (1, 1 or S, vocab)
+        return np.asarray(logits[0, -1])

@@ -102,6 +102,38 @@ def test_colocated_worker_gives_the_same_tokens(tiny_fp32: ModelFolder, servers:
     assert _decode(w.address, PROMPTS[1], "", max_tokens=4)[1].usage.cached_tokens == 39
 
 
+def test_colocated_worker_prefills_into_its_slots_and_gets_each_back(
+    tiny_fp32: ModelFolder, servers: MakeServer
+) -> None:
+    """Prompts are prefilled in place into a lent decode slot. However a request ends (its first
+    token its last, cancelled mid-stream, or done) the one slot comes back: a leaked one would
+    leave the next request waiting for a slot forever."""
+    w = servers("worker", tiny_fp32, slots=1, max_waiting=0)
+    batch = w.server.node.batcher.batch
+    lent, lend = [], batch._lend
+
+    def recorded():  # type: ignore[no-untyped-def]
+        place = lend()
+        lent.append(None if place is None else place.slot)
+        return place
+
+    batch._lend = recorded
+    want = _alone(tiny_fp32, PROMPTS[1], SamplingParams(max_tokens=12))
+    assert _decode(w.address, PROMPTS[1], "", max_tokens=1)[0] == want[:1]  # no join: the slot back unused
+    call = decode_pb2_grpc.DecodeStub(grpc.insecure_channel(w.address)).Decode(
+        decode_pb2.DecodeRequest(tokens=PROMPTS[0], params=stream_pb2.GenerationParams(max_tokens=150))
+    )
+    next(call), next(call), next(call)
+    call.cancel()
+    for _ in range(3):
+        assert _decode(w.address, PROMPTS[1], "", max_tokens=12)[0] == want
+    deadline = time.monotonic() + 10
+    while (batch.active or batch._lent) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert batch.active == 0 and not batch._lent
+    assert lent == [0] * 5  # every prompt went in place into the one slot
+
+
 def test_cancelled_stream_frees_its_slot(tiny_fp32: ModelFolder, servers: MakeServer) -> None:
     p, d = servers("prefill", tiny_fp32), servers("decode", tiny_fp32, slots=1, max_waiting=0)
     stub = decode_pb2_grpc.DecodeStub(grpc.insecure_channel(d.address))

@@ -356,3 +356,34 @@ def test_reusing_decoded_blocks_is_one_setting_away(make_engine: EngineFactory) 
     hit = engine.prefill(PROMPT, GREEDY)
     assert hit.cached_tokens == 5 * BLOCK and engine.uncached_tokens(PROMPT, b"") == len(PROMPT) - 5 * BLOCK
     np.testing.assert_array_equal(hit.kv.keys[0][:, :, 3 * BLOCK : 5 * BLOCK], made.keys[0])
+
+
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_a_prompt_prefilled_into_a_decode_slot_is_the_prefill_out_of_place(
+    make_engine: EngineFactory, chunk: int
+) -> None:
+    """A colocated worker's prompts go straight into a lent decode slot: cold and warm (the stored
+    prefix read into the slot), in one run or in chunks taking turns, the same first token and KV
+    as out of place, and the new blocks stored for the next prompt."""
+    from kvmesh.model.batch import SlotBatch
+    from kvmesh.model.lease import LeasedKV
+    from kvmesh.model.turns import Turns
+
+    plain, _ = make_engine()
+    slotted, events = make_engine(
+        path=plain.store.config.path.parent / "other", turns=Turns() if chunk else None, chunk_tokens=chunk
+    )
+    batch = SlotBatch(slotted.runner, slots=2, capacity=64)
+    longer = [*PROMPT, 7, 8, 9, 10, 11]
+    for prompt, cached in ((PROMPT, 0), (longer, 5 * BLOCK)):  # cold, then warm after the first's blocks
+        want = plain.prefill(prompt, GREEDY)
+        lease = batch.lease()
+        got = slotted.prefill(prompt, GREEDY, into=lease)
+        assert isinstance(got.kv, LeasedKV) and got.kv.lease is lease and got.cached_tokens == cached
+        _same(got, want)
+        _settle(plain)
+        _settle(slotted)
+        assert lease is not None and lease.place is not None
+        batch.give_back(lease.place.slot)
+    assert [len(keys) for kind, keys in events.log if kind == "stored"] == [5, 1]  # the first's, then the new one
+    assert not batch._lent
