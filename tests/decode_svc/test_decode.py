@@ -131,7 +131,8 @@ def test_colocated_worker_prefills_into_its_slots_and_gets_each_back(
     while (batch.active or batch._lent) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert batch.active == 0 and not batch._lent
-    assert lent == [0] * 5  # every prompt went in place into the one slot
+    # in place into the one slot; right after the cancel the slot may still be busy (then out of place)
+    assert lent[:2] == [0, 0] and set(lent) <= {0, None} and lent.count(0) >= 4
 
 
 def test_cancelled_stream_frees_its_slot(tiny_fp32: ModelFolder, servers: MakeServer) -> None:
