@@ -156,7 +156,7 @@ class Batcher:
                 seq.slot = slot
                 self._running.append(seq)
         waiting = rest
-        while self.batch.can_add:
+        while waiting and self.batch.can_add:  # (each step: nothing to do while none waits)
             running = Counter(s.group for s in self._running)
             free = [i for i, (_, kv) in enumerate(waiting) if not isinstance(kv, LeasedKV)]
             if not free:

@@ -14,7 +14,7 @@ import numpy as np
 from kvmesh.blockhash import block_keys, root_key
 from kvmesh.errors import InvalidArgument, KvmeshError
 from kvmesh.model.kv import KVCache
-from kvmesh.model.lease import LeasedKV, Place, SlotLease
+from kvmesh.model.lease import LeasedKV, SlotLease
 from kvmesh.model.runner import ModelRunner
 from kvmesh.model.turns import Turns
 from kvmesh.sampling import Sampler, SamplingParams
@@ -106,46 +106,43 @@ class PrefillEngine:
         keys = self.lookup_keys(tokens, salt) if keys is None else keys
         if replay:
             return self.resume(tokens, len(tokens) - replay, keys)
-        if into is not None and (place := into.take()) is not None:
-            ok = False
-            try:
-                outcome = self._prefill_in_place(tokens, params, keys, place, into)
-                ok = True
-                return outcome
-            finally:
+        place = into.take() if into is not None else None  # a decode slot: prefilled in place
+        ok = False
+        try:
+            start = time.perf_counter()
+            if place is not None:
+                place.ensure(len(tokens) + 1)
+            blocks = None if place is None else place.blocks
+            past, cached, bad = (
+                self._cached_past(keys, len(tokens), self.reuse_decoded, blocks) if keys else (None, 0, 0)
+            )
+            read = time.perf_counter()
+            if place is None:
+                logits, kv = self._run(tokens[cached:], past)
+            else:  # no past buffer, no present made by the model, no copy into the slot
+                logits, kv = self._run_in_place(tokens, cached, place.buffers), place.kv(len(tokens))
+            token, logprob = Sampler(params).sample(logits)
+            if keys:
+                self._store_prompt(keys, kv, in_slot=place is not None, cached=cached)
+            ok = True
+        finally:
+            if into is not None and place is not None:
                 into.written(ok)
-        start = time.perf_counter()
-        past, cached, bad = self._cached_past(keys, len(tokens), self.reuse_decoded) if keys else (None, 0, 0)
-        read = time.perf_counter()
-        logits, kv = self._run(tokens[cached:], past)
-        token, logprob = Sampler(params).sample(logits)
-        if keys:
-            self._store(keys, _block_of(kv, self.block_size), None, len(keys))
+        if into is not None and place is not None:
+            kv = LeasedKV(kv.keys, kv.values, into)
         return PrefillOutcome(kv, cached, token, logprob, bad, read - start, time.perf_counter() - read)
 
-    def _prefill_in_place(
-        self, tokens: Sequence[int], params: SamplingParams, keys: list[bytes], place: Place, lease: SlotLease
-    ) -> PrefillOutcome:
-        """prefill() into a decode slot: the stored prefix read straight into it, the rest run
-        there in place (no past buffer, no present made by the model, no copy into the slot)."""
-        start = time.perf_counter()
-        place.ensure(len(tokens) + 1)
-        _, cached, bad = (
-            self._cached_past(keys, len(tokens), self.reuse_decoded, place.blocks) if keys else (None, 0, 0)
-        )
-        read = time.perf_counter()
-        logits = self._run_in_place(tokens, cached, place.buffers)
-        token, logprob = Sampler(params).sample(logits)
-        kv = place.kv(len(tokens))
+    def _store_prompt(self, keys: list[bytes], kv: KVCache, in_slot: bool, cached: int) -> None:
+        """A prefilled prompt's full blocks to the writer. In a decode slot only the blocks from
+        the first one computed, copied: the slot is the batch's once the sequence joins, and the
+        writer runs later. (1, kv_heads, tokens, head_dim) a layer."""
         bs = self.block_size
-        if (first := cached // bs) < len(keys):
-            # The new blocks, copied: the slot is the decode batch's once the sequence joins,
-            # and the writer runs later. (1, kv_heads, new tokens, head_dim) a layer.
+        if not in_slot:
+            self._store(keys, _block_of(kv, bs), None, len(keys))
+        elif (first := cached // bs) < len(keys):
             new = slice(first * bs, len(keys) * bs)
             part = KVCache([k[:, :, new].copy() for k in kv.keys], [v[:, :, new].copy() for v in kv.values])
             self._store(keys[first:], _block_of(part, bs), keys[first - 1] if first else None, len(keys))
-        leased = LeasedKV(kv.keys, kv.values, lease)
-        return PrefillOutcome(leased, cached, token, logprob, bad, read - start, time.perf_counter() - read)
 
     def resume(self, tokens: Sequence[int], prompt: int, keys: list[bytes]) -> PrefillOutcome:
         """A migrated sequence: `tokens` = its prompt (the first `prompt`) + the output it made. The

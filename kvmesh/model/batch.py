@@ -51,7 +51,6 @@ class HostSlots:
     free gives back what it held beyond its warm part."""
 
     def __init__(self, layout: KVLayout, slots: int, capacity: int, warm_tokens: int, budget_tokens: int) -> None:
-        self._layers = layout.layers
         # One reservation, buffer j = all[j]: a slot is then one strided view across every buffer
         # (`place`), in the prefix store's block order, that a prefill reads stored blocks into.
         self._all = reserved((2 * layout.layers, slots, layout.kv_heads, capacity, layout.head_dim), layout.dtype)
@@ -118,7 +117,7 @@ class HostSlots:
 
     def place(self, slot: int) -> Place:
         """The slot as a prefill writes into it (kvmesh/model/lease.py)."""
-        blocks = self._all[:, slot].reshape(self._layers, 2, *self._all.shape[2:])  # a view: axis 0 split
+        blocks = self._all[:, slot].reshape(len(self._all) // 2, 2, *self._all.shape[2:])  # a view: axis 0 split
         return Place(slot, blocks, [buf[slot : slot + 1] for buf in self.buffers], lambda n: self.ensure(slot, n))
 
     def bind(self, io: ort.IOBinding, b: int) -> None:
