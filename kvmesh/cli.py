@@ -97,10 +97,27 @@ def _model_commands(sub: Commands) -> None:
     prep.add_argument(
         "--activations",
         choices=["float32", "float16"],
-        default="float32",
-        help="float type of activations and KV: float16 for CUDA (ORT's GroupQueryAttention there takes no float32)",
+        default=_env("MODEL_ACTIVATIONS", "float32"),
+        help="float type of activations and KV: float16 for CUDA (ORT's GroupQueryAttention there takes no "
+        "float32; KVMESH_MODEL_ACTIVATIONS)",
     )
     prep.add_argument("--force", action="store_true", help="convert even when the folder is up to date")
+    wait = model.add_parser(
+        "wait",
+        help="wait until another process (a Kubernetes Job, a compose service) has prepared the default model "
+        "into $KVMESH_HOME, then run COMMAND if given (exit 1 after --timeout-s)",
+    )
+    wait.add_argument("--precision", choices=["int4", "fp32"], default="int4")
+    wait.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=0)
+    wait.add_argument("--exact-decode", action="store_true", help="as given to prepare")
+    wait.add_argument(
+        "--activations",
+        choices=["float32", "float16"],
+        default=_env("MODEL_ACTIVATIONS", "float32"),
+        help="as given to prepare (KVMESH_MODEL_ACTIVATIONS)",
+    )
+    wait.add_argument("--timeout-s", type=_at_least(1), default=600)
+    wait.add_argument("then", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="run once the model is there")
     info = model.add_parser("info", help="show a model folder's layout")
     _add_engine_flags(info)
 
@@ -237,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "model":
-            return commands.model_prepare(args) if args.model_command == "prepare" else commands.model_info(args)
+            return int(getattr(commands, f"model_{args.model_command}")(args))
         if args.command == "prefill":
             return commands.prefill(args)
         if args.command == "decode":

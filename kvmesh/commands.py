@@ -18,7 +18,7 @@ from kvmesh.generate import Delta
 from kvmesh.generate import generate as run_generate
 from kvmesh.model.folder import ModelFolder
 from kvmesh.model.gguf_import import Precision
-from kvmesh.model.prepare import default_model_dir, find_default_gguf, prepare
+from kvmesh.model.prepare import default_model_dir, find_default_gguf, prepare, wait_prepared
 from kvmesh.model.runner import ModelRunner, RunnerConfig
 from kvmesh.model.tokenizer import ChatTokenizer, chat_messages
 from kvmesh.sampling import SamplingParams
@@ -46,6 +46,19 @@ def model_prepare(args: argparse.Namespace) -> int:
         out = args.out or (default_model_dir(p) if args.gguf is None else Path(f"{gguf.stem}-{p}"))
         prepare(gguf, out, p, args.accuracy_level, args.force, args.exact_decode, args.activations)
         print(out)
+    return 0
+
+
+def model_wait(args: argparse.Namespace) -> int:
+    """The model folder written by someone else (a deployment's Job) into a volume read here; then
+    the rest of the command line, replacing this process (a compose service's entrypoint)."""
+    out = default_model_dir(args.precision)
+    gguf = find_default_gguf()
+    wait_prepared(gguf, out, args.precision, args.timeout_s, args.accuracy_level, args.exact_decode, args.activations)
+    command = args.then[1:] if args.then[:1] == ["--"] else args.then
+    print(f"{out}: ready", flush=True)
+    if command:
+        os.execvp(command[0], command)
     return 0
 
 

@@ -39,7 +39,7 @@ cleanup() {
   podman rm -f "${project}_decode-1_2" >/dev/null 2>&1 || true  # the replica tests/compose_check.py adds
   "${compose[@]}" down -v >/dev/null 2>&1 || true
   for net in mesh public; do podman network rm -f "${project}_$net" >/dev/null 2>&1 || true; done
-  podman volume rm -f "${project}_prefill-0-store" "${project}_prefill-1-store" >/dev/null 2>&1 || true
+  podman volume rm -f "${project}_models" "${project}_prefill-0-store" "${project}_prefill-1-store" >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
 cleanup

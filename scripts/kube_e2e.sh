@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # deploy/kubernetes run for real on this machine, with podman (no Kubernetes here): the cpu overlay
 # rendered by kubectl kustomize, turned into what `podman kube play` plays (tests/kube_check.py:
-# every replica as a Pod named as Kubernetes names it, a PVC per prefill pod), played on a podman
+# every replica as a Pod named as Kubernetes names it, a PVC per prefill pod, the model Job as a
+# Pod writing the model's volume that the others wait for and mount read-only), played on a podman
 # network with the same image as the compose file, checked from the host (an answer, a second turn
 # with cached tokens, a prefill pod killed and the next request served), then torn down, also when
 # a step fails. Needs the image: scripts/compose_e2e.sh (or compose_build.sh) builds it.
@@ -25,7 +26,7 @@ KVMESH_E2E_TOKEN=$token "$py" tests/kube_check.py render "$work/rendered.yaml" "
 
 cleanup() {
   podman kube down "$work/play.yaml" >/dev/null 2>&1 || true
-  for v in $(podman volume ls -q --filter name=store-kvmesh-prefill); do podman volume rm -f "$v" >/dev/null 2>&1 || true; done
+  for v in kvmesh-model $(podman volume ls -q --filter name=store-kvmesh-prefill); do podman volume rm -f "$v" >/dev/null 2>&1 || true; done
   podman network rm -f "$net" >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
@@ -47,6 +48,15 @@ podman kube play --network "$net" --configmap "$work/configmap.yaml" "$work/play
 if ! timeout 600 "$py" tests/kube_check.py check; then
   say "FAILED; pod logs follow"
   for c in $(podman ps -a --format '{{.Names}}' | grep '^kvmesh-'); do echo "== $c" >&2; podman logs --tail 30 "$c" >&2 || true; done
+  exit 1
+fi
+# the model came from the Job's volume: the Job's pod ended well, and the image holds none
+if [ "$(podman inspect kvmesh-model-prepare -f '{{.State.ExitCode}}')" != 0 ]; then
+  say "FAILED: the model Job's pod did not end well"; podman logs --tail 30 kvmesh-model-prepare >&2 || true
+  exit 1
+fi
+if podman run --rm --network none "localhost/kvmesh:$version" test -e /models/models; then
+  say "FAILED: the image holds a model (it should come from the Job's volume alone)"
   exit 1
 fi
 if ! podman exec kvmesh-decode-0-decode sh -c 'test -n "$KVMESH_DECODE_CLUSTER_TOKEN"'; then

@@ -113,6 +113,8 @@ def scale(project: str, client: Client) -> None:
             "--label",
             f"io.podman.compose.project={project}",
             *env,
+            "--volume",
+            f"{project}_models:/models:ro",  # the model the `model` service prepared
             "localhost/kvmesh:latest",
             "kvmesh",
             "decode",

@@ -2,12 +2,13 @@
 what `podman kube play` runs, then checked from the host: an answer through the proxy pod, a second
 turn with cached tokens, one prefill pod killed and the next request served.
 
-podman 4.3 plays Pods, Deployments and PersistentVolumeClaims and has no Services: so each
-StatefulSet and Deployment replica becomes a Pod named as Kubernetes would name it (NAME-0, ...;
-a StatefulSet's pods with their PVC, store-NAME-i), the proxy's dns:SERVICE:PORT pools become one
-dns:POD:PORT per pod (podman's DNS answers pod names), probes and affinity are left to podman
-(it ignores gRPC probes), and only the first proxy pod's gRPC and HTTP ports are published, to
-127.0.0.1 (+10000). The ConfigMap goes to `--configmap`.
+podman 4.3 plays Pods, Deployments and PersistentVolumeClaims and has no Services or Jobs: so
+each StatefulSet and Deployment replica becomes a Pod named as Kubernetes would name it (NAME-0,
+...; a StatefulSet's pods with their PVC, store-NAME-i), the model Job one Pod (NAME), the
+overlay's own PVC (the model's) a podman volume every pod mounts, the proxy's dns:SERVICE:PORT
+pools one dns:POD:PORT per pod (podman's DNS answers pod names), probes and affinity are left to
+podman (it ignores gRPC probes), and only the first proxy pod's gRPC and HTTP ports are published,
+to 127.0.0.1 (+10000). The ConfigMap goes to `--configmap`.
 
   python tests/kube_check.py render RENDERED.yaml PLAY.yaml CONFIGMAP.yaml
   python tests/kube_check.py check --endpoint 127.0.0.1:60051
@@ -39,7 +40,18 @@ def podman_objects(objs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], li
     pods_of = {
         o["metadata"]["name"]: [f"{o['metadata']['name']}-{i}" for i in range(o["spec"]["replicas"])] for o in workloads
     }
-    played: list[dict[str, Any]] = []
+    # the claims first: the model's volume exists before any pod mounts it
+    played: list[dict[str, Any]] = [o for o in objs if o["kind"] == "PersistentVolumeClaim"]
+    for job in (o for o in objs if o["kind"] == "Job"):
+        meta = job["spec"]["template"]["metadata"]
+        played.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": job["metadata"]["name"], "labels": meta["labels"]},
+                "spec": job["spec"]["template"]["spec"],
+            }
+        )
     for o in workloads:
         for i, pod in enumerate(pods_of[o["metadata"]["name"]]):
             spec = copy.deepcopy(o["spec"]["template"]["spec"])
@@ -67,9 +79,13 @@ def podman_objects(objs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], li
                     {"name": t["metadata"]["name"], "persistentVolumeClaim": {"claimName": claim}}
                 )
             labels = o["spec"]["template"]["metadata"]["labels"]
-            played.append(
-                {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod, "labels": labels}, "spec": spec}
-            )
+            # podman 4.3 gives init containers the pod's restart policy: under Always (a
+            # Deployment's) the finished model wait is started again and again, and podman then
+            # fails to remove it ("cannot remove container ... as it is running": seen here). So
+            # the played pods restart on failure only; no check here needs a restart on success.
+            spec["restartPolicy"] = "OnFailure"
+            meta = {"name": pod, "labels": labels}
+            played.append({"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec})
     return played, [o for o in objs if o["kind"] == "ConfigMap"]
 
 

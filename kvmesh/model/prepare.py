@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
@@ -56,19 +57,21 @@ def is_current(
     accuracy_level: int,
     decode_accuracy_level: int,
     activations: str,
+    digest: str | None = None,
 ) -> bool:
-    """True when `folder` was converted from this very file, at this precision, by this format."""
-    meta_path = folder / KVMESH_JSON
-    if not meta_path.is_file():
+    """True when `folder` was converted from this very file (`digest`: its sha256, if known), at this
+    precision, by this format."""
+    try:
+        meta = json.loads((folder / KVMESH_JSON).read_text())
+    except (OSError, ValueError):  # none yet, or another process is replacing the folder
         return False
-    meta = json.loads(meta_path.read_text())
     return bool(
         meta.get("format_version") == FORMAT_VERSION
         and meta.get("precision") == precision
         and meta.get("accuracy_level") == accuracy_level
         and meta.get("decode_accuracy_level", accuracy_level) == decode_accuracy_level
         and meta.get("activations", "float32") == activations
-        and meta.get("source", {}).get("sha256") == file_digest(gguf)
+        and meta.get("source", {}).get("sha256") == (digest or file_digest(gguf))
     )
 
 
@@ -108,3 +111,30 @@ def prepare(
         convert_gguf(gguf, out, precision, accuracy_level, step, decode_accuracy_level, activations)
         bar.update(len(steps) + 1 - bar.n)
     return out
+
+
+def wait_prepared(
+    gguf: Path,
+    out: Path,
+    precision: Precision,
+    timeout_s: float,
+    accuracy_level: int = 0,
+    exact_decode: bool = False,
+    activations: Activations = "float32",
+    poll_s: float = 1.0,
+) -> None:
+    """Return once `out` is what `prepare` with these settings leaves there, written by another
+    process (a Kubernetes Job, a compose service) into a volume this one reads; ModelError after
+    `timeout_s`. A folder appears whole (the converter renames it into place), so a present and
+    current one is complete."""
+    level = decode_level(precision, activations, exact_decode)
+    level = accuracy_level if level is None else level
+    deadline = time.monotonic() + timeout_s
+    digest = file_digest(gguf)  # once: hashing the 94 MB GGUF takes a few hundred ms
+    while not is_current(out, gguf, precision, accuracy_level, level, activations, digest):
+        if time.monotonic() >= deadline:
+            raise ModelError(
+                f"{out} was not prepared within {timeout_s:g} s (it is written by `kvmesh model prepare` "
+                f"with the same flags, e.g. the deployment's model Job)"
+            )
+        time.sleep(poll_s)

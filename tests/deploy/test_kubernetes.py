@@ -19,6 +19,7 @@ import yaml
 
 from decode_svc.config import DecodeConfig
 from decode_svc.metrics import DecodeMetrics
+from kvmesh.cli import parse
 from prefill_svc.config import PrefillConfig
 from proxy.config import ProxyConfig
 
@@ -119,6 +120,7 @@ def test_settings_are_real_flags_and_the_autoscaler_a_real_metric(with_component
         "PREFILL": {f.name for f in dataclasses.fields(PrefillConfig)},
         "DECODE": {f.name for f in dataclasses.fields(DecodeConfig)},
         "PROXY": {f.name for f in dataclasses.fields(ProxyConfig)},
+        "MODEL": {"activations"},  # `kvmesh model prepare` and `wait`: KVMESH_MODEL_ACTIVATIONS
     }
     for _, objs in _targets(with_components):
         envs = list(_config(objs))
@@ -130,6 +132,42 @@ def test_settings_are_real_flags_and_the_autoscaler_a_real_metric(with_component
         assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "kvmesh-decode"}
         exported = {m.name for m in DecodeMetrics().registry.collect()}
         assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] in exported
+
+
+def test_the_model_is_prepared_once_by_a_job_and_mounted_read_only_by_every_pod(
+    with_components: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KVMESH_MODEL_ACTIVATIONS", "float16")  # the one model setting the ConfigMap may hold
+    assert {parse(["model", c]).activations for c in ("prepare", "wait")} == {"float16"}
+    version = importlib.metadata.version("kvmesh")
+    for name, objs in _targets(with_components):
+        (claim,) = (c for c in _kind(objs, "PersistentVolumeClaim").values())
+        assert claim["metadata"]["name"] == "kvmesh-model" and claim["spec"]["accessModes"] == ["ReadWriteMany"]
+        (job,) = _kind(objs, "Job").values()
+        pod = job["spec"]["template"]["spec"]
+        (prepare,) = pod["containers"]
+        assert prepare["command"][:3] == ["kvmesh", "model", "prepare"], name
+        assert prepare["volumeMounts"] == [{"name": "model", "mountPath": "/models"}]  # the one writer
+        assert pod["volumes"] == [{"name": "model", "persistentVolumeClaim": {"claimName": "kvmesh-model"}}]
+        readers = [prepare]
+        for owner, o, c in _containers(objs):
+            spec = o["spec"]["template"]["spec"]
+            model = {"name": "model", "persistentVolumeClaim": {"claimName": "kvmesh-model", "readOnly": True}}
+            assert model in spec["volumes"], owner
+            (wait,) = spec["initContainers"]
+            assert wait["command"][:3] == ["kvmesh", "model", "wait"], owner
+            for mounting in (wait, c):
+                assert {"name": "model", "mountPath": "/models", "readOnly": True} in mounting["volumeMounts"], owner
+            readers += [wait, c]
+        for c in readers:
+            # the Job and the waits read the same settings (KVMESH_MODEL_ACTIVATIONS) and image
+            assert {"configMapRef": {"name": "kvmesh-config"}} in c["envFrom"], c["name"]
+            assert c["image"].rsplit(":", 1)[-1] == version
+            res = c["resources"]
+            assert {"cpu", "memory"} <= set(res["requests"]) and {"cpu", "memory"} <= set(res["limits"]), c["name"]
+    gpu = render(DEPLOY / "overlays" / "gpu")
+    assert _config(gpu)["KVMESH_MODEL_ACTIVATIONS"] == "float16"  # ORT's CUDA attention takes no float32
+    assert "KVMESH_MODEL_ACTIVATIONS" not in _config(render(DEPLOY / "overlays" / "cpu"))
 
 
 def test_the_gpu_overlay_puts_each_pool_on_its_kind_of_gpu_node() -> None:
@@ -162,9 +200,10 @@ def test_what_podman_plays_is_the_overlay_pod_for_pod() -> None:
     replicas = {
         o["metadata"]["name"]: o["spec"]["replicas"] for o in objs if o["kind"] in ("StatefulSet", "Deployment")
     }
-    assert set(pods) == {f"{name}-{i}" for name, n in replicas.items() for i in range(n)}
+    assert set(pods) == {"kvmesh-model", *(f"{name}-{i}" for name, n in replicas.items() for i in range(n))}
+    assert pods["kvmesh-model"]["spec"]["restartPolicy"] == "OnFailure"  # the Job, run once
     claims = {o["metadata"]["name"] for o in played if o["kind"] == "PersistentVolumeClaim"}
-    assert claims == {f"store-kvmesh-prefill-{i}" for i in range(replicas["kvmesh-prefill"])}
+    assert claims == {"kvmesh-model", *(f"store-kvmesh-prefill-{i}" for i in range(replicas["kvmesh-prefill"]))}
     command = pods["kvmesh-proxy-0"]["spec"]["containers"][0]["command"]
     assert [a for a in command if a.startswith("dns:")] == [
         *(f"dns:kvmesh-prefill-{i}:50061" for i in range(replicas["kvmesh-prefill"])),

@@ -168,6 +168,30 @@ def test_prepare_writes_the_int8_decode_graph_by_default_and_exact_decode_on_req
     assert "up to date" in kvmesh(*args).stdout
 
 
+def test_model_wait_returns_once_another_process_has_prepared_the_model(real_int4: ModelFolder, tmp_path: Path) -> None:
+    """A deployment's pods wait for the model its Job prepares into their shared volume: nothing
+    runs before the folder is there and current, then the command given after `--` does."""
+    env = {**os.environ, "KVMESH_HOME": str(tmp_path)}
+    cmd = [sys.executable, "-m", "kvmesh.cli", "model", "wait", "--timeout-s", "120", "--"]
+    waiting = subprocess.Popen(
+        [*cmd, sys.executable, "-c", "print('serving')"], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            waiting.wait(timeout=2)  # no model folder yet: still waiting
+        (tmp_path / "models").mkdir()
+        # what the Job's `kvmesh model prepare` leaves (the real one, renamed into place whole)
+        (tmp_path / "models" / real_int4.path.name).symlink_to(real_int4.path)
+        out, _ = waiting.communicate(timeout=60)
+    finally:
+        waiting.kill()
+    assert waiting.returncode == 0 and out.splitlines()[-1] == "serving"
+    # the folder there was prepared with the int8 decode graph: an exact-decode deployment waits on
+    exact = kvmesh("model", "wait", "--exact-decode", "--timeout-s", "1", home=tmp_path)
+    _clear_error(exact, "not prepared within 1 s")
+    _clear_error(kvmesh("model", "wait", "--timeout-s", "1", home=tmp_path / "empty"), "not prepared within 1 s")
+
+
 def test_chat_ends_cleanly_at_end_of_input_and_takes_a_session() -> None:
     r = subprocess.run(
         [sys.executable, "-m", "kvmesh.cli", "chat", "--endpoint", "127.0.0.1:1", "--session", "my-session"],
