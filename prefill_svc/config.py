@@ -38,10 +38,13 @@ class PrefillConfig:
         ),
     )
     drain_seconds: float = field(default=10.0, metadata=doc("on SIGTERM, how long running calls may finish"))
-    # Off by default: measured on 2 cores (8 streams joining, 512-token prompts), turns with 64-token
-    # chunks took the worst gaps of warm joins from 54 to 46 ms (p99) but those of cold ones from
-    # 71 to 172 ms: each chunk's KV comes back in fresh memory, whose page faults cost more than
-    # the contention they replace. A prefill node has no decode steps to take turns with.
+    # Off by default. Measured with bench/peer.py on 2 cores (docs/results/2026-12-03/cpu-2core-amd,
+    # chunks of 64 against 0 in the same session, prompts now prefilled into the slot): 8 cold
+    # 512-token prompts at once reached their first tokens sooner (6.2 s p50 against 8.4) and the
+    # warm batch's TTFT ratio to llama-server went from 0.37 to 0.53, but the warm 8-stream gaps
+    # were the same (p99 ratio 1.02 against 1.03) and one stream decoded slower in both pairs of
+    # runs (0.91 / 0.79 of the peer against 0.94 / 0.88): not a clear win. A prefill node has no
+    # decode steps to take turns with.
     prefill_chunk_tokens: int = field(
         default=0,
         metadata=doc("colocated worker: prompt tokens per prefill chunk, each between two decode steps (0: no turns)"),
