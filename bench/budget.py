@@ -37,6 +37,16 @@ def graph_weight_bytes(graph: Path) -> int:
     return sum(_bytes(t) for t in g.initializer if readers.get(t.name) and not readers[t.name] <= _ROW_READERS)
 
 
+def kv_bytes_per_token(folder: Path) -> int:
+    """Bytes of KV one token adds, every layer (SmolLM2 fp32: 46,080), from the folder's layout."""
+    import json
+
+    from kvmesh.model.kv import KVLayout
+
+    lay = json.loads((folder / "kvmesh.json").read_text())["layout"]
+    return KVLayout(lay["layers"], lay["kv_heads"], lay["head_dim"], np.dtype(lay["dtype"])).bytes_per_token
+
+
 def read_bandwidth(size: int = 1 << 30, threads: int = 2, repeats: int = 5) -> float:
     """Bytes/s of `threads` threads each summing its share of a touched `size`-byte array (numpy
     releases the GIL in the reduction); the best of `repeats`."""
@@ -49,3 +59,114 @@ def read_bandwidth(size: int = 1 << 30, threads: int = 2, repeats: int = 5) -> f
             list(pool.map(np.sum, parts))
             best = max(best, size / (time.perf_counter() - t))
     return best
+
+
+def attention_graph(graph: Path, capacity: int) -> onnx.ModelProto:
+    """The decode graph's GroupQueryAttention nodes alone, same attributes, one per layer, over
+    KV buffers of `capacity` tokens: what attention costs a step, apart from the weights.
+    Inputs: qkv (B, 1, (heads + 2 kv_heads) * head_dim) packed as the model's projection writes
+    it, seqlens_k (B,), total_sequence_length (), past.i.key|value (B, kv_heads, capacity, head_dim)."""
+    from onnx import TensorProto, helper
+
+    g = onnx.load(str(graph), load_external_data=False).graph
+    gqa = [n for n in g.node if n.op_type == "GroupQueryAttention"]
+    attrs = {a.name: helper.get_attribute_value(a) for a in gqa[0].attribute}
+    heads, kv_heads = int(attrs["num_heads"]), int(attrs["kv_num_heads"])
+    past = next(i for i in g.input if i.name == gqa[0].input[3])
+    head_dim = past.type.tensor_type.shape.dim[3].dim_value
+    dtype = past.type.tensor_type.elem_type
+    np_dtype = helper.tensor_dtype_to_np_dtype(dtype)
+    # rotary tables (capacity, head_dim / 2): their values do not change the cost
+    angles = np.outer(np.arange(capacity), np.ones(head_dim // 2))
+    tables = [
+        helper.make_tensor(n, dtype, angles.shape, f(angles).astype(np_dtype).ravel())
+        for n, f in (("cos", np.cos), ("sin", np.sin))
+    ]
+    inputs = [
+        helper.make_tensor_value_info("qkv", dtype, ["B", 1, (heads + 2 * kv_heads) * head_dim]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["B"]),
+        helper.make_tensor_value_info("total", TensorProto.INT32, []),
+    ]
+    nodes, outputs = [], []
+    for i in range(len(gqa)):
+        names = [f"past.{i}.key", f"past.{i}.value"]
+        inputs += [helper.make_tensor_value_info(n, dtype, ["B", kv_heads, capacity, head_dim]) for n in names]
+        outs = [f"out.{i}", f"present.{i}.key", f"present.{i}.value"]
+        nodes.append(
+            helper.make_node(
+                "GroupQueryAttention",
+                ["qkv", "", "", *names, "seqlens_k", "total", "cos", "sin"],
+                outs,
+                domain="com.microsoft",
+                **attrs,
+            )
+        )
+        outputs += [helper.make_tensor_value_info(n, dtype, None) for n in outs]
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(helper.make_graph(nodes, "attention", inputs, outputs, tables), opset_imports=opsets)
+
+
+def attention_ms(graph: Path, batch: int, context: int, threads: int = 2, steps: int = 20) -> float:
+    """Milliseconds of one step's attention, every layer: `batch` rows attending over `context`
+    tokens each, past and present bound to the same buffers (as SlotBatch binds them); the median
+    of `steps` after a warm-up."""
+    import onnxruntime as ort
+
+    capacity = context + 1
+    model = attention_graph(graph, capacity)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    qkv_shape = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(model.graph.input[0].type.tensor_type.elem_type)
+    rng = np.random.default_rng(0)
+    io = session.io_binding()
+    qkv = rng.standard_normal((batch, 1, int(qkv_shape[2]))).astype(dtype)
+    io.bind_cpu_input("qkv", qkv)
+    io.bind_cpu_input("seqlens_k", np.full(batch, context, np.int32))  # context + the new token, - 1
+    io.bind_cpu_input("total", np.array(capacity, np.int32))
+    buffers = []
+    for inp in model.graph.input[3:]:
+        shape = [batch, *(d.dim_value for d in inp.type.tensor_type.shape.dim[1:])]
+        buf = rng.standard_normal(shape).astype(dtype)
+        buffers.append(buf)
+        io.bind_input(inp.name, "cpu", 0, dtype, shape, buf.ctypes.data)
+        io.bind_output(inp.name.replace("past", "present"), "cpu", 0, dtype, shape, buf.ctypes.data)
+    for out in model.graph.output[0::3]:
+        io.bind_output(out.name)
+    for _ in range(3):
+        session.run_with_iobinding(io)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        session.run_with_iobinding(io)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)) * 1000
+
+
+def batch_step_ms(folder: Path, batch: int, context: int, exact: bool, threads: int = 2, steps: int = 20) -> float:
+    """Milliseconds of one decode step of the engine alone (SlotBatch, no services): `batch`
+    sequences of `context` tokens (KV of random values: a step's cost does not depend on them);
+    the median of `steps` after a warm-up."""
+    from kvmesh.model.batch import SlotBatch
+    from kvmesh.model.folder import ModelFolder
+    from kvmesh.model.kv import KVCache
+    from kvmesh.model.runner import ModelRunner, RunnerConfig
+
+    config = RunnerConfig(threads=threads, provider="cpu", decode_numerics="exact" if exact else "auto")
+    runner = ModelRunner(ModelFolder.load(folder), config)
+    lay, rng = runner.layout, np.random.default_rng(0)
+    slots = SlotBatch(runner, batch, context + steps + 8)
+    shape = (1, lay.kv_heads, context, lay.head_dim)
+    for _ in range(batch):
+        parts = [[rng.standard_normal(shape).astype(lay.dtype) for _ in range(lay.layers)] for _ in range(2)]
+        slots.add(KVCache(*parts))
+    tokens = np.full(batch, 100, np.int64)
+    for _ in range(3):
+        slots.step(tokens)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        slots.step(tokens)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)) * 1000

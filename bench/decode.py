@@ -12,6 +12,12 @@ Two decode nodes share the prefill node, one per decode numerics (--numerics): t
 (int8 activations) and exact (fp32 activations, --decode-numerics exact), each concurrency on both in turn.
 --model takes another folder, e.g. one prepared with --exact-decode.
 
+Then the batch budget, in this process, without services: the engine's step alone (SlotBatch,
+N sequences of prompt-tokens each) and the attention alone (the graph's GroupQueryAttention
+nodes over the same KV), so "rest" is the weights' side (MatMulNBits, Q4_1 corrections, norms);
+what N streams could reach over one without attention, and with attention at the machine's read
+bandwidth (KV bytes / bandwidth), bounds the "x 1 stream" above.
+
   python bench/decode.py [--concurrency 1 4 8 16] [--rounds 3] [--model DIR] [--json out.json]
 """
 
@@ -98,9 +104,70 @@ def main() -> None:
         ["numerics", "streams", "tokens/s", "x 1 stream", "ITL p50 ms", "ITL p99 ms"],
         [[r[k] for k in keys] for r in rows],
     )
-    report: dict[str, Any] = {"workload": dict(SIZES), "rows": rows}
+    report: dict[str, Any] = {"workload": dict(SIZES), "rows": rows, "budget": batch_budget(args)}
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def batch_budget(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The engine's step and its attention at each concurrency, and what bounds "x 1 stream"."""
+    from bench.budget import attention_ms, batch_step_ms, kv_bytes_per_token, read_bandwidth
+
+    folder, context = ModelFolder.load(MODEL[0]), SIZES["prompt_tokens"]
+    bandwidth = read_bandwidth()
+    rows: list[dict[str, Any]] = []
+    for numerics in args.numerics:
+        exact = numerics == "exact"
+        graph = folder.graph if exact or folder.decode_graph is None else folder.decode_graph
+        for n in args.concurrency:
+            step = batch_step_ms(MODEL[0], n, context, exact)
+            attention = attention_ms(graph, n, context)
+            kv_ms = n * context * kv_bytes_per_token(MODEL[0]) / bandwidth * 1000
+            rows.append(
+                {
+                    "numerics": numerics,
+                    "streams": n,
+                    "step_ms": step,
+                    "attention_ms": attention,
+                    "rest_ms": step - attention,
+                    "kv_at_bandwidth_ms": kv_ms,
+                }
+            )
+    for r in rows:
+        one = next(o for o in rows if o["numerics"] == r["numerics"] and o["streams"] == args.concurrency[0])
+        n = r["streams"] / one["streams"]
+        r["ratio_to_1"] = n * one["step_ms"] / r["step_ms"]
+        r["ratio_without_attention"] = n * one["rest_ms"] / r["rest_ms"]
+        r["ratio_attention_at_bandwidth"] = (
+            n * (one["rest_ms"] + one["kv_at_bandwidth_ms"]) / (r["rest_ms"] + r["kv_at_bandwidth_ms"])
+        )
+    print(f"\nbatch budget: engine alone, {context} tokens per sequence, read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    keys = [
+        "numerics",
+        "streams",
+        "step_ms",
+        "attention_ms",
+        "rest_ms",
+        "kv_at_bandwidth_ms",
+        "ratio_to_1",
+        "ratio_without_attention",
+        "ratio_attention_at_bandwidth",
+    ]
+    table(
+        [
+            "numerics",
+            "streams",
+            "step ms",
+            "attention ms",
+            "rest ms",
+            "KV/bandwidth ms",
+            "x 1 stream",
+            "x 1, no attention",
+            "x 1, attention at bandwidth",
+        ],
+        [[r[k] for k in keys] for r in rows],
+    )
+    return rows
 
 
 def measure(args: argparse.Namespace) -> list[dict[tuple[str, int], dict[str, Any]]]:

@@ -259,19 +259,19 @@ def _interleaved_rows(precision: str, folder: Path, rounds: int, report: dict[st
 
 def step_budget(folder: Path, summaries: dict[str, dict[str, float]]) -> dict[str, Any]:
     """A decode step's floor: the bytes it must read (weights of the decode graph, and the KV of
-    the context) over this machine's measured read bandwidth, against the measured step time."""
-    from bench.budget import graph_weight_bytes, read_bandwidth
+    the context) over this machine's measured read bandwidth, against the measured step time;
+    and the attention alone (the graph's GroupQueryAttention nodes over that context, one row)
+    against its share of the floor, the KV's bytes over the bandwidth."""
+    from bench.budget import attention_ms, graph_weight_bytes, kv_bytes_per_token, read_bandwidth
 
     bandwidth = read_bandwidth()
     rows: dict[str, Any] = {"read_gb_s": bandwidth / 1e9}
     print(f"\nstep budget (read bandwidth {bandwidth / 1e9:.1f} GB/s, {THREADS} threads, numpy sum over 1 GiB)")
     print(
         f"{'numerics':13} {'context':>7} {'weights MB':>10} {'KV MB':>7} {'floor ms':>8} {'step ms':>8} {'x floor':>7}"
+        f" {'attention ms':>12} {'KV floor ms':>11}"
     )
-    from kvmesh.model.kv import KVLayout
-
-    lay = json.loads((folder / "kvmesh.json").read_text())["layout"]  # SmolLM2 fp32: 46,080 B a token
-    kv_per_token = KVLayout(lay["layers"], lay["kv_heads"], lay["head_dim"], np.dtype(lay["dtype"])).bytes_per_token
+    kv_per_token = kv_bytes_per_token(folder)
     for engine in [e for e in ("kvmesh", "kvmesh-exact") if e in summaries]:
         graph = folder / ("model_decode.onnx" if engine == "kvmesh" else "model_last.onnx")
         if not graph.is_file():
@@ -281,10 +281,11 @@ def step_budget(folder: Path, summaries: dict[str, dict[str, float]]) -> dict[st
             step_ms = 1000 / summaries[engine][f"decode_{name}_tok_s"]
             kv = context * kv_per_token
             floor_ms = (weights + kv) / bandwidth * 1000
+            attention = attention_ms(graph, 1, context, THREADS)
             label = "int8 act." if engine == "kvmesh" else "exact"
             print(
                 f"{label:13} {context:7} {weights / 1e6:10.1f} {kv / 1e6:7.1f} {floor_ms:8.2f} {step_ms:8.2f} "
-                f"{step_ms / floor_ms:7.2f}"
+                f"{step_ms / floor_ms:7.2f} {attention:12.2f} {kv / bandwidth * 1000:11.2f}"
             )
             rows[f"{engine}_{name}"] = {
                 "context": context,
@@ -292,6 +293,7 @@ def step_budget(folder: Path, summaries: dict[str, dict[str, float]]) -> dict[st
                 "kv_bytes": kv,
                 "floor_ms": floor_ms,
                 "step_ms": step_ms,
+                "attention_ms": attention,
             }
     return rows
 

@@ -30,6 +30,7 @@ def test_engine(real_int4: ModelFolder, tmp_path: Path) -> None:
     assert "kvmesh-exact decode_short_tok_s" in stdout and "step budget" in stdout
     assert set(report["int4"]) >= {"kvmesh", "kvmesh-exact", "genai", "ratio"}  # type: ignore[arg-type]
     assert report["step_budget"]["kvmesh_long"]["context"] == 64  # type: ignore[index]
+    assert report["step_budget"]["kvmesh_long"]["attention_ms"] > 0  # type: ignore[index]
 
 
 def test_decode(real_int4: ModelFolder, tmp_path: Path) -> None:
@@ -39,7 +40,10 @@ def test_decode(real_int4: ModelFolder, tmp_path: Path) -> None:
     assert {(r["numerics"], r["streams"]) for r in rows} == {  # type: ignore[attr-defined]
         (n, s) for n in ("default", "exact") for s in (1, 2)
     }
-    assert "x 1 stream" in stdout
+    assert "x 1 stream" in stdout and "batch budget" in stdout
+    budget = {(r["numerics"], r["streams"]): r for r in report["budget"]}  # type: ignore[attr-defined]
+    assert set(budget) == {(n, s) for n in ("default", "exact") for s in (1, 2)}
+    assert all(0 < r["attention_ms"] < r["step_ms"] for r in budget.values())
 
 
 def test_prefix_cache(real_int4: ModelFolder, tmp_path: Path) -> None:
