@@ -8,6 +8,7 @@ whole context; at one stream it is memory-bound, so (bytes read) / (read bandwid
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -117,15 +118,15 @@ def attention_ms(graph: Path, batch: int, context: int, threads: int = 2, steps:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    qkv_shape = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(model.graph.input[0].type.tensor_type.elem_type)
+    qkv_type = model.graph.input[0].type.tensor_type
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(qkv_type.elem_type)
     rng = np.random.default_rng(0)
     io = session.io_binding()
-    qkv = rng.standard_normal((batch, 1, int(qkv_shape[2]))).astype(dtype)
+    qkv = rng.standard_normal((batch, 1, qkv_type.shape.dim[2].dim_value)).astype(dtype)
     io.bind_cpu_input("qkv", qkv)
     io.bind_cpu_input("seqlens_k", np.full(batch, context, np.int32))  # context + the new token, - 1
     io.bind_cpu_input("total", np.array(capacity, np.int32))
-    buffers = []
+    buffers = []  # the bound KV: held here while the session reads and writes it by address
     for inp in model.graph.input[3:]:
         shape = [batch, *(d.dim_value for d in inp.type.tensor_type.shape.dim[1:])]
         buf = rng.standard_normal(shape).astype(dtype)
@@ -134,14 +135,7 @@ def attention_ms(graph: Path, batch: int, context: int, threads: int = 2, steps:
         io.bind_output(inp.name.replace("past", "present"), "cpu", 0, dtype, shape, buf.ctypes.data)
     for out in model.graph.output[0::3]:
         io.bind_output(out.name)
-    for _ in range(3):
-        session.run_with_iobinding(io)
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        session.run_with_iobinding(io)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)) * 1000
+    return _median_ms(lambda: session.run_with_iobinding(io), steps)
 
 
 def batch_step_ms(folder: Path, batch: int, context: int, exact: bool, threads: int = 2, steps: int = 20) -> float:
@@ -162,11 +156,16 @@ def batch_step_ms(folder: Path, batch: int, context: int, exact: bool, threads: 
         parts = [[rng.standard_normal(shape).astype(lay.dtype) for _ in range(lay.layers)] for _ in range(2)]
         slots.add(KVCache(*parts))
     tokens = np.full(batch, 100, np.int64)
-    for _ in range(3):
-        slots.step(tokens)
+    return _median_ms(lambda: slots.step(tokens), steps)
+
+
+def _median_ms(run: Callable[[], object], steps: int, warmup: int = 3) -> float:
+    """Median milliseconds of `steps` calls of `run`, after `warmup` calls."""
+    for _ in range(warmup):
+        run()
     times = []
     for _ in range(steps):
         t = time.perf_counter()
-        slots.step(tokens)
+        run()
         times.append(time.perf_counter() - t)
     return float(np.median(times)) * 1000

@@ -114,7 +114,7 @@ def batch_budget(args: argparse.Namespace) -> list[dict[str, Any]]:
     from bench.budget import attention_ms, batch_step_ms, kv_bytes_per_token, read_bandwidth
 
     folder, context = ModelFolder.load(MODEL[0]), SIZES["prompt_tokens"]
-    bandwidth = read_bandwidth()
+    bandwidth, kv_per_token = read_bandwidth(), kv_bytes_per_token(MODEL[0])
     rows: list[dict[str, Any]] = []
     for numerics in args.numerics:
         exact = numerics == "exact"
@@ -122,7 +122,7 @@ def batch_budget(args: argparse.Namespace) -> list[dict[str, Any]]:
         for n in args.concurrency:
             step = batch_step_ms(MODEL[0], n, context, exact)
             attention = attention_ms(graph, n, context)
-            kv_ms = n * context * kv_bytes_per_token(MODEL[0]) / bandwidth * 1000
+            kv_ms = n * context * kv_per_token / bandwidth * 1000
             rows.append(
                 {
                     "numerics": numerics,
