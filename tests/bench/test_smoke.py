@@ -78,6 +78,7 @@ def test_peer_kvmesh_side(real_int4: ModelFolder, tmp_path: Path, shape: str) ->
         ("short", "tok_s"),
         ("long", "tok_s"),
         ("batch", "itl_p99_ms"),
+        ("batch", "steady_p99_ms"),
     }
     assert "colocated" in str(report["shape"]) if not shape else "1 prefill + 1 decode" in str(report["shape"])
 
@@ -109,3 +110,15 @@ def test_the_peer_is_built_natively_and_without_amx_where_the_cpu_has_it() -> No
     assert tag == "-noamx" and "-DGGML_NATIVE=OFF" in options
     assert {"-DGGML_AVX2=ON", "-DGGML_AVX512=ON", "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=OFF"} <= set(options)
     assert not any("AMX" in o for o in options)  # ggml's AMX options stay at their default, off
+
+
+def test_window_gaps_leave_out_the_joins() -> None:
+    """Two streams, the second joining late: only gaps inside the window where both decode count."""
+    from bench.common import Stream, window_gaps, window_rate
+
+    early = Stream(0.0, [0.1, 0.2, 0.3, 1.3, 1.4, 1.5, 1.6])  # 1.0 s stalled while the other joined
+    late = Stream(0.0, [1.2, 1.3, 1.4, 1.5, 1.7])
+    gaps = window_gaps([early, late])  # window (1.3, 1.6]: both decode
+    assert sorted(round(g, 3) for g in gaps) == [0.1] * 5
+    assert max(early.gaps) == 1.0 > max(gaps)
+    assert round(window_rate([early, late]), 3) == round(5 / 0.3, 3)
