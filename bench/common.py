@@ -106,7 +106,7 @@ def window_rate(streams: Sequence[Stream]) -> float:
     """Aggregate decode tokens/s of streams that ran together: the tokens received from the moment
     the last one decodes (its second token) to the moment the first one ends, over that window;
     nan when no instant had every stream decoding."""
-    start, end = max(s.arrivals[1] for s in streams), min(s.arrivals[-1] for s in streams)
+    start, end = _window(streams)
     n = sum(1 for s in streams for t in s.arrivals if start < t <= end)
     return n / (end - start) if end > start else float("nan")
 
@@ -114,8 +114,13 @@ def window_rate(streams: Sequence[Stream]) -> float:
 def window_gaps(streams: Sequence[Stream]) -> list[float]:
     """Inter-token gaps (s) that end inside window_rate's window: the steady batch, without the
     gaps the joins (later streams' prefills and KV) make in the streams already decoding."""
-    start, end = max(s.arrivals[1] for s in streams), min(s.arrivals[-1] for s in streams)
+    start, end = _window(streams)
     return [b - a for s in streams for a, b in pairwise(s.arrivals) if start < b <= end and a >= start]
+
+
+def _window(streams: Sequence[Stream]) -> tuple[float, float]:
+    """(the last stream's second token, the first stream's last): every stream decodes between."""
+    return max(s.arrivals[1] for s in streams), min(s.arrivals[-1] for s in streams)
 
 
 def pct(values: Sequence[float], q: float) -> float:
