@@ -49,7 +49,17 @@ class PrefillConfig:
         default=0,
         metadata=doc("colocated worker: prompt tokens per prefill chunk, each between two decode steps (0: no turns)"),
     )
-
+    # Measured with bench/peer.py (docs/results/2026-12-04/cpu-2core-amd): 8 warm joins computed
+    # their last tokens one after another, ~45 ms each, most of it the exact MatMulNBits' fixed
+    # cost of a run; together they take one run. Bounded in tokens: a job that joins a run waits
+    # for the others' tokens too (~2 ms each on 2 cores).
+    prefill_together_tokens: int = field(
+        default=256,
+        metadata=doc(
+            "colocated worker: prompts waiting at once are prefilled in one model run while their "
+            "uncached tokens sum to at most this (0: each alone)"
+        ),
+    )
     reply_kv: str = field(
         default="decoded",
         metadata=doc(
@@ -67,9 +77,11 @@ class PrefillConfig:
             or self.chunk_bytes % 4
             or self.max_queued_tokens < 1
             or self.prefill_chunk_tokens < 0
+            or self.prefill_together_tokens < 0
         ):
             raise InvalidArgument(
-                "block_size and max_queued_tokens must be positive, prefill_chunk_tokens >= 0, "
+                "block_size and max_queued_tokens must be positive, prefill_chunk_tokens and "
+                "prefill_together_tokens >= 0, "
                 "chunk_bytes a multiple of 4 and >= 1024"
             )
         if self.provider not in ("auto", "cpu", "cuda"):

@@ -14,7 +14,7 @@ import numpy as np
 from kvmesh.blockhash import block_keys, root_key
 from kvmesh.errors import InvalidArgument, KvmeshError
 from kvmesh.model.kv import KVCache
-from kvmesh.model.lease import LeasedKV, SlotLease
+from kvmesh.model.lease import LeasedKV, Place, SlotLease
 from kvmesh.model.runner import ModelRunner
 from kvmesh.model.turns import Turns
 from kvmesh.sampling import Sampler, SamplingParams
@@ -32,6 +32,17 @@ class PrefillOutcome:
     bad_blocks: int  # stored blocks that failed their checksum (dropped; recomputed here)
     store_read_s: float
     compute_s: float
+    together: int = 1  # prompts prefilled in the same model run (prefill_together)
+
+
+@dataclass(frozen=True)
+class SlotPrefill:
+    """One prompt of `PrefillEngine.prefill_together`, prefilled in place into a lent decode slot."""
+
+    tokens: Sequence[int]
+    params: SamplingParams
+    keys: list[bytes]  # lookup_keys(tokens, salt)
+    into: SlotLease
 
 
 class PrefillEngine:
@@ -94,6 +105,26 @@ class PrefillEngine:
         """`keys`: lookup_keys(tokens, salt), if the caller made them already. `replay` > 0: a
         resumption (see `resume`). `into`: a decode slot of this process to prefill in place
         (a colocated worker's; the outcome's KV is then a LeasedKV), where one is free."""
+        self._check(tokens, replay)
+        keys = self.lookup_keys(tokens, salt) if keys is None else keys
+        if replay:
+            return self.resume(tokens, len(tokens) - replay, keys)
+        place = into.take() if into is not None else None  # a decode slot: prefilled in place
+        if into is not None and place is not None:
+            result = self._in_place([(SlotPrefill(tokens, params, keys, into), place)])[0]
+            if isinstance(result, BaseException):
+                raise result
+            return result
+        start = time.perf_counter()
+        past, cached, bad = self._cached_past(keys, len(tokens), self.reuse_decoded) if keys else (None, 0, 0)
+        read = time.perf_counter()
+        logits, kv = self._run(tokens[cached:], past)
+        token, logprob = Sampler(params).sample(logits)
+        if keys:
+            self._store_prompt(keys, kv, in_slot=False, cached=cached)
+        return PrefillOutcome(kv, cached, token, logprob, bad, read - start, time.perf_counter() - read)
+
+    def _check(self, tokens: Sequence[int], replay: int) -> None:
         if not tokens:
             raise InvalidArgument("empty prompt")
         if len(tokens) >= self.runner.max_context:
@@ -103,34 +134,89 @@ class PrefillEngine:
         if not 0 <= replay < len(tokens):
             raise InvalidArgument(f"replay_tokens {replay} must be below the {len(tokens)} tokens sent")
         self.runner.check_tokens(tokens)
-        keys = self.lookup_keys(tokens, salt) if keys is None else keys
-        if replay:
-            return self.resume(tokens, len(tokens) - replay, keys)
-        place = into.take() if into is not None else None  # a decode slot: prefilled in place
-        ok = False
+
+    @property
+    def can_group(self) -> bool:
+        """Whether prefill_together runs its prompts in one model run (the runner has the group
+        graph, and no decode steps take turns with the prefill)."""
+        return self.runner.group_session is not None and self.turns is None
+
+    def prefill_together(self, jobs: list[SlotPrefill]) -> list[PrefillOutcome | BaseException]:
+        """Several prompts' prefill, each in place in its lent decode slot, the model run once for
+        all of them (`ModelRunner.prefill_group_in_place`): the exact graph's linear layers cost
+        ~40 ms a run however few its rows, so eight warm joins' last tokens took one run, not
+        eight. Each prompt's KV is what it alone would make, bit for bit. One without a slot (none
+        free, or its request left) runs alone, out of place. -> per job its outcome, or the error
+        it failed with (one job's failure is its own)."""
+        results: list[PrefillOutcome | BaseException | None] = [None] * len(jobs)
+        rows: list[tuple[int, SlotPrefill, Place]] = []
+        for i, job in enumerate(jobs):
+            try:
+                self._check(job.tokens, 0)
+                place = job.into.take()
+                if place is None:
+                    results[i] = self.prefill(job.tokens, job.params, keys=job.keys, into=job.into)
+                else:
+                    rows.append((i, job, place))
+            except Exception as e:
+                results[i] = e
+        for (i, _, _), result in zip(rows, self._in_place([(job, place) for _, job, place in rows]), strict=True):
+            results[i] = result
+        return [r if r is not None else KvmeshError("prefill left no outcome") for r in results]
+
+    def _in_place(self, rows: list[tuple[SlotPrefill, Place]]) -> list[PrefillOutcome | BaseException]:
+        """Prompts into their decode slots (taken from their leases): the stored prefix read into
+        the slot, the rest run there in place, one model run for all where there are several."""
+        results: list[PrefillOutcome | BaseException | None] = [None] * len(rows)
+        reads: list[tuple[int, int, float]] = []  # per row: cached tokens, bad blocks, read seconds
         try:
+            for i, (job, place) in enumerate(rows):
+                start = time.perf_counter()
+                try:
+                    place.ensure(len(job.tokens) + 1)
+                    _, cached, bad = (
+                        self._cached_past(job.keys, len(job.tokens), self.reuse_decoded, place.blocks)
+                        if job.keys
+                        else (None, 0, 0)
+                    )
+                except Exception as e:
+                    results[i] = e
+                reads.append((0, 0, 0.0) if results[i] else (cached, bad, time.perf_counter() - start))
+            live = [i for i in range(len(rows)) if results[i] is None]
             start = time.perf_counter()
-            if place is not None:
-                place.ensure(len(tokens) + 1)
-            blocks = None if place is None else place.blocks
-            past, cached, bad = (
-                self._cached_past(keys, len(tokens), self.reuse_decoded, blocks) if keys else (None, 0, 0)
-            )
-            read = time.perf_counter()
-            if place is None:
-                logits, kv = self._run(tokens[cached:], past)
-            else:  # no past buffer, no present made by the model, no copy into the slot
-                logits, kv = self._run_in_place(tokens, cached, place.buffers), place.kv(len(tokens))
-            token, logprob = Sampler(params).sample(logits)
-            if keys:
-                self._store_prompt(keys, kv, in_slot=place is not None, cached=cached)
-            ok = True
+            try:
+                logits = self._compute_in_place([(rows[i][0].tokens, rows[i][1].buffers, reads[i][0]) for i in live])
+            except Exception as e:
+                results = [e if r is None else r for r in results]
+                live = []
+            compute_s = time.perf_counter() - start
+            for i, row_logits in zip(live, logits if live else [], strict=True):
+                (job, place), (cached, bad, read_s) = rows[i], reads[i]
+                try:
+                    token, logprob = Sampler(job.params).sample(row_logits)
+                    kv = place.kv(len(job.tokens))
+                    if job.keys:
+                        self._store_prompt(job.keys, kv, in_slot=True, cached=cached)
+                    kv = LeasedKV(kv.keys, kv.values, job.into)
+                    results[i] = PrefillOutcome(kv, cached, token, logprob, bad, read_s, compute_s, len(live))
+                except Exception as e:
+                    results[i] = e
         finally:
-            if into is not None and place is not None:
-                into.written(ok)
-        if into is not None and place is not None:
-            kv = LeasedKV(kv.keys, kv.values, into)
-        return PrefillOutcome(kv, cached, token, logprob, bad, read - start, time.perf_counter() - read)
+            for (job, _), result in zip(rows, results, strict=True):
+                job.into.written(isinstance(result, PrefillOutcome))
+        return [r if r is not None else KvmeshError("prefill left no outcome") for r in results]
+
+    def _compute_in_place(self, rows: list[tuple[Sequence[int], list[np.ndarray], int]]) -> list[np.ndarray]:
+        """rows (tokens, a slot's buffers, the past they hold) -> each row's last logits (vocab,)."""
+        if len(rows) == 1:
+            tokens, buffers, past = rows[0]
+            return [self._run_in_place(tokens, past, buffers)]
+        k = self.runner.group_segments
+        return [
+            row
+            for start in range(0, len(rows), k)
+            for row in self.runner.prefill_group_in_place([(t[p:], b, p) for t, b, p in rows[start : start + k]])
+        ]
 
     def _store_prompt(self, keys: list[bytes], kv: KVCache, in_slot: bool, cached: int) -> None:
         """A prefilled prompt's full blocks to the writer. In a decode slot only the blocks from

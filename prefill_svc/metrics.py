@@ -31,6 +31,11 @@ class PrefillMetrics:
             registry=r,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
         )
+        self.together = Counter(
+            "kvmesh_prefill_together",
+            "Prompts prefilled in one model run with others (a colocated worker's, into decode slots)",
+            registry=r,
+        )
         self.kv_bytes_sent = Counter("kvmesh_kv_bytes_sent", "KV bytes streamed to decode nodes", registry=r)
         self.written_back = Counter(
             "kvmesh_prefill_written_back_blocks",

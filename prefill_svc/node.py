@@ -26,10 +26,10 @@ from kvmesh.model.tokenizer import ChatTokenizer
 from kvmesh.model.turns import Turns
 from kvmesh.sampling import SamplingParams
 from prefill_svc.config import PrefillConfig
-from prefill_svc.engine import PrefillEngine, PrefillOutcome
+from prefill_svc.engine import PrefillEngine, PrefillOutcome, SlotPrefill
 from prefill_svc.events import CacheEvent, CacheEvents
 from prefill_svc.metrics import PrefillMetrics
-from prefill_svc.queue import FairQueue
+from prefill_svc.queue import FairQueue, Together
 from prefill_svc.store import PrefixStore, StoreConfig, StoreWriter
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,9 @@ class PrefillNode:
         self.store = PrefixStore(store_config, self.folder.fingerprint, self.runner.layout)
         # one model run at a time, the tenants' jobs taking turns
         self.queue = FairQueue(config.max_queued_tokens, "prefill-model", self._pushed_out)
+        self._together: Together | None = None  # start(): prompts into decode slots, prefilled in one run
+        if runner is not None and turns is None and config.prefill_together_tokens:
+            self.runner.load_group()
         self.metrics = PrefillMetrics(self.store.stats, lambda: self.queue.tokens, registry)
         self.events: CacheEvents | None = None
         self.writer: StoreWriter | None = None
@@ -108,6 +111,9 @@ class PrefillNode:
             self.config.prefill_chunk_tokens,
             reuse_decoded=self.config.reply_kv == "decoded",
         )
+        if self.engine.can_group and self.config.prefill_together_tokens:
+            limits = self.runner.group_segments, self.config.prefill_together_tokens
+            self._together = Together(self.engine.prefill_together, *limits)
         tok = ChatTokenizer(self.folder)
         for text in self.config.pin_system:
             prompt = tok.encode_chat([{"role": "system", "content": text}], add_generation_prompt=False)
@@ -148,8 +154,14 @@ class PrefillNode:
         keys = self.engine.lookup_keys(tokens, salt)  # hashed once: for the queue here and the prefill
         work = self.engine.uncached_tokens(tokens, salt, keys) if tokens else 0
         start = time.perf_counter()
-        run = functools.partial(self.engine.prefill, tokens, params, salt, keys, replay, into)
-        outcome = await self.queue.run(salt, work, run)
+        outcome: PrefillOutcome
+        if into is not None and not replay and self._together is not None:
+            outcome = await self.queue.run_together(salt, work, SlotPrefill(tokens, params, keys, into), self._together)
+            if outcome.together > 1:
+                self.metrics.together.inc()
+        else:
+            run = functools.partial(self.engine.prefill, tokens, params, salt, keys, replay, into)
+            outcome = await self.queue.run(salt, work, run)
         self.metrics.latency.observe(time.perf_counter() - start)
         self.metrics.lookup_tokens.inc(len(tokens))
         self.metrics.hit_tokens.inc(outcome.cached_tokens)
@@ -164,6 +176,7 @@ class PrefillNode:
                 "replay_tokens": replay,
                 "cached_tokens": outcome.cached_tokens,
                 "compute_ms": round(outcome.compute_s * 1000, 1),
+                "together": outcome.together,
             },
         )
         if outcome.bad_blocks:

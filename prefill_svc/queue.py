@@ -9,6 +9,10 @@ by refusing the newest waiting jobs of the groups holding more than theirs (RESO
 proxy tries another node or tells its client), so one tenant filling the queue cannot lock the
 others out of it. With one tenant it is the FIFO it replaces.
 
+Jobs that can share one model run (a colocated worker's prefills into decode slots: `Together`)
+are taken with the one whose turn it is, the next such job of each group in the same order, up to
+the run's limits: the others wait for one run, not one each.
+
 Background work (recomputing a finished reply's blocks exactly) runs only when no job waits, a
 piece at a time, so a prompt arriving waits for at most one piece of it.
 """
@@ -21,7 +25,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from kvmesh.errors import ResourceExhausted
 
@@ -30,16 +34,35 @@ log = logging.getLogger(__name__)
 BACKGROUND_LIMIT = 1024  # pieces of background work queued; beyond, new work is dropped
 
 
+@dataclass(frozen=True, eq=False)
+class Together:
+    """Jobs that may run in one call on the model thread: run(items) -> for each item its result,
+    or the exception it failed with; at most `limit` items and `max_tokens` queued tokens a call."""
+
+    run: Callable[[list[Any]], list[Any]]
+    limit: int
+    max_tokens: int
+
+
 @dataclass(eq=False)
 class _Job:
     group: bytes
     tokens: int
-    turn: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    work: Callable[[], Any] | None = None  # alone
+    item: Any = None  # or one item of a Together call
+    together: Together | None = None
+    result: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # a result nobody waits for any more: no "never retrieved" warning
 
 
 class FairQueue:
     """`await run(group, tokens, fn)`: fn() on the one model thread when its turn comes; `tokens`
-    (the work it holds the queue for) counts from admission to fn's end."""
+    (the work it holds the queue for) counts from admission to fn's end. `run_together`: the same
+    for one item of a `Together` call, which may carry other groups' items too."""
 
     def __init__(self, limit_tokens: int, thread_name: str, on_pushed_out: Callable[[], None]) -> None:
         self.limit = limit_tokens
@@ -52,49 +75,46 @@ class FairQueue:
         self._served = 0
         self._held: Counter[bytes] = Counter()  # tokens per group, waiting or running
         self._jobs: Counter[bytes] = Counter()  # jobs per group, waiting or running
-        self._busy: _Job | None = None  # given the model thread (running, or about to)
+        self._busy: list[_Job] = []  # given the model thread, in one call
         self._background: deque[Callable[[], bool]] = deque()
         self.tokens = 0  # held in all: what admission and load reports count
 
     @property
     def running(self) -> int:
-        return int(self._busy is not None)
+        return len(self._busy)
 
     @property
     def idle(self) -> bool:
         """Nothing running, waiting, or queued in the background."""
-        return self._busy is None and not self._waiting and not self._background
+        return not self._busy and not self._waiting and not self._background
 
     async def run(self, group: bytes, tokens: int, fn: Callable[[], T]) -> T:
-        job = self._admit(group, tokens)
-        try:
-            self._dispatch()
-            await job.turn  # ResourceExhausted if pushed out while it waited
-        except BaseException:
-            if job.turn.done() and not job.turn.cancelled() and job.turn.exception() is None:
-                self._finish(job)  # its turn came as its caller left: the next one's now
-            elif job in self._waiting.get(group, ()):
-                self._unqueue(job)
-            raise
-        try:
-            done = self._thread.submit(fn)
-        except BaseException:
-            self._finish(job)
-            raise
-        loop = asyncio.get_running_loop()
-        # the next job starts when this one's thread work ends, even if its caller has left
-        done.add_done_callback(lambda _: loop.call_soon_threadsafe(self._finish, job))
-        return await asyncio.wrap_future(done)
+        result: T = await self._wait(self._admit(_Job(group, tokens, work=fn)))
+        return result
 
-    def _admit(self, group: bytes, tokens: int) -> _Job:
-        if self.tokens + tokens > self.limit:
-            self._make_room(group, tokens)
-        job = _Job(group, tokens)
-        self._waiting.setdefault(group, deque()).append(job)
-        self._stamp.setdefault(group, self._served - 0.5)
-        self._held[group] += tokens
-        self._jobs[group] += 1
-        self.tokens += tokens
+    async def run_together(self, group: bytes, tokens: int, item: Any, together: Together) -> Any:
+        return await self._wait(self._admit(_Job(group, tokens, item=item, together=together)))
+
+    async def _wait(self, job: _Job) -> Any:
+        self._dispatch()
+        try:
+            return await asyncio.shield(job.result)  # ResourceExhausted if pushed out while it waited
+        except asyncio.CancelledError:
+            if job in self._waiting.get(job.group, ()):
+                self._unqueue(job)
+                job.result.cancel()
+            else:  # running: the next job starts when this one's thread work ends
+                job.result.add_done_callback(_retrieved)
+            raise
+
+    def _admit(self, job: _Job) -> _Job:
+        if self.tokens + job.tokens > self.limit:
+            self._make_room(job.group, job.tokens)
+        self._waiting.setdefault(job.group, deque()).append(job)
+        self._stamp.setdefault(job.group, self._served - 0.5)
+        self._held[job.group] += job.tokens
+        self._jobs[job.group] += 1
+        self.tokens += job.tokens
         return job
 
     def _make_room(self, group: bytes, tokens: int) -> None:
@@ -116,7 +136,7 @@ class FairQueue:
         for job in victims:
             self._unqueue(job)
             self._on_pushed_out()
-            job.turn.set_exception(
+            job.result.set_exception(
                 ResourceExhausted(f"prefill queue full: its tenant held more than its share of {share} tokens")
             )
 
@@ -130,33 +150,80 @@ class FairQueue:
         return True
 
     def _dispatch(self) -> None:
-        """Give the model thread, if free, to the oldest job of the group served least recently,
-        or with none waiting to the next piece of background work."""
-        if self._busy is not None:
+        """Give the model thread, if free, to the oldest job of the group served least recently
+        (with the jobs that can run with it), or with none waiting to the next piece of background work."""
+        if self._busy:
             return
         if not self._waiting:
             if self._background:
                 self._run_background(self._background.popleft())
             return
         group = min(self._waiting, key=self._stamp.__getitem__)  # ties: the first to arrive
-        jobs = self._waiting[group]
-        job = self._busy = jobs.popleft()
-        self._stamp[group] = self._served = self._served + 1
-        if not jobs:
-            del self._waiting[group]
-        job.turn.set_result(None)
+        first = self._serve(self._waiting[group][0])
+        jobs = [first] if first.together is None else [first, *self._companions(first, first.together)]
+        self._busy = jobs
+        if first.together is None:
+            assert first.work is not None
+            call = first.work
+        else:
+            run, items = first.together.run, [job.item for job in jobs]
+            call = lambda: run(items)  # noqa: E731
+        loop = asyncio.get_running_loop()
+        try:
+            done = self._thread.submit(call)
+        except RuntimeError as e:  # the thread was shut down: the node is closing
+            self._settle(jobs, e, None)
+            return
+        done.add_done_callback(lambda done: loop.call_soon_threadsafe(self._settle, jobs, done.exception(), done))
 
-    def _finish(self, job: _Job, release: bool = True) -> None:
-        """The thread is free again; release: the job's tokens and place in its group (a piece of
-        background work holds neither)."""
-        if self._busy is job:
-            self._busy = None
-            if release:
-                self._release(job)
-            self._dispatch()
+    def _serve(self, job: _Job) -> _Job:
+        """Take a waiting job for the thread; its group counts as served now."""
+        jobs = self._waiting[job.group]
+        jobs.remove(job)
+        self._stamp[job.group] = self._served = self._served + 1
+        if not jobs:
+            del self._waiting[job.group]
+        return job
+
+    def _companions(self, first: _Job, together: Together) -> list[_Job]:
+        """The waiting jobs of `together` that run with `first`: in the order they would be served
+        (each group's oldest such job, the group served least recently first), within its limits."""
+        taken, tokens = [first], first.tokens
+        while len(taken) < together.limit:
+            fits = (
+                job
+                for group in sorted(self._waiting, key=self._stamp.__getitem__)
+                for job in self._waiting[group]
+                if job.together is together and tokens + job.tokens <= together.max_tokens
+            )
+            job = next(fits, None)
+            if job is None:
+                break
+            taken.append(self._serve(job))
+            tokens += job.tokens
+        return taken[1:]
+
+    def _settle(self, jobs: list[_Job], error: BaseException | None, done: Future[Any] | None) -> None:
+        """The thread's call for `jobs` ended: their results, their tokens released, the next call."""
+        results = [] if error is not None or done is None else done.result()
+        if error is None and jobs[0].together is None:
+            results = [results]
+        for i, job in enumerate(jobs):
+            if job.result.done():
+                pass
+            elif error is not None:
+                job.result.set_exception(error)
+            elif isinstance(results[i], BaseException):
+                job.result.set_exception(results[i])
+            else:
+                job.result.set_result(results[i])
+            self._release(job)
+        self._busy = []
+        self._dispatch()
 
     def _run_background(self, piece: Callable[[], bool]) -> None:
-        job = self._busy = _Job(b"", 0)  # holds the thread; no tokens, in no group's share
+        job = _Job(b"", 0)  # holds the thread; no tokens, in no group's share
+        self._busy = [job]
         loop = asyncio.get_running_loop()
 
         def finished(done: Future[bool]) -> None:
@@ -164,7 +231,8 @@ class FairQueue:
                 log.error("background work on the model thread failed", exc_info=done.exception())
             elif done.result():
                 self._background.append(piece)
-            self._finish(job, release=False)
+            self._busy = []
+            self._dispatch()
 
         self._thread.submit(piece).add_done_callback(lambda done: loop.call_soon_threadsafe(finished, done))
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import onnx
 
-from kvmesh.model.folder import DECODE_GRAPH, GRAPH, KVMESH_JSON, LAST_GRAPH
+from kvmesh.model.folder import DECODE_GRAPH, GRAPH, GROUP_GRAPH, GROUP_SEGMENTS, KVMESH_JSON, LAST_GRAPH
 from kvmesh.model.gguf_import import GGUFSource, Precision
 from kvmesh.model.graph import Activations, build_decoder
 from kvmesh.model.spec import LlamaConfig
@@ -69,6 +69,13 @@ def convert_gguf(
         )
         _share_initializers(decode, full)
         onnx.save_model(decode, tmp / DECODE_GRAPH)
+    if activations == "float32":
+        # A colocated worker's prefills waiting together run as one: every linear layer once over
+        # all their tokens (the exact MatMulNBits costs ~40 ms a run however few its rows), each
+        # sequence's attention over its own decode slot. Host slots only: CPU, float32.
+        group = build_decoder(weights, accuracy_level, segments=GROUP_SEGMENTS)
+        _share_initializers(group, full)
+        onnx.save_model(group, tmp / GROUP_GRAPH)
     del full, last, weights
     step("writing tokenizer")
     tokenizer = src.tokenizer()

@@ -3,6 +3,8 @@
   model.onnx, model.onnx.data   the decoder graph and its external weights (standard KV-cache I/O)
   model_last.onnx               the same graph, logits of the last position only (what we serve)
   model_decode.onnx             (optional) model_last for decode steps, int8 activations
+  model_group.onnx              (float32 folders) model_last over GROUP_SEGMENTS sequences at once,
+                                each after its own past (a colocated worker's prefills, together)
   tokenizer.json                a `tokenizers` tokenizer
   tokenizer_config.json         chat template, special tokens (as Hugging Face writes it)
   genai_config.json             so ONNX Runtime GenAI loads the folder as it is
@@ -27,6 +29,8 @@ KVMESH_JSON = "kvmesh.json"
 GRAPH = "model.onnx"
 LAST_GRAPH = "model_last.onnx"  # ours: the same decoder with logits for the last position only
 DECODE_GRAPH = "model_decode.onnx"  # ours, optional: model_last with another MatMulNBits accuracy level
+GROUP_GRAPH = "model_group.onnx"  # ours, float32 folders: model_last over several sequences, see graph.py
+GROUP_SEGMENTS = 8  # the sequences model_group.onnx takes at once
 CHAT_JINJA = "chat_template.jinja"  # where recent Hugging Face tools put the template
 GRAPH_NAMES = (GRAPH, "decoder_model_merged.onnx", "decoder_with_past_model.onnx")
 
@@ -57,6 +61,7 @@ class ModelFolder:
     graph: Path
     last_graph: Path | None
     decode_graph: Path | None
+    group_graph: Path | None
     tokenizer: Path
     chat_template: str | None
     eos_token_ids: tuple[int, ...]
@@ -91,6 +96,7 @@ class ModelFolder:
             tokenizer=tokenizer,
             last_graph=path / LAST_GRAPH if (path / LAST_GRAPH).is_file() else None,
             decode_graph=path / DECODE_GRAPH if (path / DECODE_GRAPH).is_file() else None,
+            group_graph=path / GROUP_GRAPH if (path / GROUP_GRAPH).is_file() else None,
             chat_template=meta.get("chat_template") or tok_cfg.get("chat_template") or _read_text(path / CHAT_JINJA),
             eos_token_ids=eos,
             bos_token_id=None if bos is None else int(bos),

@@ -11,6 +11,7 @@ Its I/O is the standard layout, so Optimum-style runners and ORT GenAI can drive
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -129,14 +130,13 @@ def _attention_inputs(g: _Graph) -> tuple[str, str]:
     return seqlens_k, g.op("Cast", [t], to=TensorProto.INT32)[0]
 
 
-def _layer(g: _Graph, w: LlamaWeights, i: int, x: str, rope: tuple[str, str], attn_in: tuple[str, str]) -> str:
-    """x: this layer's RMS-normed input (B, S, hidden). Returns the MLP output before the residual."""
-    cfg, lw = w.config, w.layers[i]
-    qkv = g.linear(x, concat_rows([lw.q, lw.k, lw.v]), f"layers.{i}.attn.qkv_proj")
-    gqa_inputs = [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", *attn_in, *rope]
+def _gqa(g: _Graph, w: LlamaWeights, qkv: str, past: str, attn_in: tuple[str, str], rope: tuple[str, str]) -> str:
+    """One GroupQueryAttention over qkv (B, S, q+k+v) after the past KV named `past` + ".key" /
+    ".value"; its present outputs are named as `past` is, with "present" for "past_key_values"."""
+    cfg = w.config
     attn = g.op(
         "GroupQueryAttention",
-        gqa_inputs,
+        [qkv, "", "", f"{past}.key", f"{past}.value", *attn_in, *rope],
         n_out=3,
         domain=MS,
         num_heads=cfg.num_heads,
@@ -144,8 +144,41 @@ def _layer(g: _Graph, w: LlamaWeights, i: int, x: str, rope: tuple[str, str], at
         do_rotary=1,
         rotary_interleaved=0,
     )
-    g.nodes[-1].output[1:] = [f"present.{i}.key", f"present.{i}.value"]
-    return g.linear(attn[0], lw.o, f"layers.{i}.attn.o_proj")
+    present = past.replace("past_key_values", "present")
+    g.nodes[-1].output[1:] = [f"{present}.key", f"{present}.value"]
+    return attn[0]
+
+
+def _layer(g: _Graph, w: LlamaWeights, i: int, x: str, attend: Callable[[int, str], str]) -> str:
+    """x: this layer's RMS-normed input (B, S, hidden); attend(i, qkv) -> the attention's output.
+    Returns the MLP output before the residual."""
+    lw = w.layers[i]
+    qkv = g.linear(x, concat_rows([lw.q, lw.k, lw.v]), f"layers.{i}.attn.qkv_proj")
+    return g.linear(attend(i, qkv), lw.o, f"layers.{i}.attn.o_proj")
+
+
+def _segmented(g: _Graph, w: LlamaWeights, rope: tuple[str, str], segments: int) -> Callable[[int, str], str]:
+    """Attention for `segments` sequences laid end to end in one row, (1, N, q+k+v) with N the sum
+    of segment_lengths: each piece attends over its own past (its own KV inputs, B=1) as a
+    one-sequence prefill would, so every linear layer runs once over all N tokens."""
+    seg_ids = [g.init(f"segment_{j}", np.array(j, np.int64)) for j in range(segments)]
+    one = g.init("segment_one", np.array(1, np.int64))
+    attn_in = []
+    for j in range(segments):
+        total = g.op("Gather", ["segment_totals", seg_ids[j]], axis=0)[0]  # () int64
+        last = g.op("Sub", [total, one])[0]
+        seqlens = g.op("Unsqueeze", [last, g.init(f"segment_axis0_{j}", np.array([0], np.int64))])[0]  # (1,)
+        attn_in.append(
+            (g.op("Cast", [seqlens], to=TensorProto.INT32)[0], g.op("Cast", [total], to=TensorProto.INT32)[0])
+        )
+
+    def attend(i: int, qkv: str) -> str:
+        pieces = g.op("Split", [qkv, "segment_lengths"], segments, axis=1)
+        past = [f"segment{j}.past_key_values.{i}" for j in range(segments)]
+        outs = [_gqa(g, w, piece, past[j], attn_in[j], rope) for j, piece in enumerate(pieces)]
+        return g.op("Concat", outs, axis=1)[0]
+
+    return attend
 
 
 def _mlp(g: _Graph, lw: LayerWeights, i: int, x: str) -> str:
@@ -169,18 +202,28 @@ def build_decoder(
     head_accuracy_level: int = 0,
     last_only: bool = False,
     activations: Activations = "float32",
+    segments: int = 0,
 ) -> onnx.ModelProto:
     """`activations` float16 is the graph for CUDA, whose GroupQueryAttention takes only 16-bit
-    floats (its KV is float16 too); logits stay float32 either way."""
+    floats (its KV is float16 too); logits stay float32 either way. `segments` > 0: the graph of
+    that many sequences at once, each after its own past (see SEGMENTED_IO); logits of each one's
+    last token."""
     cfg = w.config
     g = _Graph(accuracy_level, np.dtype(activations))
     rope = _rotary_caches(g, cfg.rope_theta, cfg.head_dim, cfg.context_length)
-    attn_in = _attention_inputs(g)
+    if segments:
+        attend = _segmented(g, w, rope, segments)
+    else:
+        attn_in = _attention_inputs(g)
+
+        def attend(i: int, qkv: str) -> str:
+            return _gqa(g, w, qkv, f"past_key_values.{i}", attn_in, rope)
+
     residual = g.embedding("input_ids", w.embed)
     norm0 = g.float_init("layers.0.input_layernorm.weight", w.layers[0].attn_norm)
     x = g.op("SimplifiedLayerNormalization", [residual, norm0], axis=-1, epsilon=cfg.rms_eps)[0]
     for i, lw in enumerate(w.layers):
-        attn = _layer(g, w, i, x, rope, attn_in)
+        attn = _layer(g, w, i, x, attend)
         x, residual = _skip_norm(
             g, attn, residual, lw.ffn_norm, f"layers.{i}.post_attention_layernorm.weight", cfg.rms_eps
         )
@@ -189,7 +232,11 @@ def build_decoder(
         name = f"layers.{i + 1}.input_layernorm.weight" if i + 1 < cfg.num_layers else "norm.weight"
         x, residual = _skip_norm(g, out, residual, nxt, name, cfg.rms_eps)
     head = w.lm_head if w.lm_head is not None else w.embed
-    if last_only:  # (B, S, hidden) -> (B, 1, hidden): the output projection for the last position only
+    if segments:  # (1, N, hidden) -> (1, K, hidden): each segment's last position
+        ends = g.op("CumSum", ["segment_lengths", g.init("segment_axis", np.array(0, np.int64))])[0]
+        lasts = g.op("Sub", [ends, g.init("segment_last", np.array(1, np.int64))])[0]
+        x = g.op("Gather", [x, lasts], axis=1)[0]
+    elif last_only:  # (B, S, hidden) -> (B, 1, hidden): the output projection for the last position only
         last = [
             g.init(n, np.array([v], np.int64)) for n, v in (("last_start", -1), ("last_end", 2**62), ("seq_axis", 1))
         ]
@@ -199,25 +246,36 @@ def build_decoder(
         g.nodes.append(helper.make_node("Identity", [logits], ["logits"], "/logits"))
     else:
         g.nodes.append(helper.make_node("Cast", [logits], ["logits"], "/logits", to=TensorProto.FLOAT))
-    return _model(g, w)
+    return _model(g, w, segments)
 
 
-def _model(g: _Graph, w: LlamaWeights) -> onnx.ModelProto:
+def _model(g: _Graph, w: LlamaWeights, segments: int = 0) -> onnx.ModelProto:
     cfg = w.config
     kv_type = helper.np_dtype_to_tensor_dtype(g.dtype)
     kv: list[str | int] = ["batch_size", cfg.num_kv_heads, "past_sequence_length", cfg.head_dim]
     present: list[str | int] = ["batch_size", cfg.num_kv_heads, "total_sequence_length", cfg.head_dim]
-    inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
-    ]
-    outputs = [
-        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", cfg.vocab_size])
-    ]
-    for i in range(cfg.num_layers):
-        for part in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{part}", kv_type, kv))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{part}", kv_type, present))
+    if segments:
+        inputs = [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "tokens"]),
+            helper.make_tensor_value_info("segment_lengths", TensorProto.INT64, [segments]),
+            helper.make_tensor_value_info("segment_totals", TensorProto.INT64, [segments]),
+        ]
+        logits: list[str | int] = [1, segments, cfg.vocab_size]
+        prefixes = [f"segment{j}." for j in range(segments)]
+        kv, present = [1, *kv[1:]], [1, *present[1:]]
+    else:
+        inputs = [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
+        ]
+        logits = ["batch_size", "sequence_length", cfg.vocab_size]
+        prefixes = [""]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, logits)]
+    for prefix in prefixes:
+        for i in range(cfg.num_layers):
+            for part in ("key", "value"):
+                inputs.append(helper.make_tensor_value_info(f"{prefix}past_key_values.{i}.{part}", kv_type, kv))
+                outputs.append(helper.make_tensor_value_info(f"{prefix}present.{i}.{part}", kv_type, present))
     graph = helper.make_graph(g.nodes, "kvmesh_llama_decoder", inputs, outputs, g.inits)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)]
     return helper.make_model(graph, opset_imports=opsets, producer_name="kvmesh", ir_version=10)

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from kvmesh.errors import ModelError
 from kvmesh.model.convert import FORMAT_VERSION, convert_gguf, file_digest
-from kvmesh.model.folder import KVMESH_JSON
+from kvmesh.model.folder import GROUP_GRAPH, KVMESH_JSON
 from kvmesh.model.gguf_import import GGUFSource, Precision
 from kvmesh.model.graph import Activations
 
@@ -60,7 +60,7 @@ def is_current(
     digest: str | None = None,
 ) -> bool:
     """True when `folder` was converted from this very file (`digest`: its sha256, if known), at this
-    precision, by this format."""
+    precision, by this format (a float32 folder from before prefill groups lacks their graph)."""
     try:
         meta = json.loads((folder / KVMESH_JSON).read_text())
     except (OSError, ValueError):  # none yet, or another process is replacing the folder
@@ -71,6 +71,7 @@ def is_current(
         and meta.get("accuracy_level") == accuracy_level
         and meta.get("decode_accuracy_level", accuracy_level) == decode_accuracy_level
         and meta.get("activations", "float32") == activations
+        and (activations != "float32" or (folder / GROUP_GRAPH).is_file())
         and meta.get("source", {}).get("sha256") == (digest or file_digest(gguf))
     )
 

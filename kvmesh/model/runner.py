@@ -185,6 +185,33 @@ class ModelRunner:
         # Decode steps bind past and present to one buffer per layer and GQA writes in place.
         self.shares_buffers = self.vocab_size > 0 and kv_type is not None
         self.max_context = folder.context_length or 1 << 30
+        self.group_session: ort.InferenceSession | None = None  # load_group(): model_group.onnx
+        self.group_segments = 0
+        self._spare: list[np.ndarray] = []  # per unused segment, its 1-token buffers (load_group)
+
+    def load_group(self) -> bool:
+        """Load the folder's group graph (prefill_group_in_place) where this runner can use it: a
+        CPU session over host buffers. -> whether it is loaded."""
+        if self.group_session is not None:
+            return True
+        if self.folder.group_graph is None or self.device != "cpu" or not self.shares_buffers:
+            return False
+        try:
+            self.group_session = ort.InferenceSession(
+                str(self.folder.group_graph),
+                _session_options(self.config.threads, stop_spinning=True),
+                providers=["CPUExecutionProvider"],
+            )
+        except Exception as e:
+            raise ModelError(
+                f"{self.folder.group_graph}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})"
+            ) from e
+        inputs = self.group_session.get_inputs()
+        self.group_segments = sum(1 for i in inputs if i.name.endswith("past_key_values.0.key"))
+        lay = self.layout
+        # an unused segment runs one token (id 0) over buffers of its own, (1, kv_heads, 1, head_dim)
+        self._spare = [np.zeros((1, lay.kv_heads, 1, lay.head_dim), lay.dtype) for _ in range(2 * lay.layers)]
+        return True
 
     @property
     def decode_numerics_said(self) -> str:
@@ -287,3 +314,40 @@ class ModelRunner:
         self.session.run_with_iobinding(io)
         logits: np.ndarray = io.get_outputs()[0].numpy()  # (1, 1 or S, vocab)
         return np.asarray(logits[0, -1])
+
+    def prefill_group_in_place(self, rows: Sequence[tuple[Sequence[int], Sequence[np.ndarray], int]]) -> np.ndarray:
+        """Several sequences' prefill_in_place in one run of the group graph (load_group first):
+        rows (tokens, buffers, past), at most group_segments of them. The linear layers run once
+        over all their tokens laid end to end, each row's attention over its own buffers as alone.
+        Each row's KV equals prefill_in_place's bit for bit; its logits differ in the last bits
+        (the output projection runs over several rows). -> last logits (len(rows), vocab)."""
+        if self.group_session is None:
+            raise InvalidArgument("no group graph loaded")
+        if not 0 < len(rows) <= self.group_segments:
+            raise InvalidArgument(f"{len(rows)} rows for a group of {self.group_segments}")
+        ids: list[int] = []
+        lengths, totals = np.ones(self.group_segments, np.int64), np.ones(self.group_segments, np.int64)
+        io = self.group_session.io_binding()
+        io.bind_output("logits", "cpu")
+        for j, (tokens, buffers, past) in enumerate(rows):
+            if not tokens:
+                raise InvalidArgument("empty prompt")
+            total = past + len(tokens)
+            if total > min(self.max_context, buffers[0].shape[2]):
+                raise InvalidArgument(f"{total} tokens exceed the buffer or the model's context")
+            ids.extend(tokens)
+            lengths[j], totals[j] = len(tokens), total
+        ids.extend([0] * (self.group_segments - len(rows)))
+        io.bind_cpu_input("input_ids", np.asarray([ids], np.int64))
+        io.bind_cpu_input("segment_lengths", lengths)
+        io.bind_cpu_input("segment_totals", totals)
+        names = kv_io_names(self.layout.layers)
+        for j in range(self.group_segments):
+            buffers = rows[j][1] if j < len(rows) else self._spare
+            for (past_name, present_name), buf in zip(names, buffers, strict=True):
+                value = ort.OrtValue.ortvalue_from_numpy(buf)
+                io.bind_ortvalue_input(f"segment{j}.{past_name}", value)
+                io.bind_ortvalue_output(f"segment{j}.{present_name}", value)
+        self.group_session.run_with_iobinding(io)
+        logits: np.ndarray = io.get_outputs()[0].numpy()  # (1, group_segments, vocab)
+        return np.asarray(logits[0, : len(rows)])

@@ -141,6 +141,41 @@ def test_colocated_worker_prefills_into_its_slots_and_gets_each_back(
     assert lent[:2] == [0, 0] and set(lent) <= {0, None} and lent.count(0) >= 4
 
 
+def test_colocated_prompts_waiting_at_once_are_prefilled_in_one_run(
+    tiny_fp32: ModelFolder, servers: MakeServer
+) -> None:
+    """Prompts that wait for the worker's model thread at once are prefilled together, each into
+    its decode slot, and each reply is the one it gets alone (cold prompts, then warm ones)."""
+    w = servers("worker", tiny_fp32, slots=4)
+    prefill = w.server.prefill
+    want = [_alone(tiny_fp32, q, SamplingParams(max_tokens=12)) for q in PROMPTS]
+    for round_ in range(2):  # cold, then their stored prefixes and a tail each
+        gate = threading.Event()
+
+        async def hold() -> None:  # the model thread busy, so the prompts queue up behind it
+            prefill.queue.background(lambda: gate.wait(10) and False)
+
+        w.call(hold())
+        results: dict[int, tuple[list[int], stream_pb2.Finished]] = {}
+        threads = [
+            threading.Thread(target=lambda i=i: results.update({i: _decode(w.address, PROMPTS[i], "", max_tokens=12)}))
+            for i in range(len(PROMPTS))
+        ]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while sum(map(len, prefill.queue._waiting.values())) < len(PROMPTS) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        before = prefill.metrics.together._value.get()
+        gate.set()
+        for t in threads:
+            t.join(60)
+        assert [results[i][0] for i in range(len(PROMPTS))] == want
+        assert prefill.metrics.together._value.get() - before == len(PROMPTS)  # all four in one run
+        cached = [results[i][1].usage.cached_tokens for i in range(len(PROMPTS))]
+        assert cached == ([0] * 4 if round_ == 0 else [8, 39, 16, 56])
+
+
 def test_cancelled_stream_frees_its_slot(tiny_fp32: ModelFolder, servers: MakeServer) -> None:
     p, d = servers("prefill", tiny_fp32), servers("decode", tiny_fp32, slots=1, max_waiting=0)
     stub = decode_pb2_grpc.DecodeStub(grpc.insecure_channel(d.address))

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from kvmesh.errors import ResourceExhausted
-from prefill_svc.queue import FairQueue
+from prefill_svc.queue import FairQueue, Together
 
 
 class Model:
@@ -106,6 +106,43 @@ def test_a_caller_that_leaves_frees_its_place() -> None:
         model.gate.set()
         assert await after == "c0"
         assert model.order == ["a0", "c0"] and queue.tokens == 0 and queue.running == 0
+        queue.close()
+
+    asyncio.run(main())
+
+
+def test_jobs_that_run_together_share_one_call_in_serving_order() -> None:
+    async def main() -> None:
+        model = Model()
+        calls: list[list[str]] = []
+
+        def run(items: list[str]) -> list[object]:
+            calls.append(items)
+            return [ValueError(item) if item == "bad" else item.upper() for item in items]
+
+        together = Together(run, limit=3, max_tokens=100)
+        queue = FairQueue(1000, "model", lambda: None)
+        first = asyncio.create_task(queue.run(b"a", 10, model.job("a0")))
+        await _settle()  # a0 holds the thread
+        jobs = {
+            "t1": asyncio.create_task(queue.run_together(b"a", 10, "t1", together)),
+            "t2": asyncio.create_task(queue.run_together(b"b", 10, "t2", together)),
+            "p": asyncio.create_task(queue.run(b"c", 10, model.job("p"))),
+            "t3": asyncio.create_task(queue.run_together(b"a", 10, "t3", together)),
+            "bad": asyncio.create_task(queue.run_together(b"c", 10, "bad", together)),
+            "big": asyncio.create_task(queue.run_together(b"d", 95, "big", together)),
+        }
+        await _settle()
+        model.gate.set()
+        assert await first == "a0"
+        assert await jobs["t1"] == "T1" and await jobs["t2"] == "T2" and await jobs["t3"] == "T3"
+        with pytest.raises(ValueError):  # its own failure, not its companions'
+            await jobs["bad"]
+        assert await jobs["p"] == "p" and await jobs["big"] == "BIG"
+        # b and c waited longest: b's t2, then c's next job that can join (not p), then a's oldest;
+        # then p (c's turn), and the rest: "big" never fits beside another
+        assert calls == [["t2", "bad", "t1"], ["big"], ["t3"]]
+        assert model.order == ["a0", "p"] and queue.tokens == 0 and queue.running == 0
         queue.close()
 
     asyncio.run(main())

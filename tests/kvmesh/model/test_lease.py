@@ -128,3 +128,38 @@ def test_a_lease_goes_back_once_however_the_request_ends(tiny_fp32: ModelFolder)
     joined.abandon()
     assert batch._lent == {0}
     assert batch.join(place.slot, 3) == 0 and not batch._lent and batch.active == 1
+
+
+@pytest.mark.parametrize("variant", ["fp32", "int4"])
+def test_prompts_prefilled_together_equal_each_alone(variant: str, request: pytest.FixtureRequest) -> None:
+    """The group graph runs several slots' prefills at once: each slot's KV is what its prefill in
+    place alone makes, whatever its past (none, 1, many): bit for bit where it computes 2 tokens or
+    more (alone, one token takes MatMulNBits' one-row kernel: the last bits differ). Its logits agree
+    but for the last bits (the output projection runs over several rows)."""
+    folder: ModelFolder = request.getfixturevalue(f"tiny_{variant}")
+    runner = ModelRunner(folder, RunnerConfig(threads=1))
+    assert runner.load_group() and runner.group_segments == 8
+    pasts, news = [0, 1, 33, 20, 39], [40, 5, 7, 1, 1]
+    prompts = [
+        [int(t) for t in np.random.default_rng(i).integers(0, 256, p + n)] for i, (p, n) in enumerate(zip(pasts, news))
+    ]
+    alone, together = SlotBatch(runner, slots=5, capacity=64), SlotBatch(runner, slots=5, capacity=64)
+    want = []
+    for slot, (prompt, past) in enumerate(zip(prompts, pasts, strict=True)):
+        for batch in (alone, together):
+            if past:
+                runner.prefill_in_place(prompt[:past], batch.kv.place(slot).buffers, 0)
+        want.append(runner.prefill_in_place(prompt[past:], alone.kv.place(slot).buffers, past))
+    rows = [(p[past:], together.kv.place(s).buffers, past) for s, (p, past) in enumerate(zip(prompts, pasts))]
+    got = runner.prefill_group_in_place(rows[:3])  # fewer rows than segments, then the rest
+    got = np.concatenate([got, runner.prefill_group_in_place(rows[3:])])
+    for slot, prompt in enumerate(prompts):
+        np.testing.assert_allclose(got[slot], want[slot], rtol=0, atol=1e-4)
+        assert int(np.argmax(got[slot])) == int(np.argmax(want[slot]))
+        held, made = alone.kv.place(slot).kv(len(prompt)), together.kv.place(slot).kv(len(prompt))
+        for a, b in zip(made.keys + made.values, held.keys + held.values, strict=True):
+            if news[slot] > 1 or variant == "fp32":
+                np.testing.assert_array_equal(a, b)
+            else:
+                np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    assert not np.any(together.kv._all[:, :, :, max(map(len, prompts)) :])  # nothing beyond the prompts
