@@ -24,6 +24,7 @@ FIELDS = (
     "completion_tokens",
     "ttft_ms",
     "compute_ms",
+    "together",
     "kv_bytes",
     "attempt",
     "code",

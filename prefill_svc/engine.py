@@ -3,6 +3,7 @@ token. Plain and synchronous; prefill_svc.node runs it off the event loop."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import time
@@ -57,8 +58,9 @@ class PrefillEngine:
         chunk_tokens: int = 0,
         reuse_decoded: bool = False,
     ) -> None:
-        """turns: a colocated worker's (the model is shared with its decode batch): the prompt runs
-        in chunks of `chunk_tokens`, each one between two decode steps. reuse_decoded: prompts
+        """turns: a colocated worker's (the model is shared with its decode batch): with
+        `chunk_tokens`, the prompt runs in chunks of that many, each one between two decode steps;
+        a run of several prompts together takes its turn too. reuse_decoded: prompts
         reuse blocks a decode node made with other numerics (else only a resumption does)."""
         self.reuse_decoded = reuse_decoded
         self.runner, self.store, self.writer = runner, store, writer
@@ -139,7 +141,7 @@ class PrefillEngine:
     def can_group(self) -> bool:
         """Whether prefill_together runs its prompts in one model run (the runner has the group
         graph, and no decode steps take turns with the prefill)."""
-        return self.runner.group_session is not None and self.turns is None
+        return self.runner.group_session is not None and not self.chunk_tokens
 
     def prefill_together(self, jobs: list[SlotPrefill]) -> list[PrefillOutcome | BaseException]:
         """Several prompts' prefill, each in place in its lent decode slot, the model run once for
@@ -211,12 +213,13 @@ class PrefillEngine:
         if len(rows) == 1:
             tokens, buffers, past = rows[0]
             return [self._run_in_place(tokens, past, buffers)]
-        k = self.runner.group_segments
-        return [
-            row
-            for start in range(0, len(rows), k)
-            for row in self.runner.prefill_group_in_place([(t[p:], b, p) for t, b, p in rows[start : start + k]])
-        ]
+        k, out = self.runner.group_segments, list[np.ndarray]()
+        for start in range(0, len(rows), k):
+            # Its turn between two decode steps: beside them, both ran 2-3x slower on 2 cores (7
+            # one-token tails: ~100 ms alone, 230-265 ms beside a stream's steps)
+            with self.turns.turn("prefill") if self.turns else contextlib.nullcontext():
+                out.extend(self.runner.prefill_group_in_place([(t[p:], b, p) for t, b, p in rows[start : start + k]]))
+        return out
 
     def _store_prompt(self, keys: list[bytes], kv: KVCache, in_slot: bool, cached: int) -> None:
         """A prefilled prompt's full blocks to the writer. In a decode slot only the blocks from
@@ -323,7 +326,7 @@ class PrefillEngine:
         """The model over `tokens` after `past`: at once, or chunk by chunk taking turns with the
         decode steps. A chunk of 2 or more tokens after a past gives the logits and KV of one run
         (a last chunk of 1 would take another kernel path: it joins the one before)."""
-        if self.turns is None:
+        if self.turns is None or not self.chunk_tokens:
             return self.runner.prefill(tokens, past)
         for start, end in self._chunks(len(tokens)):
             with self.turns.turn("prefill"):
@@ -333,7 +336,7 @@ class PrefillEngine:
 
     def _run_in_place(self, tokens: Sequence[int], past: int, buffers: list[np.ndarray]) -> np.ndarray:
         """_run for tokens[past:] in a slot's buffers that hold the first `past`. -> last logits."""
-        if self.turns is None:
+        if self.turns is None or not self.chunk_tokens:
             return self.runner.prefill_in_place(tokens[past:], buffers, past)
         for start, end in self._chunks(len(tokens) - past):
             with self.turns.turn("prefill"):

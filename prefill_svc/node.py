@@ -84,7 +84,7 @@ class PrefillNode:
         # one model run at a time, the tenants' jobs taking turns
         self.queue = FairQueue(config.max_queued_tokens, "prefill-model", self._pushed_out)
         self._together: Together | None = None  # start(): prompts into decode slots, prefilled in one run
-        if runner is not None and turns is None and config.prefill_together_tokens:
+        if runner is not None and not config.prefill_chunk_tokens and config.prefill_together_tokens:
             self.runner.load_group()
         self.metrics = PrefillMetrics(self.store.stats, lambda: self.queue.tokens, registry)
         self.events: CacheEvents | None = None

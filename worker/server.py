@@ -24,7 +24,8 @@ from worker.source import LocalPrefill
 class WorkerServer:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
-        turns = Turns() if config.prefill.prefill_chunk_tokens else None
+        # decode steps and prefill chunks, or runs of several prompts together, take turns
+        turns = Turns() if config.prefill.prefill_chunk_tokens or config.prefill.prefill_together_tokens else None
         self.node = DecodeNode(config.decode, turns)
         self.prefill = PrefillNode(config.prefill, self.node.runner, self.node.metrics.registry, turns)
         self.node.source = LocalPrefill(self.prefill, self.node.batcher.lease)  # closed with the decode node

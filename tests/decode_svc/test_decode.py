@@ -151,16 +151,16 @@ def test_colocated_prompts_waiting_at_once_are_prefilled_in_one_run(
     want = [_alone(tiny_fp32, q, SamplingParams(max_tokens=12)) for q in PROMPTS]
     for round_ in range(2):  # cold, then their stored prefixes and a tail each
         gate = threading.Event()
+        results: dict[int, tuple[list[int], stream_pb2.Finished]] = {}
 
-        async def hold() -> None:  # the model thread busy, so the prompts queue up behind it
+        async def hold(gate: threading.Event = gate) -> None:  # the model thread busy: prompts queue behind it
             prefill.queue.background(lambda: gate.wait(10) and False)
 
+        def send(i: int, results: dict[int, tuple[list[int], stream_pb2.Finished]] = results) -> None:
+            results[i] = _decode(w.address, PROMPTS[i], "", max_tokens=12)
+
         w.call(hold())
-        results: dict[int, tuple[list[int], stream_pb2.Finished]] = {}
-        threads = [
-            threading.Thread(target=lambda i=i: results.update({i: _decode(w.address, PROMPTS[i], "", max_tokens=12)}))
-            for i in range(len(PROMPTS))
-        ]
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(PROMPTS))]
         for t in threads:
             t.start()
         deadline = time.monotonic() + 10

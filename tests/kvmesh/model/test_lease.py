@@ -140,9 +140,8 @@ def test_prompts_prefilled_together_equal_each_alone(variant: str, request: pyte
     runner = ModelRunner(folder, RunnerConfig(threads=1))
     assert runner.load_group() and runner.group_segments == 8
     pasts, news = [0, 1, 33, 20, 39], [40, 5, 7, 1, 1]
-    prompts = [
-        [int(t) for t in np.random.default_rng(i).integers(0, 256, p + n)] for i, (p, n) in enumerate(zip(pasts, news))
-    ]
+    sizes = [p + n for p, n in zip(pasts, news, strict=True)]
+    prompts = [[int(t) for t in np.random.default_rng(i).integers(0, 256, n)] for i, n in enumerate(sizes)]
     alone, together = SlotBatch(runner, slots=5, capacity=64), SlotBatch(runner, slots=5, capacity=64)
     want = []
     for slot, (prompt, past) in enumerate(zip(prompts, pasts, strict=True)):
@@ -150,7 +149,7 @@ def test_prompts_prefilled_together_equal_each_alone(variant: str, request: pyte
             if past:
                 runner.prefill_in_place(prompt[:past], batch.kv.place(slot).buffers, 0)
         want.append(runner.prefill_in_place(prompt[past:], alone.kv.place(slot).buffers, past))
-    rows = [(p[past:], together.kv.place(s).buffers, past) for s, (p, past) in enumerate(zip(prompts, pasts))]
+    rows = [(p[past:], together.kv.place(s).buffers, past) for s, (p, past) in enumerate(zip(prompts, pasts))]  # noqa: B905
     got = runner.prefill_group_in_place(rows[:3])  # fewer rows than segments, then the rest
     got = np.concatenate([got, runner.prefill_group_in_place(rows[3:])])
     for slot, prompt in enumerate(prompts):
