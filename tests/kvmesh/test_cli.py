@@ -165,7 +165,13 @@ def test_prepare_writes_the_int8_decode_graph_by_default_and_exact_decode_on_req
         assert "decode       exact (fp32 activations) (this CPU has no avx512_vnni" in auto
     forced = kvmesh("model", "info", "--model", str(out), "--threads", "1", "--decode-numerics", "exact")
     assert "decode       exact (fp32 activations)" in forced.stdout
+    assert "together     model_group.onnx" in forced.stdout
     assert "up to date" in kvmesh(*args).stdout
+    # a folder from before the group graph is upgraded by prepare, its fingerprint kept
+    (out / "model_group.onnx").unlink()
+    regrouped = kvmesh(*args)
+    assert regrouped.returncode == 0 and "up to date" not in regrouped.stdout
+    assert ModelFolder.load(out).group_graph is not None and ModelFolder.load(out).fingerprint == exact.fingerprint
 
 
 def test_model_wait_returns_once_another_process_has_prepared_the_model(real_int4: ModelFolder, tmp_path: Path) -> None:
