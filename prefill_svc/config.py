@@ -49,10 +49,13 @@ class PrefillConfig:
         default=0,
         metadata=doc("colocated worker: prompt tokens per prefill chunk, each between two decode steps (0: no turns)"),
     )
-    # Measured with bench/peer.py (docs/results/2026-12-04/cpu-2core-amd): 8 warm joins computed
-    # their last tokens one after another, ~45 ms each, most of it the exact MatMulNBits' fixed
-    # cost of a run; together they take one run. Bounded in tokens: a job that joins a run waits
-    # for the others' tokens too (~2 ms each on 2 cores).
+    # Measured with bench/peer.py on 2 cores (docs/results/2026-12-04/cpu-2core-amd, second
+    # session): 8 warm joins computed their last tokens one after another, each run paying the
+    # exact MatMulNBits' fixed cost (~55 ms for 2+ rows); 7 of them together took one run of
+    # 121-164 ms, in its turn between decode steps. The 8-stream p99 gap went from 0.83 of
+    # llama-server's to 1.06, the warm TTFT from 0.47 to 0.60. Bounded in tokens: a prompt that
+    # joins a run waits for the others' tokens too (~2 ms each). Costs ~100 MB resident (the
+    # group graph's session). A prefill node has no decode slots to prefill into.
     prefill_together_tokens: int = field(
         default=256,
         metadata=doc(
