@@ -10,7 +10,7 @@ from kvmesh.model.folder import ModelFolder
 from kvmesh.model.kv import KVCache
 from kvmesh.model.runner import ModelRunner, RunnerConfig
 from kvmesh.sampling import SamplingParams
-from prefill_svc.engine import PUT_BATCH, PrefillEngine, PrefillOutcome
+from prefill_svc.engine import PUT_BATCH, PrefillEngine, PrefillOutcome, SlotPrefill
 from prefill_svc.store import Meta, PrefixStore, StoreConfig, StoreWriter
 from tests.prefill_svc.conftest import BLOCK, EngineFactory
 
@@ -387,3 +387,41 @@ def test_a_prompt_prefilled_into_a_decode_slot_is_the_prefill_out_of_place(
         batch.give_back(lease.place.slot)
     assert [len(keys) for kind, keys in events.log if kind == "stored"] == [5, 1]  # the first's, then the new one
     assert not batch._lent
+
+
+def test_prompts_prefilled_together_each_get_their_own_outcome(make_engine: EngineFactory) -> None:
+    """Prompts run together into their decode slots get what each gets alone (first token, KV,
+    cached tokens, its new blocks stored); one that is invalid fails alone; one whose request left
+    before its run is not written into a slot; and every slot lent comes back to the batch."""
+    from kvmesh.model.batch import SlotBatch
+    from kvmesh.model.lease import LeasedKV
+
+    plain, _ = make_engine()
+    grouped, events = make_engine(path=plain.store.config.path.parent / "other")
+    assert grouped.runner.load_group() and grouped.can_group
+    batch = SlotBatch(grouped.runner, slots=4, capacity=64)
+    other = [int(t) for t in np.random.default_rng(9).integers(0, 256, 21)]
+    for prompt in (PROMPT, other):  # stored first: the run together reads their prefixes
+        grouped.prefill(prompt, GREEDY)
+    _settle(grouped)
+    prompts = [[*PROMPT, 3, 4, 5, 6], other, [*other[:16], 1], [5, 6, 7], [1, 10**6], PROMPT]
+    leases = [batch.lease() for _ in prompts]
+    assert all(lease is not None for lease in leases)
+    leases[-1].abandon()  # type: ignore[union-attr]  # its request left before its turn
+    jobs = [
+        SlotPrefill(p, GREEDY, grouped.lookup_keys(p, b""), lease) for p, lease in zip(prompts, leases, strict=True)
+    ]  # type: ignore[arg-type]
+    got = grouped.prefill_together(jobs)
+    assert isinstance(got[4], InvalidArgument)  # a token beyond the vocabulary: its own error
+    for i in (0, 1, 2, 3):
+        outcome = got[i]
+        assert isinstance(outcome, PrefillOutcome) and isinstance(outcome.kv, LeasedKV) and outcome.together == 4
+        _same(outcome, plain.prefill(prompts[i], GREEDY))
+    assert [o.cached_tokens for o in got[:4]] == [5 * BLOCK, 2 * BLOCK, 2 * BLOCK, 0]  # type: ignore[union-attr]
+    assert isinstance(got[5], PrefillOutcome) and not isinstance(got[5].kv, LeasedKV)  # computed, not in a slot
+    _settle(grouped)
+    assert [len(keys) for kind, keys in events.log if kind == "stored"][-1:] == [1]  # the first one's 6th block
+    for lease in leases[:4]:
+        assert lease is not None and lease.place is not None
+        batch.give_back(lease.place.slot)
+    assert not batch._lent  # the invalid one's and the abandoned one's slots were never kept
