@@ -146,8 +146,9 @@ class PrefillEngine:
     def prefill_together(self, jobs: list[SlotPrefill]) -> list[PrefillOutcome | BaseException]:
         """Several prompts' prefill, each in place in its lent decode slot, the model run once for
         all of them (`ModelRunner.prefill_group_in_place`): the exact graph's linear layers cost
-        ~40 ms a run however few its rows, so eight warm joins' last tokens took one run, not
-        eight. Each prompt's KV is what it alone would make, bit for bit. One without a slot (none
+        ~55 ms a run of 2+ rows however few (2 cores), so seven warm joins' last tokens take one
+        run, not seven. Each prompt's KV is what it alone would make (bit for bit where it
+        computes 2+ tokens). One without a slot (none
         free, or its request left) runs alone, out of place. -> per job its outcome, or the error
         it failed with (one job's failure is its own)."""
         results: list[PrefillOutcome | BaseException | None] = [None] * len(jobs)

@@ -71,8 +71,8 @@ def convert_gguf(
         onnx.save_model(decode, tmp / DECODE_GRAPH)
     if activations == "float32":
         # A colocated worker's prefills waiting together run as one: every linear layer once over
-        # all their tokens (the exact MatMulNBits costs ~40 ms a run however few its rows), each
-        # sequence's attention over its own decode slot. Host slots only: CPU, float32.
+        # all their tokens (the exact MatMulNBits costs ~55 ms a run of 2+ rows however few, on 2
+        # cores), each sequence's attention over its own decode slot. Host slots: CPU, float32.
         group = build_decoder(weights, accuracy_level, segments=GROUP_SEGMENTS)
         _share_initializers(group, full)
         onnx.save_model(group, tmp / GROUP_GRAPH)
