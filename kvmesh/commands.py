@@ -80,7 +80,7 @@ def model_info(args: argparse.Namespace) -> int:
     print(f"KV bytes     {lay.bytes_per_token} per token\ncontext      {folder.context_length}")
     print(f"decode       {runner.decode_numerics_said}\nprefill      {runner.prefill_numerics}")
     group = folder.group_graph
-    together = f"{group.name} (a colocated worker's prompts waiting at once, one run)" if group else "none"
+    together = f"{group.name} (prompts waiting at once prefilled in one run)" if group else "none"
     print(f"together     {together}")
     print(f"providers    {', '.join(runner.session.get_providers())}\nfingerprint  {folder.fingerprint}")
     return 0

@@ -55,12 +55,12 @@ class PrefillConfig:
     # 121-164 ms, in its turn between decode steps. The 8-stream p99 gap went from 0.83 of
     # llama-server's to 1.06, the warm TTFT from 0.47 to 0.60. Bounded in tokens: a prompt that
     # joins a run waits for the others' tokens too (~2 ms each). Costs ~100 MB resident (the
-    # group graph's session). A prefill node has no decode slots to prefill into.
+    # group graph's session). A prefill node runs its prompts together the same way, out of place.
     prefill_together_tokens: int = field(
         default=256,
         metadata=doc(
-            "colocated worker: prompts waiting at once are prefilled in one model run while their "
-            "uncached tokens sum to at most this (0: each alone)"
+            "prompts waiting at once are prefilled in one model run while their uncached tokens sum "
+            "to at most this (0: each alone)"
         ),
     )
     reply_kv: str = field(

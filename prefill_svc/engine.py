@@ -37,13 +37,14 @@ class PrefillOutcome:
 
 
 @dataclass(frozen=True)
-class SlotPrefill:
-    """One prompt of `PrefillEngine.prefill_together`, prefilled in place into a lent decode slot."""
+class Prompt:
+    """One prompt of `PrefillEngine.prefill_together`: into a lent decode slot (a colocated
+    worker's), or out of place (a prefill node's)."""
 
     tokens: Sequence[int]
     params: SamplingParams
     keys: list[bytes]  # lookup_keys(tokens, salt)
-    into: SlotLease
+    into: SlotLease | None = None
 
 
 class PrefillEngine:
@@ -113,7 +114,7 @@ class PrefillEngine:
             return self.resume(tokens, len(tokens) - replay, keys)
         place = into.take() if into is not None else None  # a decode slot: prefilled in place
         if into is not None and place is not None:
-            result = self._in_place([(SlotPrefill(tokens, params, keys, into), place)])[0]
+            result = self._in_place([(Prompt(tokens, params, keys, into), place)])[0]
             if isinstance(result, BaseException):
                 raise result
             return result
@@ -143,31 +144,126 @@ class PrefillEngine:
         graph, and no decode steps take turns with the prefill)."""
         return self.runner.group_session is not None and not self.chunk_tokens
 
-    def prefill_together(self, jobs: list[SlotPrefill]) -> list[PrefillOutcome | BaseException]:
-        """Several prompts' prefill, each in place in its lent decode slot, the model run once for
-        all of them (`ModelRunner.prefill_group_in_place`): the exact graph's linear layers cost
-        ~55 ms a run of 2+ rows however few (2 cores), so seven warm joins' last tokens take one
-        run, not seven. Each prompt's KV is what it alone would make (bit for bit where it
-        computes 2+ tokens). One without a slot (none
-        free, or its request left) runs alone, out of place. -> per job its outcome, or the error
-        it failed with (one job's failure is its own)."""
+    def prefill_together(self, jobs: list[Prompt]) -> list[PrefillOutcome | BaseException]:
+        """Several prompts' prefill, the model run once for all of them: the exact graph's linear
+        layers cost ~55 ms a run of 2+ rows however few (2 cores), so seven warm joins' last tokens
+        take one run, not seven. Each prompt's KV is what it alone would make (bit for bit where it
+        computes 2+ tokens). Those with a lent decode slot are prefilled in place there
+        (`ModelRunner.prefill_group_in_place`), the others (no slot free, its request left, a
+        prefill node's) out of place (`ModelRunner.prefill_group`). -> per job its outcome, or
+        the error it failed with (one job's failure is its own)."""
         results: list[PrefillOutcome | BaseException | None] = [None] * len(jobs)
-        rows: list[tuple[int, SlotPrefill, Place]] = []
+        slotted: list[tuple[int, Prompt, Place]] = []
+        plain: list[tuple[int, Prompt]] = []
         for i, job in enumerate(jobs):
             try:
                 self._check(job.tokens, 0)
-                place = job.into.take()
+                place = job.into.take() if job.into is not None else None
                 if place is None:
-                    results[i] = self.prefill(job.tokens, job.params, keys=job.keys, into=job.into)
+                    plain.append((i, job))
                 else:
-                    rows.append((i, job, place))
+                    slotted.append((i, job, place))
             except Exception as e:
                 results[i] = e
-        for (i, _, _), result in zip(rows, self._in_place([(job, place) for _, job, place in rows]), strict=True):
+        for (i, _, _), result in zip(slotted, self._in_place([(job, place) for _, job, place in slotted]), strict=True):
+            results[i] = result
+        for (i, _), result in zip(plain, self._out_of_place([job for _, job in plain]), strict=True):
             results[i] = result
         return [r if r is not None else KvmeshError("prefill left no outcome") for r in results]
 
-    def _in_place(self, rows: list[tuple[SlotPrefill, Place]]) -> list[PrefillOutcome | BaseException]:
+    def _out_of_place(self, jobs: list[Prompt]) -> list[PrefillOutcome | BaseException]:
+        """Prompts prefilled out of place, in runs of the group graph: each run's stored prefixes
+        read side by side into the past buffer, once for prompts that share one (a system
+        prompt); those that do not fit beside the others run in the next run, one that does not
+        fit alone runs alone, as `prefill`."""
+        results: list[PrefillOutcome | BaseException] = []
+        i = 0
+        while i < len(jobs):
+            run: list[tuple[Prompt, int]] = []  # (job, its stored blocks)
+            chains: list[list[bytes]] = []  # the stored chains the run reads, each once
+            while i < len(jobs) and len(run) < self.runner.group_segments:
+                job = jobs[i]
+                blocks = self._stored_blocks(job.keys) if job.keys else 0
+                chain = job.keys[:blocks]
+                shared = any(c[:blocks] == chain for c in chains) or not blocks
+                if run and not shared and self._tokens_of(chains) + blocks * self.block_size > self._buffer_tokens:
+                    break
+                if not shared:
+                    chains.append(chain)
+                run.append((job, blocks))
+                i += 1
+            if len(run) == 1 or self._tokens_of(chains) > self._buffer_tokens:
+                results += [self._alone(job) for job, _ in run]
+                continue
+            try:
+                results += self._run_out_of_place(run, chains)
+            except Exception as e:
+                results += [e] * len(run)
+        return results
+
+    @property
+    def _buffer_tokens(self) -> int:
+        lay = self.runner.layout
+        return self._past_buffer.size // (lay.layers * 2 * lay.kv_heads * lay.head_dim)
+
+    def _tokens_of(self, chains: list[list[bytes]]) -> int:
+        return sum(len(c) for c in chains) * self.block_size
+
+    def _alone(self, job: Prompt) -> PrefillOutcome | BaseException:
+        try:
+            return self.prefill(job.tokens, job.params, keys=job.keys)
+        except Exception as e:
+            return e
+
+    def _run_out_of_place(
+        self, run: list[tuple[Prompt, int]], chains: list[list[bytes]]
+    ) -> list[PrefillOutcome | BaseException]:
+        """One group run over prompts whose stored chains fit the past buffer side by side."""
+        lay, bs = self.runner.layout, self.block_size
+        start, offset = time.perf_counter(), 0
+        pasts: list[tuple[list[bytes], KVCache | None, int, int]] = []  # chain, its KV, tokens read, bad blocks
+        for chain in chains:
+            # (layers, 2, kv_heads, the chain's tokens, head_dim), contiguous, beside the others'
+            shape = (lay.layers, 2, lay.kv_heads, len(chain) * bs, lay.head_dim)
+            region = self._past_buffer[offset : offset + int(np.prod(shape))].reshape(shape)
+            offset += region.size
+            past, n, bad = self._cached_past(chain, len(chain) * bs + 1, self.reuse_decoded, region)
+            pasts.append((chain, past, n, bad))
+        rows: list[tuple[Sequence[int], KVCache | None]] = []
+        reads: list[tuple[int, int]] = []  # cached tokens, bad blocks
+        for job, blocks in run:
+            chain = job.keys[:blocks]
+            held = next(((kv, n, bad) for c, kv, n, bad in pasts if c[:blocks] == chain), (None, 0, 0))
+            cached = min(held[1], blocks * bs, len(job.tokens) - 1)  # the last token always computed
+            past = None if held[0] is None or not cached else held[0].prefix(cached)
+            rows.append((job.tokens[cached if past is not None else 0 :], past))
+            reads.append((cached if past is not None else 0, held[2]))
+        read = time.perf_counter()
+        logits, kvs = self.runner.prefill_group(rows)
+        compute_s = time.perf_counter() - read
+        results: list[PrefillOutcome | BaseException] = []
+        for (job, _), row_logits, kv, (cached, bad) in zip(run, logits, kvs, reads, strict=True):
+            try:
+                token, logprob = Sampler(job.params).sample(row_logits)
+                if job.keys:
+                    self._store_prompt(job.keys, kv, in_slot=False, cached=cached)
+                results.append(PrefillOutcome(kv, cached, token, logprob, bad, read - start, compute_s, len(run)))
+            except Exception as e:
+                results.append(e)
+        return results
+
+    def _stored_blocks(self, keys: list[bytes]) -> int:
+        """Blocks of `keys` a prefill would read now: stored, or queued for the writer."""
+        n = self.store.cached_blocks(keys, self.reuse_decoded)
+        with self._pending_lock:
+            for key in keys[n:]:
+                block, made_by_decode = self._pending.get(key, (None, False))
+                if block is None or (made_by_decode and not self.reuse_decoded):
+                    break
+                n += 1
+        return n
+
+    def _in_place(self, rows: list[tuple[Prompt, Place]]) -> list[PrefillOutcome | BaseException]:
         """Prompts into their decode slots (taken from their leases): the stored prefix read into
         the slot, the rest run there in place, one model run for all where there are several."""
         results: list[PrefillOutcome | BaseException | None] = [None] * len(rows)
@@ -200,13 +296,13 @@ class PrefillEngine:
                     kv = place.kv(len(job.tokens))
                     if job.keys:
                         self._store_prompt(job.keys, kv, in_slot=True, cached=cached)
-                    kv = LeasedKV(kv.keys, kv.values, job.into)
+                    kv = LeasedKV(kv.keys, kv.values, _lease(job))
                     results[i] = PrefillOutcome(kv, cached, token, logprob, bad, read_s, compute_s, len(live))
                 except Exception as e:
                     results[i] = e
         finally:
             for (job, _), result in zip(rows, results, strict=True):
-                job.into.written(isinstance(result, PrefillOutcome))
+                _lease(job).written(isinstance(result, PrefillOutcome))
         return [r if r is not None else KvmeshError("prefill left no outcome") for r in results]
 
     def _compute_in_place(self, rows: list[tuple[Sequence[int], list[np.ndarray], int]]) -> list[np.ndarray]:
@@ -421,6 +517,12 @@ class PrefillEngine:
         if not done:
             raise KvmeshError("the prefix store writer failed to pin the prompt")  # INTERNAL
         return done[0] * self.block_size
+
+
+def _lease(job: Prompt) -> SlotLease:
+    """The lease of a prompt prefilled in place (it took its slot from it)."""
+    assert job.into is not None
+    return job.into
 
 
 def _block_of(kv: KVCache, block_size: int) -> Callable[[int], np.ndarray]:

@@ -33,7 +33,7 @@ class PrefillMetrics:
         )
         self.together = Counter(
             "kvmesh_prefill_together",
-            "Prompts prefilled in one model run with others (a colocated worker's, into decode slots)",
+            "Prompts prefilled in one model run with others",
             registry=r,
         )
         self.kv_bytes_sent = Counter("kvmesh_kv_bytes_sent", "KV bytes streamed to decode nodes", registry=r)

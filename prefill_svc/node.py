@@ -26,7 +26,7 @@ from kvmesh.model.tokenizer import ChatTokenizer
 from kvmesh.model.turns import Turns
 from kvmesh.sampling import SamplingParams
 from prefill_svc.config import PrefillConfig
-from prefill_svc.engine import PrefillEngine, PrefillOutcome, SlotPrefill
+from prefill_svc.engine import PrefillEngine, PrefillOutcome, Prompt
 from prefill_svc.events import CacheEvent, CacheEvents
 from prefill_svc.metrics import PrefillMetrics
 from prefill_svc.queue import FairQueue, Together
@@ -83,8 +83,8 @@ class PrefillNode:
         self.store = PrefixStore(store_config, self.folder.fingerprint, self.runner.layout)
         # one model run at a time, the tenants' jobs taking turns
         self.queue = FairQueue(config.max_queued_tokens, "prefill-model", self._pushed_out)
-        self._together: Together | None = None  # start(): prompts into decode slots, prefilled in one run
-        if runner is not None and not config.prefill_chunk_tokens and config.prefill_together_tokens:
+        self._together: Together | None = None  # start(): prompts waiting at once, prefilled in one run
+        if not config.prefill_chunk_tokens and config.prefill_together_tokens:
             self.runner.load_group()
         self.metrics = PrefillMetrics(self.store.stats, lambda: self.queue.tokens, registry)
         self.events: CacheEvents | None = None
@@ -155,8 +155,8 @@ class PrefillNode:
         work = self.engine.uncached_tokens(tokens, salt, keys) if tokens else 0
         start = time.perf_counter()
         outcome: PrefillOutcome
-        if into is not None and not replay and self._together is not None:
-            outcome = await self.queue.run_together(salt, work, SlotPrefill(tokens, params, keys, into), self._together)
+        if not replay and self._together is not None:
+            outcome = await self.queue.run_together(salt, work, Prompt(tokens, params, keys, into), self._together)
             if outcome.together > 1:
                 self.metrics.together.inc()
         else:

@@ -70,9 +70,10 @@ def convert_gguf(
         _share_initializers(decode, full)
         onnx.save_model(decode, tmp / DECODE_GRAPH)
     if activations == "float32":
-        # A colocated worker's prefills waiting together run as one: every linear layer once over
+        # Prompts waiting at once are prefilled in one run: every linear layer once over
         # all their tokens (the exact MatMulNBits costs ~55 ms a run of 2+ rows however few, on 2
-        # cores), each sequence's attention over its own decode slot. Host slots: CPU, float32.
+        # cores), each sequence's attention over its own past (a decode slot, or out of place). CPU only:
+        # float32 folders.
         group = build_decoder(weights, accuracy_level, segments=GROUP_SEGMENTS)
         _share_initializers(group, full)
         onnx.save_model(group, tmp / GROUP_GRAPH)

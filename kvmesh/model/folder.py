@@ -4,7 +4,7 @@
   model_last.onnx               the same graph, logits of the last position only (what we serve)
   model_decode.onnx             (optional) model_last for decode steps, int8 activations
   model_group.onnx              (float32 folders) model_last over GROUP_SEGMENTS sequences at once,
-                                each after its own past (a colocated worker's prefills, together)
+                                each after its own past (prompts waiting at once, prefilled together)
   tokenizer.json                a `tokenizers` tokenizer
   tokenizer_config.json         chat template, special tokens (as Hugging Face writes it)
   genai_config.json             so ONNX Runtime GenAI loads the folder as it is

@@ -351,3 +351,41 @@ class ModelRunner:
         self.group_session.run_with_iobinding(io)
         logits: np.ndarray = io.get_outputs()[0].numpy()  # (1, group_segments, vocab)
         return np.asarray(logits[0, : len(rows)])
+
+    def prefill_group(self, rows: Sequence[tuple[Sequence[int], KVCache | None]]) -> tuple[np.ndarray, list[KVCache]]:
+        """Several sequences' `prefill` (tokens after their past) in one run of the group graph
+        (load_group first), out of place: each row's present KV made by the model, as prefill's.
+        Bit for bit prefill's KV where a row computes 2+ tokens; logits within the last bits.
+        -> last logits (len(rows), vocab), each row's KV of past + tokens."""
+        if self.group_session is None:
+            raise InvalidArgument("no group graph loaded")
+        if not 0 < len(rows) <= self.group_segments:
+            raise InvalidArgument(f"{len(rows)} rows for a group of {self.group_segments}")
+        lay, k = self.layout, self.group_segments
+        none = np.zeros((1, lay.kv_heads, 0, lay.head_dim), lay.dtype)  # an unused segment: no past, token 0
+        ids: list[int] = []
+        lengths, totals = np.ones(k, np.int64), np.ones(k, np.int64)
+        feeds: dict[str, np.ndarray] = {}
+        for j in range(k):
+            tokens, past = rows[j] if j < len(rows) else ([0], None)
+            if not tokens:
+                raise InvalidArgument("empty prompt")
+            held = past.length if past is not None else 0
+            if held + len(tokens) > self.max_context:
+                raise InvalidArgument(f"{held + len(tokens)} tokens exceed the model's context of {self.max_context}")
+            ids.extend(tokens)
+            lengths[j], totals[j] = len(tokens), held + len(tokens)
+            for i in range(lay.layers):
+                feeds[f"segment{j}.past_key_values.{i}.key"] = past.keys[i] if past is not None else none
+                feeds[f"segment{j}.past_key_values.{i}.value"] = past.values[i] if past is not None else none
+        feeds |= {"input_ids": np.asarray([ids], np.int64), "segment_lengths": lengths, "segment_totals": totals}
+        names = ["logits"]
+        for j in range(len(rows)):
+            names += [f"segment{j}.present.{i}.{part}" for part in ("key", "value") for i in range(lay.layers)]
+        out = self.group_session.run(names, feeds)
+        n = lay.layers
+        kvs = [
+            KVCache(out[1 + 2 * n * j : 1 + 2 * n * j + n], out[1 + 2 * n * j + n : 1 + 2 * n * (j + 1)])
+            for j in range(len(rows))
+        ]
+        return np.asarray(out[0][0, : len(rows)]), kvs

@@ -141,15 +141,24 @@ def test_colocated_worker_prefills_into_its_slots_and_gets_each_back(
     assert lent[:2] == [0, 0] and set(lent) <= {0, None} and lent.count(0) >= 4
 
 
-def test_colocated_prompts_waiting_at_once_are_prefilled_in_one_run(
-    tiny_fp32: ModelFolder, servers: MakeServer
+@pytest.mark.parametrize("shape", ["worker", "pools"])
+def test_prompts_waiting_at_once_are_prefilled_in_one_run(
+    shape: str, tiny_fp32: ModelFolder, servers: MakeServer
 ) -> None:
-    """Prompts that wait for the worker's model thread at once are prefilled together, each into
-    its decode slot, and each reply is the one it gets alone (cold prompts, then warm ones)."""
-    w = servers("worker", tiny_fp32, slots=4)
-    prefill = w.server.prefill
-    want = [_alone(tiny_fp32, q, SamplingParams(max_tokens=12)) for q in PROMPTS]
-    for round_ in range(2):  # cold, then their stored prefixes and a tail each
+    """Prompts that wait for the model thread at once are prefilled together (a colocated
+    worker's each into its decode slot, a prefill node's out of place, the stored prefix they
+    share read once), and each reply is the one it gets alone: four cold prompts, then four new
+    ones after the same 40-token prefix (a system prompt's), which the first four stored."""
+    if shape == "worker":
+        w = servers("worker", tiny_fp32, slots=4)
+        prefill, at, decode, via = w.server.prefill, w, w, ""
+    else:
+        p, d = servers("prefill", tiny_fp32), servers("decode", tiny_fp32, slots=4)
+        prefill, at, decode, via = p.server.node, p, d, p.address
+    common = PROMPTS[1]  # 40 tokens: 5 blocks of 8
+    for round_ in range(2):
+        prompts = [[*common, *(PROMPTS[i] if round_ == 0 else PROMPTS[i][::-1])[: 3 + 5 * i]] for i in range(4)]
+        want = [_alone(tiny_fp32, q, SamplingParams(max_tokens=12)) for q in prompts]
         gate = threading.Event()
         results: dict[int, tuple[list[int], stream_pb2.Finished]] = {}
 
@@ -157,23 +166,22 @@ def test_colocated_prompts_waiting_at_once_are_prefilled_in_one_run(
             prefill.queue.background(lambda: gate.wait(10) and False)
 
         def send(i: int, results: dict[int, tuple[list[int], stream_pb2.Finished]] = results) -> None:
-            results[i] = _decode(w.address, PROMPTS[i], "", max_tokens=12)
+            results[i] = _decode(decode.address, prompts[i], via, max_tokens=12)  # noqa: B023
 
-        w.call(hold())
-        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(PROMPTS))]
+        at.call(hold())
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
         for t in threads:
             t.start()
         deadline = time.monotonic() + 10
-        while sum(map(len, prefill.queue._waiting.values())) < len(PROMPTS) and time.monotonic() < deadline:
+        while sum(map(len, prefill.queue._waiting.values())) < 4 and time.monotonic() < deadline:
             time.sleep(0.01)
         before = prefill.metrics.together._value.get()
         gate.set()
         for t in threads:
             t.join(60)
-        assert [results[i][0] for i in range(len(PROMPTS))] == want
-        assert prefill.metrics.together._value.get() - before == len(PROMPTS)  # all four in one run
-        cached = [results[i][1].usage.cached_tokens for i in range(len(PROMPTS))]
-        assert cached == ([0] * 4 if round_ == 0 else [8, 39, 16, 56])
+        assert [results[i][0] for i in range(4)] == want
+        assert prefill.metrics.together._value.get() - before == 4  # all four in one run
+        assert [results[i][1].usage.cached_tokens for i in range(4)] == [0 if round_ == 0 else 40] * 4
 
 
 def test_cancelled_stream_frees_its_slot(tiny_fp32: ModelFolder, servers: MakeServer) -> None:

@@ -10,7 +10,7 @@ from kvmesh.model.folder import ModelFolder
 from kvmesh.model.kv import KVCache
 from kvmesh.model.runner import ModelRunner, RunnerConfig
 from kvmesh.sampling import SamplingParams
-from prefill_svc.engine import PUT_BATCH, PrefillEngine, PrefillOutcome, SlotPrefill
+from prefill_svc.engine import PUT_BATCH, PrefillEngine, PrefillOutcome, Prompt
 from prefill_svc.store import Meta, PrefixStore, StoreConfig, StoreWriter
 from tests.prefill_svc.conftest import BLOCK, EngineFactory
 
@@ -408,9 +408,7 @@ def test_prompts_prefilled_together_each_get_their_own_outcome(make_engine: Engi
     leases = [batch.lease() for _ in prompts]
     assert all(lease is not None for lease in leases)
     leases[-1].abandon()  # type: ignore[union-attr]  # its request left before its turn
-    jobs = [
-        SlotPrefill(p, GREEDY, grouped.lookup_keys(p, b""), lease) for p, lease in zip(prompts, leases, strict=True)
-    ]  # type: ignore[arg-type]
+    jobs = [Prompt(p, GREEDY, grouped.lookup_keys(p, b""), lease) for p, lease in zip(prompts, leases, strict=True)]  # type: ignore[arg-type]
     got = grouped.prefill_together(jobs)
     assert isinstance(got[4], InvalidArgument)  # a token beyond the vocabulary: its own error
     for i in (0, 1, 2, 3):
