@@ -22,6 +22,9 @@ from kvmesh.sampling import Sampler, SamplingParams
 from prefill_svc.store import EventSink, PrefixStore, StoreWriter
 
 PUT_BATCH = 16  # blocks per store transaction of a prefill's put
+# Prompts prefilled together out of place read their stored prefixes side by side into the past
+# buffer, which may grow for them to this many tokens (SmolLM2: 46 KB a token, ~190 MB)
+TOGETHER_PAST_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -177,13 +180,19 @@ class PrefillEngine:
         prompt); those that do not fit beside the others run in the next run, one that does not
         fit alone runs alone, as `prefill`."""
         results: list[PrefillOutcome | BaseException] = []
+        stored = [self._stored_blocks(job.keys) if job.keys else 0 for job in jobs]
+        everyone: list[list[bytes]] = []
+        for job, blocks in zip(jobs, stored, strict=True):
+            if blocks and not any(c[:blocks] == job.keys[:blocks] for c in everyone):
+                everyone.append(job.keys[:blocks])
+        if self._tokens_of(everyone) > self._buffer_tokens:
+            self._grow_for(self._tokens_of(everyone))
         i = 0
         while i < len(jobs):
             run: list[tuple[Prompt, int]] = []  # (job, its stored blocks)
             chains: list[list[bytes]] = []  # the stored chains the run reads, each once
             while i < len(jobs) and len(run) < self.runner.group_segments:
-                job = jobs[i]
-                blocks = self._stored_blocks(job.keys) if job.keys else 0
+                job, blocks = jobs[i], stored[i]
                 chain = job.keys[:blocks]
                 shared = any(c[:blocks] == chain for c in chains) or not blocks
                 if run and not shared and self._tokens_of(chains) + blocks * self.block_size > self._buffer_tokens:
@@ -200,6 +209,13 @@ class PrefillEngine:
             except Exception as e:
                 results += [e] * len(run)
         return results
+
+    def _grow_for(self, tokens: int) -> None:
+        """Prompts waiting together found the past buffer too small for their stored prefixes side
+        by side: the writer grows it (off the request path, as for a longer chain), up to
+        TOGETHER_PAST_TOKENS, so the next such prompts run together."""
+        if tokens <= TOGETHER_PAST_TOKENS:
+            self.writer.submit(lambda store, events: self.reserve(tokens))
 
     @property
     def _buffer_tokens(self) -> int:

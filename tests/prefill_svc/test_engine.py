@@ -423,3 +423,33 @@ def test_prompts_prefilled_together_each_get_their_own_outcome(make_engine: Engi
         assert lease is not None and lease.place is not None
         batch.give_back(lease.place.slot)
     assert not batch._lent  # the invalid one's and the abandoned one's slots were never kept
+
+
+def test_prompts_with_their_own_prefixes_run_together_once_the_past_buffer_holds_them(
+    make_engine: EngineFactory,
+) -> None:
+    """Out of place, prompts run together read their stored prefixes side by side into the past
+    buffer. Four prompts with prefixes of their own do not fit the buffer grown for one: they run
+    in several runs, and the writer grows it, so the next four run in one. Every KV is the one the
+    prompt gets alone (bit for bit where 2+ tokens are computed)."""
+    plain, _ = make_engine()
+    grouped, _ = make_engine(path=plain.store.config.path.parent / "other")
+    assert grouped.runner.load_group()
+    prompts = [[int(t) for t in np.random.default_rng(20 + i).integers(0, 256, 42)] for i in range(4)]
+    for prompt in prompts:
+        grouped.prefill(prompt, GREEDY)
+    _settle(grouped)
+    for round_ in range(2):
+        tails = [[*p, 1 + round_, 2, 3] for p in prompts]  # 40 tokens stored each, 5 computed
+        got = grouped.prefill_together([Prompt(t, GREEDY, grouped.lookup_keys(t, b"")) for t in tails])
+        assert all(isinstance(o, PrefillOutcome) and o.cached_tokens == 40 for o in got)
+        for outcome, tail in zip(got, tails, strict=True):
+            assert isinstance(outcome, PrefillOutcome)
+            want = plain.prefill(tail, GREEDY)
+            assert outcome.first_token == want.first_token
+            for a, b in zip(outcome.kv.keys + outcome.kv.values, want.kv.keys + want.kv.values, strict=True):
+                np.testing.assert_array_equal(a, b)
+        together = [o.together for o in got]  # type: ignore[union-attr]
+        # first in more than one run (the writer may grow the buffer while they run), then in one
+        assert max(together) < 4 if round_ == 0 else together == [4, 4, 4, 4], together
+        _settle(grouped)  # the writer grew the past buffer meanwhile
