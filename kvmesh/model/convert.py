@@ -60,6 +60,7 @@ def convert_gguf(
     last = build_decoder(weights, accuracy_level, last_only=True, activations=activations)
     _share_initializers(last, full)
     onnx.save_model(last, tmp / LAST_GRAPH)
+    del last  # each graph holds its own copy of the weights until saved: one at a time beside `full`
     if decode_accuracy_level is not None and decode_accuracy_level != accuracy_level:
         # Decode steps in batches run MatMulNBits fastest with int8 activations (level 4): the
         # same weights, another kernel. Prefill (and so every KV that is stored or sent) keeps
@@ -69,6 +70,7 @@ def convert_gguf(
         )
         _share_initializers(decode, full)
         onnx.save_model(decode, tmp / DECODE_GRAPH)
+        del decode
     if activations == "float32":
         # Prompts waiting at once are prefilled in one run: every linear layer once over
         # all their tokens (the exact MatMulNBits costs ~55 ms a run of 2+ rows however few, on 2
@@ -77,7 +79,8 @@ def convert_gguf(
         group = build_decoder(weights, accuracy_level, segments=GROUP_SEGMENTS)
         _share_initializers(group, full)
         onnx.save_model(group, tmp / GROUP_GRAPH)
-    del full, last, weights
+        del group
+    del full, weights
     step("writing tokenizer")
     tokenizer = src.tokenizer()
     tokenizer.save(str(tmp / "tokenizer.json"))
