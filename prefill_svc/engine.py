@@ -172,55 +172,37 @@ class PrefillEngine:
             results[i] = result
         for (i, _), result in zip(plain, self._out_of_place([job for _, job in plain]), strict=True):
             results[i] = result
-        return [r if r is not None else KvmeshError("prefill left no outcome") for r in results]
+        return _filled(results)
 
     def _out_of_place(self, jobs: list[Prompt]) -> list[PrefillOutcome | BaseException]:
         """Prompts prefilled out of place, in runs of the group graph: each run's stored prefixes
         read side by side into the past buffer, once for prompts that share one (a system
         prompt); those that do not fit beside the others run in the next run, one that does not
-        fit alone runs alone, as `prefill`."""
+        fit alone runs alone, as `prefill`. A buffer too small for them all grows for the next
+        prompts (this call keeps the one it found)."""
+        buffer = self._past_buffer
+        lay = self.runner.layout
+        room = buffer.size // (lay.layers * 2 * lay.kv_heads * lay.head_dim)  # tokens
+        chains = [job.keys[: self._stored_blocks(job.keys)] for job in jobs]
+        if (need := self._tokens_of(_distinct(chains))) > room and need <= TOGETHER_PAST_TOKENS:
+            self.writer.submit(lambda store, events: self.reserve(need))
         results: list[PrefillOutcome | BaseException] = []
-        stored = [self._stored_blocks(job.keys) if job.keys else 0 for job in jobs]
-        everyone: list[list[bytes]] = []
-        for job, blocks in zip(jobs, stored, strict=True):
-            if blocks and not any(c[:blocks] == job.keys[:blocks] for c in everyone):
-                everyone.append(job.keys[:blocks])
-        if self._tokens_of(everyone) > self._buffer_tokens:
-            self._grow_for(self._tokens_of(everyone))
         i = 0
         while i < len(jobs):
-            run: list[tuple[Prompt, int]] = []  # (job, its stored blocks)
-            chains: list[list[bytes]] = []  # the stored chains the run reads, each once
-            while i < len(jobs) and len(run) < self.runner.group_segments:
-                job, blocks = jobs[i], stored[i]
-                chain = job.keys[:blocks]
-                shared = any(c[:blocks] == chain for c in chains) or not blocks
-                if run and not shared and self._tokens_of(chains) + blocks * self.block_size > self._buffer_tokens:
+            start = i
+            while i < len(jobs) and i - start < self.runner.group_segments:
+                if i > start and self._tokens_of(_distinct(chains[start : i + 1])) > room:
                     break
-                if not shared:
-                    chains.append(chain)
-                run.append((job, blocks))
                 i += 1
-            if len(run) == 1 or self._tokens_of(chains) > self._buffer_tokens:
+            run, read = list(zip(jobs[start:i], chains[start:i], strict=True)), _distinct(chains[start:i])
+            if len(run) == 1 or self._tokens_of(read) > room:
                 results += [self._alone(job) for job, _ in run]
                 continue
             try:
-                results += self._run_out_of_place(run, chains)
+                results += self._run_out_of_place(run, read, buffer)
             except Exception as e:
                 results += [e] * len(run)
         return results
-
-    def _grow_for(self, tokens: int) -> None:
-        """Prompts waiting together found the past buffer too small for their stored prefixes side
-        by side: the writer grows it (off the request path, as for a longer chain), up to
-        TOGETHER_PAST_TOKENS, so the next such prompts run together."""
-        if tokens <= TOGETHER_PAST_TOKENS:
-            self.writer.submit(lambda store, events: self.reserve(tokens))
-
-    @property
-    def _buffer_tokens(self) -> int:
-        lay = self.runner.layout
-        return self._past_buffer.size // (lay.layers * 2 * lay.kv_heads * lay.head_dim)
 
     def _tokens_of(self, chains: list[list[bytes]]) -> int:
         return sum(len(c) for c in chains) * self.block_size
@@ -232,28 +214,29 @@ class PrefillEngine:
             return e
 
     def _run_out_of_place(
-        self, run: list[tuple[Prompt, int]], chains: list[list[bytes]]
+        self, run: list[tuple[Prompt, list[bytes]]], chains: list[list[bytes]], buffer: np.ndarray
     ) -> list[PrefillOutcome | BaseException]:
-        """One group run over prompts whose stored chains fit the past buffer side by side."""
+        """One group run over prompts (each with the stored chain it reads) whose distinct
+        `chains` fit `buffer` side by side."""
         lay, bs = self.runner.layout, self.block_size
         start, offset = time.perf_counter(), 0
         pasts: list[tuple[list[bytes], KVCache | None, int, int]] = []  # chain, its KV, tokens read, bad blocks
         for chain in chains:
             # (layers, 2, kv_heads, the chain's tokens, head_dim), contiguous, beside the others'
             shape = (lay.layers, 2, lay.kv_heads, len(chain) * bs, lay.head_dim)
-            region = self._past_buffer[offset : offset + int(np.prod(shape))].reshape(shape)
+            region = buffer[offset : offset + int(np.prod(shape))].reshape(shape)
             offset += region.size
             past, n, bad = self._cached_past(chain, len(chain) * bs + 1, self.reuse_decoded, region)
             pasts.append((chain, past, n, bad))
         rows: list[tuple[Sequence[int], KVCache | None]] = []
         reads: list[tuple[int, int]] = []  # cached tokens, bad blocks
-        for job, blocks in run:
-            chain = job.keys[:blocks]
-            held = next(((kv, n, bad) for c, kv, n, bad in pasts if c[:blocks] == chain), (None, 0, 0))
-            cached = min(held[1], blocks * bs, len(job.tokens) - 1)  # the last token always computed
-            past = None if held[0] is None or not cached else held[0].prefix(cached)
-            rows.append((job.tokens[cached if past is not None else 0 :], past))
-            reads.append((cached if past is not None else 0, held[2]))
+        for job, chain in run:
+            kv, n, bad = next(((kv, n, bad) for c, kv, n, bad in pasts if _extends(c, chain)), (None, 0, 0))
+            cached = min(n, len(chain) * bs, len(job.tokens) - 1)  # the last token always computed
+            past = kv.prefix(cached) if kv is not None and cached else None
+            cached = cached if past is not None else 0
+            rows.append((job.tokens[cached:], past))
+            reads.append((cached, bad))
         read = time.perf_counter()
         logits, kvs = self.runner.prefill_group(rows)
         compute_s = time.perf_counter() - read
@@ -268,16 +251,23 @@ class PrefillEngine:
                 results.append(e)
         return results
 
-    def _stored_blocks(self, keys: list[bytes]) -> int:
-        """Blocks of `keys` a prefill would read now: stored, or queued for the writer."""
-        n = self.store.cached_blocks(keys, self.reuse_decoded)
+    def _chain(self, keys: list[bytes], decoded: bool) -> tuple[int, list[Callable[[], np.ndarray]]]:
+        """How far `keys` are stored now: the blocks in the store, then those still queued for the
+        writer (their values, from memory). decoded: a decode node's blocks count too."""
+        n = self.store.cached_blocks(keys, decoded)
+        queued: list[Callable[[], np.ndarray]] = []
         with self._pending_lock:
             for key in keys[n:]:
                 block, made_by_decode = self._pending.get(key, (None, False))
-                if block is None or (made_by_decode and not self.reuse_decoded):
+                if block is None or (made_by_decode and not decoded):
                     break
-                n += 1
-        return n
+                queued.append(block)
+        return n, queued
+
+    def _stored_blocks(self, keys: list[bytes]) -> int:
+        """Blocks of `keys` a prefill would read now: stored, or queued for the writer."""
+        n, queued = self._chain(keys, self.reuse_decoded)
+        return n + len(queued)
 
     def _in_place(self, rows: list[tuple[Prompt, Place]]) -> list[PrefillOutcome | BaseException]:
         """Prompts into their decode slots (taken from their leases): the stored prefix read into
@@ -319,7 +309,7 @@ class PrefillEngine:
         finally:
             for (job, _), result in zip(rows, results, strict=True):
                 _lease(job).written(isinstance(result, PrefillOutcome))
-        return [r if r is not None else KvmeshError("prefill left no outcome") for r in results]
+        return _filled(results)
 
     def _compute_in_place(self, rows: list[tuple[Sequence[int], list[np.ndarray], int]]) -> list[np.ndarray]:
         """rows (tokens, a slot's buffers, the past they hold) -> each row's last logits (vocab,)."""
@@ -472,14 +462,7 @@ class PrefillEngine:
         resumption's, taking a decode node's blocks too (else the prefix stops before them).
         into: (layers, 2, kv_heads, >= the prompt, head_dim) to read into (a decode slot), else
         the past buffer."""
-        n = self.store.cached_blocks(keys, decoded)
-        queued: list[Callable[[], np.ndarray]] = []
-        with self._pending_lock:  # the chain goes on in blocks still queued for the writer
-            for key in keys[n:]:
-                block, made_by_decode = self._pending.get(key, (None, False))
-                if block is None or (made_by_decode and not decoded):
-                    break
-                queued.append(block)
+        n, queued = self._chain(keys, decoded)
         if n + len(queued) == 0:
             return None, 0, 0
         lay, bs = self.runner.layout, self.block_size
@@ -533,6 +516,25 @@ class PrefillEngine:
         if not done:
             raise KvmeshError("the prefix store writer failed to pin the prompt")  # INTERNAL
         return done[0] * self.block_size
+
+
+def _distinct(chains: list[list[bytes]]) -> list[list[bytes]]:
+    """The chains to read so that every one of `chains` is a prefix of one read (empty ones need none)."""
+    out: list[list[bytes]] = []
+    for chain in sorted(chains, key=len, reverse=True):
+        if chain and not any(_extends(c, chain) for c in out):
+            out.append(chain)
+    return out
+
+
+def _extends(longer: list[bytes], chain: list[bytes]) -> bool:
+    return longer[: len(chain)] == chain
+
+
+def _filled(results: list[PrefillOutcome | BaseException | None]) -> list[PrefillOutcome | BaseException]:
+    """Every job's outcome or error, each set once above."""
+    assert all(r is not None for r in results)
+    return [r for r in results if r is not None]
 
 
 def _lease(job: Prompt) -> SlotLease:

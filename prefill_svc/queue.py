@@ -163,8 +163,9 @@ class FairQueue:
         jobs = [first] if first.together is None else [first, *self._companions(first, first.together)]
         self._busy = jobs
         if first.together is None:
-            assert first.work is not None
-            call = first.work
+            work = first.work
+            assert work is not None
+            call: Callable[[], list[Any]] = lambda: [work()]  # noqa: E731
         else:
             run, items = first.together.run, [job.item for job in jobs]
             call = lambda: run(items)  # noqa: E731
@@ -172,9 +173,11 @@ class FairQueue:
         try:
             done = self._thread.submit(call)
         except RuntimeError as e:  # the thread was shut down: the node is closing
-            self._settle(jobs, e, None)
+            self._settle(jobs, e)
             return
-        done.add_done_callback(lambda done: loop.call_soon_threadsafe(self._settle, jobs, done.exception(), done))
+        done.add_done_callback(
+            lambda done: loop.call_soon_threadsafe(self._settle, jobs, done.exception() or done.result())
+        )
 
     def _serve(self, job: _Job) -> _Job:
         """Take a waiting job for the thread; its group counts as served now."""
@@ -203,20 +206,17 @@ class FairQueue:
             tokens += job.tokens
         return taken[1:]
 
-    def _settle(self, jobs: list[_Job], error: BaseException | None, done: Future[Any] | None) -> None:
-        """The thread's call for `jobs` ended: their results, their tokens released, the next call."""
-        results = [] if error is not None or done is None else done.result()
-        if error is None and jobs[0].together is None:
-            results = [results]
+    def _settle(self, jobs: list[_Job], outcome: list[Any] | BaseException) -> None:
+        """The thread's call for `jobs` ended (per job its result or error, or the call's error):
+        their results, their tokens released, the next call."""
         for i, job in enumerate(jobs):
+            result = outcome if isinstance(outcome, BaseException) else outcome[i]
             if job.result.done():
                 pass
-            elif error is not None:
-                job.result.set_exception(error)
-            elif isinstance(results[i], BaseException):
-                job.result.set_exception(results[i])
+            elif isinstance(result, BaseException):
+                job.result.set_exception(result)
             else:
-                job.result.set_result(results[i])
+                job.result.set_result(result)
             self._release(job)
         self._busy = []
         self._dispatch()

@@ -206,8 +206,10 @@ def build_decoder(
 ) -> onnx.ModelProto:
     """`activations` float16 is the graph for CUDA, whose GroupQueryAttention takes only 16-bit
     floats (its KV is float16 too); logits stay float32 either way. `segments` > 0: the graph of
-    that many sequences at once, each after its own past (see SEGMENTED_IO); logits of each one's
-    last token."""
+    that many sequences at once, each after its own past: input_ids (1, N) their tokens end to
+    end, segment_lengths and segment_totals (segments,) each one's new tokens and the tokens it
+    holds after them, segmentJ.past_key_values.* / segmentJ.present.* (1, kvh, P, hd) its KV;
+    logits (1, segments, vocab) of each one's last token."""
     cfg = w.config
     g = _Graph(accuracy_level, np.dtype(activations))
     rope = _rotary_caches(g, cfg.rope_theta, cfg.head_dim, cfg.context_length)

@@ -187,7 +187,7 @@ class ModelRunner:
         self.max_context = folder.context_length or 1 << 30
         self.group_session: ort.InferenceSession | None = None  # load_group(): model_group.onnx
         self.group_segments = 0
-        self._spare: list[np.ndarray] = []  # per unused segment, its 1-token buffers (load_group)
+        self._spare: list[np.ndarray] = []  # the unused segments' 1-token buffers, one per KV input (load_group)
 
     def load_group(self) -> bool:
         """Load the folder's group graph (prefill_group_in_place) where this runner can use it: a
@@ -209,7 +209,7 @@ class ModelRunner:
         inputs = self.group_session.get_inputs()
         self.group_segments = sum(1 for i in inputs if i.name.endswith("past_key_values.0.key"))
         lay = self.layout
-        # an unused segment runs one token (id 0) over buffers of its own, (1, kv_heads, 1, head_dim)
+        # unused segments run one token (id 0) each over these, (1, kv_heads, 1, head_dim)
         self._spare = [np.zeros((1, lay.kv_heads, 1, lay.head_dim), lay.dtype) for _ in range(2 * lay.layers)]
         return True
 
@@ -319,28 +319,14 @@ class ModelRunner:
         """Several sequences' prefill_in_place in one run of the group graph (load_group first):
         rows (tokens, buffers, past), at most group_segments of them. The linear layers run once
         over all their tokens laid end to end, each row's attention over its own buffers as alone.
-        Each row's KV equals prefill_in_place's bit for bit; its logits differ in the last bits
-        (the output projection runs over several rows). -> last logits (len(rows), vocab)."""
-        if self.group_session is None:
-            raise InvalidArgument("no group graph loaded")
-        if not 0 < len(rows) <= self.group_segments:
-            raise InvalidArgument(f"{len(rows)} rows for a group of {self.group_segments}")
-        ids: list[int] = []
-        lengths, totals = np.ones(self.group_segments, np.int64), np.ones(self.group_segments, np.int64)
-        io = self.group_session.io_binding()
+        Each row's KV equals prefill_in_place's bit for bit where it computes 2+ tokens (one token
+        alone takes MatMulNBits' one-row kernel); logits differ in the last bits (the output
+        projection runs over several rows). -> last logits (len(rows), vocab)."""
+        session = self._group([(t, past, min(self.max_context, b[0].shape[2])) for t, b, past in rows])
+        io = session.io_binding()
         io.bind_output("logits", "cpu")
-        for j, (tokens, buffers, past) in enumerate(rows):
-            if not tokens:
-                raise InvalidArgument("empty prompt")
-            total = past + len(tokens)
-            if total > min(self.max_context, buffers[0].shape[2]):
-                raise InvalidArgument(f"{total} tokens exceed the buffer or the model's context")
-            ids.extend(tokens)
-            lengths[j], totals[j] = len(tokens), total
-        ids.extend([0] * (self.group_segments - len(rows)))
-        io.bind_cpu_input("input_ids", np.asarray([ids], np.int64))
-        io.bind_cpu_input("segment_lengths", lengths)
-        io.bind_cpu_input("segment_totals", totals)
+        for name, value in self._segment_feeds([(t, past) for t, _, past in rows]).items():
+            io.bind_cpu_input(name, value)
         names = kv_io_names(self.layout.layers)
         for j in range(self.group_segments):
             buffers = rows[j][1] if j < len(rows) else self._spare
@@ -348,7 +334,7 @@ class ModelRunner:
                 value = ort.OrtValue.ortvalue_from_numpy(buf)
                 io.bind_ortvalue_input(f"segment{j}.{past_name}", value)
                 io.bind_ortvalue_output(f"segment{j}.{present_name}", value)
-        self.group_session.run_with_iobinding(io)
+        session.run_with_iobinding(io)
         logits: np.ndarray = io.get_outputs()[0].numpy()  # (1, group_segments, vocab)
         return np.asarray(logits[0, : len(rows)])
 
@@ -357,35 +343,47 @@ class ModelRunner:
         (load_group first), out of place: each row's present KV made by the model, as prefill's.
         Bit for bit prefill's KV where a row computes 2+ tokens; logits within the last bits.
         -> last logits (len(rows), vocab), each row's KV of past + tokens."""
-        if self.group_session is None:
-            raise InvalidArgument("no group graph loaded")
-        if not 0 < len(rows) <= self.group_segments:
-            raise InvalidArgument(f"{len(rows)} rows for a group of {self.group_segments}")
-        lay, k = self.layout, self.group_segments
-        none = np.zeros((1, lay.kv_heads, 0, lay.head_dim), lay.dtype)  # an unused segment: no past, token 0
-        ids: list[int] = []
-        lengths, totals = np.ones(k, np.int64), np.ones(k, np.int64)
-        feeds: dict[str, np.ndarray] = {}
-        for j in range(k):
-            tokens, past = rows[j] if j < len(rows) else ([0], None)
-            if not tokens:
-                raise InvalidArgument("empty prompt")
-            held = past.length if past is not None else 0
-            if held + len(tokens) > self.max_context:
-                raise InvalidArgument(f"{held + len(tokens)} tokens exceed the model's context of {self.max_context}")
-            ids.extend(tokens)
-            lengths[j], totals[j] = len(tokens), held + len(tokens)
+        held = [(t, past.length if past is not None else 0, self.max_context) for t, past in rows]
+        session, lay = self._group(held), self.layout
+        none = np.zeros((1, lay.kv_heads, 0, lay.head_dim), lay.dtype)  # an unused segment's past
+        feeds = self._segment_feeds([(t, n) for t, n, _ in held])
+        for j in range(self.group_segments):
+            past = rows[j][1] if j < len(rows) else None
             for i in range(lay.layers):
                 feeds[f"segment{j}.past_key_values.{i}.key"] = past.keys[i] if past is not None else none
                 feeds[f"segment{j}.past_key_values.{i}.value"] = past.values[i] if past is not None else none
-        feeds |= {"input_ids": np.asarray([ids], np.int64), "segment_lengths": lengths, "segment_totals": totals}
         names = ["logits"]
         for j in range(len(rows)):
             names += [f"segment{j}.present.{i}.{part}" for part in ("key", "value") for i in range(lay.layers)]
-        out = self.group_session.run(names, feeds)
+        out = session.run(names, feeds)
         n = lay.layers
         kvs = [
             KVCache(out[1 + 2 * n * j : 1 + 2 * n * j + n], out[1 + 2 * n * j + n : 1 + 2 * n * (j + 1)])
             for j in range(len(rows))
         ]
         return np.asarray(out[0][0, : len(rows)]), kvs
+
+    def _group(self, rows: Sequence[tuple[Sequence[int], int, int]]) -> ort.InferenceSession:
+        """The group session, once rows (tokens, tokens held before them, the most the row may
+        hold) are checked: 1..group_segments of them, none empty, none beyond its limit."""
+        if self.group_session is None:
+            raise InvalidArgument("no group graph loaded")
+        if not 0 < len(rows) <= self.group_segments:
+            raise InvalidArgument(f"{len(rows)} rows for a group of {self.group_segments}")
+        for tokens, past, limit in rows:
+            if not tokens:
+                raise InvalidArgument("empty prompt")
+            if past + len(tokens) > limit:
+                raise InvalidArgument(f"{past + len(tokens)} tokens exceed the buffer or the model's context")
+        return self.group_session
+
+    def _segment_feeds(self, rows: Sequence[tuple[Sequence[int], int]]) -> dict[str, np.ndarray]:
+        """rows (tokens, tokens held before them) -> input_ids (1, N): the rows' tokens end to end,
+        then one token (id 0) per unused segment; segment_lengths and segment_totals
+        (group_segments,): each segment's tokens, and those it holds after the run."""
+        k = self.group_segments
+        ids = [t for tokens, _ in rows for t in tokens] + [0] * (k - len(rows))
+        lengths, totals = np.ones(k, np.int64), np.ones(k, np.int64)
+        for j, (tokens, past) in enumerate(rows):
+            lengths[j], totals[j] = len(tokens), past + len(tokens)
+        return {"input_ids": np.asarray([ids], np.int64), "segment_lengths": lengths, "segment_totals": totals}
