@@ -101,6 +101,14 @@ def _model_commands(sub: Commands) -> None:
         help="float type of activations and KV: float16 for CUDA (ORT's GroupQueryAttention there takes no "
         "float32; KVMESH_MODEL_ACTIVATIONS)",
     )
+    prep.add_argument(
+        "--decode-attention",
+        choices=["gqa", "kvmesh"],
+        default=_env("MODEL_DECODE_ATTENTION", "gqa"),
+        help="the int8 decode graph's attention: ONNX Runtime's GroupQueryAttention, or kvmesh's own kernel "
+        "(scripts/build_ops.sh; each KV head read once: faster at long context and in batches, see "
+        "docs/results/2026-12-04; KVMESH_MODEL_DECODE_ATTENTION)",
+    )
     prep.add_argument("--force", action="store_true", help="convert even when the folder is up to date")
     wait = model.add_parser(
         "wait",
@@ -110,6 +118,7 @@ def _model_commands(sub: Commands) -> None:
     wait.add_argument("--precision", choices=["int4", "fp32"], default="int4")
     wait.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=0)
     wait.add_argument("--exact-decode", action="store_true", help="as given to prepare")
+    wait.add_argument("--decode-attention", choices=["gqa", "kvmesh"], default=_env("MODEL_DECODE_ATTENTION", "gqa"))
     wait.add_argument(
         "--activations",
         choices=["float32", "float16"],

@@ -44,7 +44,16 @@ def model_prepare(args: argparse.Namespace) -> int:
     gguf = args.gguf or find_default_gguf()
     for p in precisions:
         out = args.out or (default_model_dir(p) if args.gguf is None else Path(f"{gguf.stem}-{p}"))
-        prepare(gguf, out, p, args.accuracy_level, args.force, args.exact_decode, args.activations)
+        prepare(
+            gguf,
+            out,
+            p,
+            args.accuracy_level,
+            args.force,
+            args.exact_decode,
+            args.activations,
+            attention=args.decode_attention,
+        )
         print(out)
     return 0
 
@@ -54,7 +63,16 @@ def model_wait(args: argparse.Namespace) -> int:
     the rest of the command line, replacing this process (a compose service's entrypoint)."""
     out = default_model_dir(args.precision)
     gguf = find_default_gguf()
-    wait_prepared(gguf, out, args.precision, args.timeout_s, args.accuracy_level, args.exact_decode, args.activations)
+    wait_prepared(
+        gguf,
+        out,
+        args.precision,
+        args.timeout_s,
+        args.accuracy_level,
+        args.exact_decode,
+        args.activations,
+        attention=args.decode_attention,
+    )
     command = args.then[1:] if args.then[:1] == ["--"] else args.then
     print(f"{out}: ready", flush=True)
     if command:

@@ -14,7 +14,7 @@ import onnx
 
 from kvmesh.model.folder import DECODE_GRAPH, GRAPH, GROUP_GRAPH, GROUP_SEGMENTS, KVMESH_JSON, LAST_GRAPH
 from kvmesh.model.gguf_import import GGUFSource, Precision
-from kvmesh.model.graph import Activations, build_decoder
+from kvmesh.model.graph import Activations, Attention, build_decoder
 from kvmesh.model.spec import LlamaConfig
 
 FORMAT_VERSION = 1
@@ -34,9 +34,11 @@ def convert_gguf(
     step: Step = print,
     decode_accuracy_level: int | None = None,
     activations: Activations = "float32",
+    decode_attention: Attention = "gqa",
 ) -> Path:
     """Write the folder under a temporary name, then rename: a folder that exists is complete.
-    `activations` float16: the graph for CUDA (float16 activations and KV)."""
+    `activations` float16: the graph for CUDA (float16 activations and KV). `decode_attention`:
+    the decode graph's attention ("kvmesh": kvmesh's own kernel, which sessions then load)."""
     src = GGUFSource(gguf)
     cfg = src.config()
     tmp = out.with_name(out.name + ".partial")
@@ -66,7 +68,12 @@ def convert_gguf(
         # same weights, another kernel. Prefill (and so every KV that is stored or sent) keeps
         # the folder's own level.
         decode = build_decoder(
-            weights, decode_accuracy_level, decode_accuracy_level, last_only=True, activations=activations
+            weights,
+            decode_accuracy_level,
+            decode_accuracy_level,
+            last_only=True,
+            activations=activations,
+            attention=decode_attention,
         )
         _share_initializers(decode, full)
         onnx.save_model(decode, tmp / DECODE_GRAPH)
@@ -87,6 +94,8 @@ def convert_gguf(
     template = src.chat_template()
     meta = _meta(cfg, src, gguf, precision, accuracy_level, template, activations)
     meta["decode_accuracy_level"] = accuracy_level if decode_accuracy_level is None else decode_accuracy_level
+    has_decode = decode_accuracy_level is not None and decode_accuracy_level != accuracy_level
+    meta["decode_attention"] = decode_attention if has_decode else "gqa"
     meta["fingerprint"] = _fingerprint(meta, tmp / "tokenizer.json")
     _write_json(tmp / KVMESH_JSON, meta)
     _write_json(tmp / "tokenizer_config.json", _tokenizer_config(src, cfg, template))

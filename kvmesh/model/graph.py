@@ -18,22 +18,28 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from kvmesh.errors import ModelError
+from kvmesh.model.ops import DOMAIN as KVMESH_OPS
 from kvmesh.model.quant import pack4
 from kvmesh.model.spec import BLOCK, BlockQuant, Dense, LayerWeights, Linear, LlamaWeights, concat_rows
 
 OPSET = 21
 Activations = Literal["float32", "float16"]
+# Decode graphs' attention: ORT's GroupQueryAttention, or kvmesh's DecodeAttention (the same
+# contract for one new token per row, each KV head read once: kvmesh/model/ops/)
+Attention = Literal["gqa", "kvmesh"]
 MS = "com.microsoft"
 
 
 class _Graph:
     """Accumulates nodes and initializers with unique names."""
 
-    def __init__(self, accuracy_level: int, dtype: np.dtype[Any]) -> None:
+    def __init__(self, accuracy_level: int, dtype: np.dtype[Any], attention: Attention = "gqa") -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.accuracy_level = accuracy_level
         self.dtype = dtype  # of activations, KV and every float weight: float32, or float16 for CUDA
+        self.attention = attention
         self._n = 0
         self._sums: dict[str, str] = {}  # x -> its block sums, shared by the matmuls reading x
 
@@ -134,16 +140,21 @@ def _gqa(g: _Graph, w: LlamaWeights, qkv: str, past: str, attn_in: tuple[str, st
     """One GroupQueryAttention over qkv (B, S, q+k+v) after the past KV named `past` + ".key" /
     ".value"; its present outputs are named as `past` is, with "present" for "past_key_values"."""
     cfg = w.config
-    attn = g.op(
-        "GroupQueryAttention",
-        [qkv, "", "", f"{past}.key", f"{past}.value", *attn_in, *rope],
-        n_out=3,
-        domain=MS,
-        num_heads=cfg.num_heads,
-        kv_num_heads=cfg.num_kv_heads,
-        do_rotary=1,
-        rotary_interleaved=0,
-    )
+    if g.attention == "kvmesh":  # the same inputs but the empty key and value (they are packed in qkv)
+        inputs = [qkv, f"{past}.key", f"{past}.value", *attn_in, *rope]
+        heads = {"num_heads": cfg.num_heads, "kv_num_heads": cfg.num_kv_heads}
+        attn = g.op("DecodeAttention", inputs, n_out=3, domain=KVMESH_OPS, **heads)
+    else:
+        attn = g.op(
+            "GroupQueryAttention",
+            [qkv, "", "", f"{past}.key", f"{past}.value", *attn_in, *rope],
+            n_out=3,
+            domain=MS,
+            num_heads=cfg.num_heads,
+            kv_num_heads=cfg.num_kv_heads,
+            do_rotary=1,
+            rotary_interleaved=0,
+        )
     present = past.replace("past_key_values", "present")
     g.nodes[-1].output[1:] = [f"{present}.key", f"{present}.value"]
     return attn[0]
@@ -203,15 +214,19 @@ def build_decoder(
     last_only: bool = False,
     activations: Activations = "float32",
     segments: int = 0,
+    attention: Attention = "gqa",
 ) -> onnx.ModelProto:
     """`activations` float16 is the graph for CUDA, whose GroupQueryAttention takes only 16-bit
     floats (its KV is float16 too); logits stay float32 either way. `segments` > 0: the graph of
     that many sequences at once, each after its own past: input_ids (1, N) their tokens end to
     end, segment_lengths and segment_totals (segments,) each one's new tokens and the tokens it
     holds after them, segmentJ.past_key_values.* / segmentJ.present.* (1, kvh, P, hd) its KV;
-    logits (1, segments, vocab) of each one's last token."""
+    logits (1, segments, vocab) of each one's last token. `attention` "kvmesh": a graph for decode
+    steps (one new token per row) with kvmesh's DecodeAttention, float32 on the CPU only."""
     cfg = w.config
-    g = _Graph(accuracy_level, np.dtype(activations))
+    if attention == "kvmesh" and (segments or activations != "float32"):
+        raise ModelError("kvmesh's DecodeAttention is for float32 decode graphs")
+    g = _Graph(accuracy_level, np.dtype(activations), attention)
     rope = _rotary_caches(g, cfg.rope_theta, cfg.head_dim, cfg.context_length)
     if segments:
         attend = _segmented(g, w, rope, segments)
@@ -280,4 +295,6 @@ def _model(g: _Graph, w: LlamaWeights, segments: int = 0) -> onnx.ModelProto:
                 outputs.append(helper.make_tensor_value_info(f"{prefix}present.{i}.{part}", kv_type, present))
     graph = helper.make_graph(g.nodes, "kvmesh_llama_decoder", inputs, outputs, g.inits)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)]
+    if g.attention == "kvmesh":
+        opsets.append(helper.make_opsetid(KVMESH_OPS, 1))
     return helper.make_model(graph, opset_imports=opsets, producer_name="kvmesh", ir_version=10)

