@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from kvmesh.model.ops import DOMAIN, library
+
 # Read one row per step, not the whole table (embedding lookup, rotary caches)
 _ROW_READERS = {"Gather", "GatherBlockQuantized", "GroupQueryAttention"}
 
@@ -63,17 +65,19 @@ def read_bandwidth(size: int = 1 << 30, threads: int = 2, repeats: int = 5) -> f
 
 
 def attention_graph(graph: Path, capacity: int) -> onnx.ModelProto:
-    """The decode graph's GroupQueryAttention nodes alone, same attributes, one per layer, over
-    KV buffers of `capacity` tokens: what attention costs a step, apart from the weights.
+    """The decode graph's attention nodes alone (GroupQueryAttention, or kvmesh's DecodeAttention),
+    same attributes, one per layer, over KV buffers of `capacity` tokens: what attention costs a
+    step, apart from the weights.
     Inputs: qkv (B, 1, (heads + 2 kv_heads) * head_dim) packed as the model's projection writes
     it, seqlens_k (B,), total_sequence_length (), past.i.key|value (B, kv_heads, capacity, head_dim)."""
     from onnx import TensorProto, helper
 
     g = onnx.load(str(graph), load_external_data=False).graph
-    gqa = [n for n in g.node if n.op_type == "GroupQueryAttention"]
+    gqa = [n for n in g.node if n.op_type in ("GroupQueryAttention", "DecodeAttention")]
     attrs = {a.name: helper.get_attribute_value(a) for a in gqa[0].attribute}
     heads, kv_heads = int(attrs["num_heads"]), int(attrs["kv_num_heads"])
-    past = next(i for i in g.input if i.name == gqa[0].input[3])
+    ours = gqa[0].op_type == "DecodeAttention"  # its inputs: GQA's without the empty key and value
+    past = next(i for i in g.input if i.name == gqa[0].input[1 if ours else 3])
     head_dim = past.type.tensor_type.shape.dim[3].dim_value
     dtype = past.type.tensor_type.elem_type
     np_dtype = helper.tensor_dtype_to_np_dtype(dtype)
@@ -93,17 +97,11 @@ def attention_graph(graph: Path, capacity: int) -> onnx.ModelProto:
         names = [f"past.{i}.key", f"past.{i}.value"]
         inputs += [helper.make_tensor_value_info(n, dtype, ["B", kv_heads, capacity, head_dim]) for n in names]
         outs = [f"out.{i}", f"present.{i}.key", f"present.{i}.value"]
-        nodes.append(
-            helper.make_node(
-                "GroupQueryAttention",
-                ["qkv", "", "", *names, "seqlens_k", "total", "cos", "sin"],
-                outs,
-                domain="com.microsoft",
-                **attrs,
-            )
-        )
+        packed = [] if ours else ["", ""]
+        ins = ["qkv", *packed, *names, "seqlens_k", "total", "cos", "sin"]
+        nodes.append(helper.make_node(gqa[0].op_type, ins, outs, domain=gqa[0].domain, **attrs))
         outputs += [helper.make_tensor_value_info(n, dtype, None) for n in outs]
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(gqa[0].domain, 1)]
     return helper.make_model(helper.make_graph(nodes, "attention", inputs, outputs, tables), opset_imports=opsets)
 
 
@@ -117,6 +115,8 @@ def attention_ms(graph: Path, batch: int, context: int, threads: int = 2, steps:
     model = attention_graph(graph, capacity)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    if any(o.domain == DOMAIN for o in model.opset_import):
+        opts.register_custom_ops_library(str(library()))
     session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     qkv_type = model.graph.input[0].type.tensor_type
     dtype = onnx.helper.tensor_dtype_to_np_dtype(qkv_type.elem_type)

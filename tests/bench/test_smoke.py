@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from kvmesh.model.convert import convert_gguf
 from kvmesh.model.folder import ModelFolder
+from kvmesh.model.ops import library
+from kvmesh.model.prepare import find_default_gguf
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,6 +47,24 @@ def test_decode(real_int4: ModelFolder, tmp_path: Path) -> None:
     budget = {(r["numerics"], r["streams"]): r for r in report["budget"]}  # type: ignore[attr-defined]
     assert set(budget) == {(n, s) for n in ("default", "exact") for s in (1, 2)}
     assert all(0 < r["attention_ms"] < r["step_ms"] for r in budget.values())
+
+
+@pytest.mark.skipif(library() is None, reason="kvmesh's kernel library is not built (scripts/build_ops.sh)")
+def test_decode_with_kvmesh_attention(tmp_path: Path) -> None:
+    """The opt-in decode graph (kvmesh's DecodeAttention) through the same benchmark, budget included."""
+    folder = convert_gguf(
+        find_default_gguf(),
+        tmp_path / "m",
+        "int4",
+        step=lambda _: None,
+        decode_accuracy_level=4,
+        decode_attention="kvmesh",
+    )
+    sizes = ("--prompt-tokens", "48", "--shared-tokens", "32", "--new-tokens", "24", "--model", str(folder))
+    args = ("--concurrency", "1", "2", "--rounds", "1", "--numerics", "default", *sizes)
+    stdout, report = _bench("decode.py", tmp_path, *args)
+    assert "batch budget" in stdout
+    assert all(0 < r["attention_ms"] < r["step_ms"] for r in report["budget"])  # type: ignore[attr-defined]
 
 
 def test_prefix_cache(real_int4: ModelFolder, tmp_path: Path) -> None:

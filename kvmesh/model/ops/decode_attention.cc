@@ -95,17 +95,17 @@ struct Step {
   const int32_t* lengths = nullptr;  // (B,) tokens to attend to
   std::vector<int64_t> row, head, first;  // per task
   std::vector<float> max, sum, acc;  // per task and query head: (tasks, G), (tasks, G), (tasks, G, D)
-  void (*chunk)(const Step&, size_t, const float*, const float*, const float*, int64_t) = nullptr;
+  void (*chunk)(Step&, size_t, const float*, const float*, const float*, int64_t) = nullptr;
 };
 
 // A task's tokens [t0, t1) of one row and KV head: its G query heads' scores, their softmax
 // partial sums (max, sum of exp) and exp-weighted values (unnormalized), as generic C++.
-void chunk_generic(const Step& s, size_t task, const float* q, const float* K, const float* V, int64_t n) {
+void chunk_generic(Step& s, size_t task, const float* q, const float* K, const float* V, int64_t n) {
   const int64_t G = s.group, D = s.dim;
   float scores[kMaxGroup * kChunk];  // (G, n)
   for (int64_t t = 0; t < n; ++t)
     for (int64_t g = 0; g < G; ++g) scores[g * kChunk + t] = s.scale * dot(q + g * D, K + t * D, D);
-  float* acc = const_cast<float*>(s.acc.data()) + task * G * D;
+  float* acc = s.acc.data() + task * G * D;
   for (int64_t g = 0; g < G; ++g) {
     float* row = scores + g * kChunk;
     const float m = *std::max_element(row, row + n);
@@ -114,8 +114,8 @@ void chunk_generic(const Step& s, size_t task, const float* q, const float* K, c
       row[t] = exp_nonpositive(row[t] - m);
       total += row[t];
     }
-    const_cast<float*>(s.max.data())[task * G + g] = m;
-    const_cast<float*>(s.sum.data())[task * G + g] = total;
+    s.max.data()[task * G + g] = m;
+    s.sum.data()[task * G + g] = total;
     std::fill(acc + g * D, acc + (g + 1) * D, 0.0f);
   }
   for (int64_t t = 0; t < n; ++t) {
@@ -147,7 +147,7 @@ __attribute__((target("avx512f"))) inline __m512 exp512(__m512 x) {
 // The same with AVX-512 for G query heads of D = 16 * DC: each key and value row is loaded once
 // for all G heads, the accumulators stay in registers (G * DC of the 32 zmm).
 template <int G, int DC>
-__attribute__((target("avx512f"))) void chunk_avx512(const Step& s, size_t task, const float* q, const float* K,
+__attribute__((target("avx512f"))) void chunk_avx512(Step& s, size_t task, const float* q, const float* K,
                                                      const float* V, int64_t n) {
   constexpr int D = 16 * DC;
   __m512 qv[G][DC];
@@ -163,8 +163,8 @@ __attribute__((target("avx512f"))) void chunk_avx512(const Step& s, size_t task,
     }
     for (int g = 0; g < G; ++g) scores[g][t] = s.scale * _mm512_reduce_add_ps(acc[g]);
   }
-  float* max = const_cast<float*>(s.max.data()) + task * G;
-  float* sum = const_cast<float*>(s.sum.data()) + task * G;
+  float* max = s.max.data() + task * G;
+  float* sum = s.sum.data() + task * G;
   for (int g = 0; g < G; ++g) {
     float* row = scores[g];
     __m512 m = _mm512_set1_ps(-INFINITY);
@@ -188,12 +188,12 @@ __attribute__((target("avx512f"))) void chunk_avx512(const Step& s, size_t task,
       const __m512 v = _mm512_loadu_ps(V + t * D + 16 * c);
       for (int g = 0; g < G; ++g) acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g][t]), v, acc[g][c]);
     }
-  float* out = const_cast<float*>(s.acc.data()) + task * G * D;
+  float* out = s.acc.data() + task * G * D;
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < DC; ++c) _mm512_storeu_ps(out + g * D + 16 * c, acc[g][c]);
 }
 
-using ChunkFn = void (*)(const Step&, size_t, const float*, const float*, const float*, int64_t);
+using ChunkFn = void (*)(Step&, size_t, const float*, const float*, const float*, int64_t);
 
 // The kernel for this CPU and shape: AVX-512 where the CPU has it and D = 64 with up to 4 query
 // heads per KV head (SmolLM2, Llama 3), generic C++ otherwise.
@@ -209,7 +209,7 @@ ChunkFn pick(int64_t group, int64_t dim) {
 }
 
 void run_chunk(void* data, size_t task) {
-  const Step& s = *static_cast<const Step*>(data);
+  Step& s = *static_cast<Step*>(data);  // each task writes only its own max, sum and acc
   const int64_t b = s.row[task], h = s.head[task], t0 = s.first[task];
   const int64_t n = std::min<int64_t>(t0 + kChunk, s.lengths[b]) - t0;
   const int64_t offset = ((b * s.kv_heads + h) * s.capacity + t0) * s.dim;
@@ -260,12 +260,14 @@ OrtStatusPtr compute(const Kernel& k, OrtKernelContext* ctx) {
   }
   const auto& qd = in.dims[0];
   const auto& kd = in.dims[1];
-  if (qd.size() != 3 || kd.size() != 4 || in.dims[2] != kd || in.dims[3].size() != 1 || in.dims[5].size() != 2 ||
-      in.dims[6] != in.dims[5])
+  int64_t total_count = 1;  // total_sequence_length: one value (a scalar, or shape (1,))
+  for (const int64_t d : in.dims[4]) total_count *= d;
+  if (qd.size() != 3 || kd.size() != 4 || in.dims[2] != kd || in.dims[3].size() != 1 || total_count != 1 ||
+      in.dims[5].size() != 2 || in.dims[6] != in.dims[5])
     return fail("DecodeAttention: input ranks are not GroupQueryAttention's");
   const int64_t B = qd[0], H = k.heads, KV = k.kv_heads, C = kd[2], D = kd[3], half = D / 2, P = in.dims[5][0];
   if (qd[1] != 1) return fail("DecodeAttention takes one new token per row (decode steps)");
-  if (kd[0] != B || kd[1] != KV || qd[2] != (H + 2 * KV) * D || in.dims[3][0] != B || in.dims[5][1] != half)
+  if (kd[0] != B || kd[1] != KV || D % 2 || qd[2] != (H + 2 * KV) * D || in.dims[3][0] != B || in.dims[5][1] != half)
     return fail("DecodeAttention: input shapes disagree with num_heads / kv_num_heads");
   const float* qkv = nullptr;
   const float *past_k = nullptr, *past_v = nullptr, *cos = nullptr, *sin = nullptr;
