@@ -67,6 +67,13 @@ def test_decode_with_kvmesh_attention(tmp_path: Path) -> None:
     assert all(0 < r["attention_ms"] < r["step_ms"] for r in report["budget"])  # type: ignore[attr-defined]
 
 
+def test_quality(real_int4: ModelFolder, real_fp32: ModelFolder, tmp_path: Path) -> None:
+    stdout, report = _bench("quality.py", tmp_path, "--tokens", "24")
+    assert "top-1 agreement" in stdout
+    every = [r for r in report["rows"] if r["text"] == "all"]  # type: ignore[attr-defined]
+    assert len(every) == 1 and every[0]["positions"] >= 24 and 0 <= every[0]["agree"] <= every[0]["positions"]
+
+
 def test_prefix_cache(real_int4: ModelFolder, tmp_path: Path) -> None:
     sizes = ("--system-tokens", "64", "--user-tokens", "16")
     stdout, report = _bench("prefix_cache.py", tmp_path, "--rounds", "1", *sizes)
