@@ -63,7 +63,7 @@ def is_current(
 ) -> bool:
     """True when `folder` was converted from this very file (`digest`: its sha256, if known), at this
     precision, by this format (a float32 folder from before prefill groups lacks their graph), with
-    this decode attention (a folder from before kvmesh's kernel was built is converted again)."""
+    this decode attention (a folder prepared with the other one is converted again)."""
     try:
         meta = json.loads((folder / KVMESH_JSON).read_text())
     except (OSError, ValueError):  # none yet, or another process is replacing the folder
