@@ -144,24 +144,8 @@ __attribute__((target("avx512f"))) inline __m512 exp512(__m512 x) {
   return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
 
-// Lane j of the result: the sum of a[j]'s 16 lanes (a transpose and add in four steps).
-__attribute__((target("avx512f"))) inline __m512 sum16(const __m512* a) {
-  __m512 pairs[8], quads[4], halves[2];
-  for (int i = 0; i < 8; ++i)  // per 128-bit lane: a0+a2, b0+b2, a1+a3, b1+b3 of (a, b) = a[2i], a[2i+1]
-    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
-  for (int i = 0; i < 4; ++i)  // per 128-bit lane: the lane's sums of 4 vectors a[4i..4i+3], in order
-    quads[i] = _mm512_add_ps(_mm512_shuffle_ps(pairs[2 * i], pairs[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                             _mm512_shuffle_ps(pairs[2 * i], pairs[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-  for (int i = 0; i < 2; ++i)  // the four 128-bit lanes added in pairs, for 8 vectors
-    halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                              _mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                       _mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(3, 1, 3, 1)));
-}
-
-// The same with AVX-512 for G query heads of D = 16 * DC: each value row is loaded once for all G
-// heads into accumulators that stay in registers (G * DC of the 32 zmm); keys, 16 rows at a time,
-// stay in L1 across the G heads.
+// The same with AVX-512 for G query heads of D = 16 * DC: each key and value row is loaded once
+// for all G heads, the accumulators stay in registers (G * DC of the 32 zmm).
 template <int G, int DC>
 __attribute__((target("avx512f"))) void chunk_avx512(Step& s, size_t task, const float* q, const float* K,
                                                      const float* V, int64_t n) {
@@ -170,19 +154,14 @@ __attribute__((target("avx512f"))) void chunk_avx512(Step& s, size_t task, const
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < DC; ++c) qv[g][c] = _mm512_loadu_ps(q + g * D + 16 * c);
   alignas(64) float scores[G][kChunk];
-  const __m512 scale = _mm512_set1_ps(s.scale);
-  for (int64_t t = 0; t < n; t += 16) {  // 16 tokens' dot products per query head, summed at once
-    const int64_t m = std::min<int64_t>(16, n - t);
-    for (int g = 0; g < G; ++g) {
-      __m512 acc[16];
-      for (int j = 0; j < 16; ++j) {
-        acc[j] = _mm512_setzero_ps();
-        if (j < m)
-          for (int c = 0; c < DC; ++c)
-            acc[j] = _mm512_fmadd_ps(qv[g][c], _mm512_loadu_ps(K + (t + j) * D + 16 * c), acc[j]);
-      }
-      _mm512_mask_storeu_ps(scores[g] + t, tail(m), _mm512_mul_ps(scale, sum16(acc)));
+  for (int64_t t = 0; t < n; ++t) {
+    __m512 acc[G];
+    for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+    for (int c = 0; c < DC; ++c) {
+      const __m512 k = _mm512_loadu_ps(K + t * D + 16 * c);
+      for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(qv[g][c], k, acc[g]);
     }
+    for (int g = 0; g < G; ++g) scores[g][t] = s.scale * _mm512_reduce_add_ps(acc[g]);
   }
   float* max = s.max.data() + task * G;
   float* sum = s.sum.data() + task * G;
