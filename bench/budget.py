@@ -73,11 +73,11 @@ def attention_graph(graph: Path, capacity: int) -> onnx.ModelProto:
     from onnx import TensorProto, helper
 
     g = onnx.load(str(graph), load_external_data=False).graph
-    gqa = [n for n in g.node if n.op_type in ("GroupQueryAttention", "DecodeAttention")]
-    attrs = {a.name: helper.get_attribute_value(a) for a in gqa[0].attribute}
+    attn = [n for n in g.node if n.op_type in ("GroupQueryAttention", "DecodeAttention")]
+    attrs = {a.name: helper.get_attribute_value(a) for a in attn[0].attribute}
     heads, kv_heads = int(attrs["num_heads"]), int(attrs["kv_num_heads"])
-    ours = gqa[0].op_type == "DecodeAttention"  # its inputs: GQA's without the empty key and value
-    past = next(i for i in g.input if i.name == gqa[0].input[1 if ours else 3])
+    ours = attn[0].op_type == "DecodeAttention"  # its inputs: GQA's without the empty key and value
+    past = next(i for i in g.input if i.name == attn[0].input[1 if ours else 3])
     head_dim = past.type.tensor_type.shape.dim[3].dim_value
     dtype = past.type.tensor_type.elem_type
     np_dtype = helper.tensor_dtype_to_np_dtype(dtype)
@@ -93,15 +93,15 @@ def attention_graph(graph: Path, capacity: int) -> onnx.ModelProto:
         helper.make_tensor_value_info("total", TensorProto.INT32, []),
     ]
     nodes, outputs = [], []
-    for i in range(len(gqa)):
+    for i in range(len(attn)):
         names = [f"past.{i}.key", f"past.{i}.value"]
         inputs += [helper.make_tensor_value_info(n, dtype, ["B", kv_heads, capacity, head_dim]) for n in names]
         outs = [f"out.{i}", f"present.{i}.key", f"present.{i}.value"]
         packed = [] if ours else ["", ""]
         ins = ["qkv", *packed, *names, "seqlens_k", "total", "cos", "sin"]
-        nodes.append(helper.make_node(gqa[0].op_type, ins, outs, domain=gqa[0].domain, **attrs))
+        nodes.append(helper.make_node(attn[0].op_type, ins, outs, domain=attn[0].domain, **attrs))
         outputs += [helper.make_tensor_value_info(n, dtype, None) for n in outs]
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(gqa[0].domain, 1)]
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(attn[0].domain, 1)]
     return helper.make_model(helper.make_graph(nodes, "attention", inputs, outputs, tables), opset_imports=opsets)
 
 

@@ -136,8 +136,9 @@ def _attention_inputs(g: _Graph) -> tuple[str, str]:
     return seqlens_k, g.op("Cast", [t], to=TensorProto.INT32)[0]
 
 
-def _gqa(g: _Graph, w: LlamaWeights, qkv: str, past: str, attn_in: tuple[str, str], rope: tuple[str, str]) -> str:
-    """One GroupQueryAttention over qkv (B, S, q+k+v) after the past KV named `past` + ".key" /
+def _attention(g: _Graph, w: LlamaWeights, qkv: str, past: str, attn_in: tuple[str, str], rope: tuple[str, str]) -> str:
+    """One GroupQueryAttention (kvmesh's DecodeAttention where g.attention says so) over qkv
+    (B, S, q+k+v) after the past KV named `past` + ".key" /
     ".value"; its present outputs are named as `past` is, with "present" for "past_key_values"."""
     cfg = w.config
     if g.attention == "kvmesh":  # the same inputs but the empty key and value (they are packed in qkv)
@@ -186,7 +187,7 @@ def _segmented(g: _Graph, w: LlamaWeights, rope: tuple[str, str], segments: int)
     def attend(i: int, qkv: str) -> str:
         pieces = g.op("Split", [qkv, "segment_lengths"], segments, axis=1)
         past = [f"segment{j}.past_key_values.{i}" for j in range(segments)]
-        outs = [_gqa(g, w, piece, past[j], attn_in[j], rope) for j, piece in enumerate(pieces)]
+        outs = [_attention(g, w, piece, past[j], attn_in[j], rope) for j, piece in enumerate(pieces)]
         return g.op("Concat", outs, axis=1)[0]
 
     return attend
@@ -234,7 +235,7 @@ def build_decoder(
         attn_in = _attention_inputs(g)
 
         def attend(i: int, qkv: str) -> str:
-            return _gqa(g, w, qkv, f"past_key_values.{i}", attn_in, rope)
+            return _attention(g, w, qkv, f"past_key_values.{i}", attn_in, rope)
 
     residual = g.embedding("input_ids", w.embed)
     norm0 = g.float_init("layers.0.input_layernorm.weight", w.layers[0].attn_norm)

@@ -36,12 +36,8 @@ const OrtApi* api = nullptr;
 constexpr int64_t kChunk = 256;   // tokens a task covers: enough tasks for 2+ threads at 500+ tokens
 constexpr int64_t kMaxGroup = 16;  // query heads per KV head we take (SmolLM2: 3, Llama 3: 4)
 
-struct Error {
-  std::string message;
-};
-
-// exp(x) for x <= 0 as a loop GCC vectorizes: 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2, with a
-// degree-6 polynomial (relative error ~2e-7, what ORT's own vectorized softmax exp gives).
+// exp(x) for x <= 0 (the generic path's; exp512 below is the same on 16 lanes): 2^n * p(r),
+// x = n ln2 + r, |r| <= ln2 / 2, with a degree-6 polynomial (relative error ~2e-7).
 inline float exp_nonpositive(float x) {
   x = std::max(x, -87.0f);
   const float n = std::floor(x * 1.44269504f + 0.5f);
@@ -85,6 +81,10 @@ struct Kernel {
   float scale = 0.0f;
 };
 
+struct Step;
+// One task's chunk: (step, task, its G queries, its first key and value rows, tokens).
+using ChunkFn = void (*)(Step&, size_t, const float*, const float*, const float*, int64_t);
+
 // One step's work, shared by the tasks: task t = (row, KV head, chunk) over `tasks`.
 struct Step {
   int64_t group = 0, dim = 0, capacity = 0, kv_heads = 0;
@@ -95,7 +95,7 @@ struct Step {
   const int32_t* lengths = nullptr;  // (B,) tokens to attend to
   std::vector<int64_t> row, head, first;  // per task
   std::vector<float> max, sum, acc;  // per task and query head: (tasks, G), (tasks, G), (tasks, G, D)
-  void (*chunk)(Step&, size_t, const float*, const float*, const float*, int64_t) = nullptr;
+  ChunkFn chunk = nullptr;
 };
 
 // A task's tokens [t0, t1) of one row and KV head: its G query heads' scores, their softmax
@@ -192,8 +192,6 @@ __attribute__((target("avx512f"))) void chunk_avx512(Step& s, size_t task, const
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < DC; ++c) _mm512_storeu_ps(out + g * D + 16 * c, acc[g][c]);
 }
-
-using ChunkFn = void (*)(Step&, size_t, const float*, const float*, const float*, int64_t);
 
 // The kernel for this CPU and shape: AVX-512 where the CPU has it and D = 64 with up to 4 query
 // heads per KV head (SmolLM2, Llama 3), generic C++ otherwise.
